@@ -1,0 +1,9 @@
+//! The `org.vfiod1` API (DESIGN §4), shared by the daemon and its clients so
+//! that names, errors and value types cannot drift apart.
+
+mod error;
+pub mod names;
+mod types;
+
+pub use error::Error;
+pub use types::{DeviceState, Direction, Finding, ProfileState, Severity};

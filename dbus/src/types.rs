@@ -1,0 +1,82 @@
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The way a move goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Host driver -> vfio-pci.
+    Bind,
+    /// vfio-pci -> host driver.
+    Release,
+}
+
+/// `State` of an `org.vfiod1.Device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceState {
+    Host,
+    Vfio,
+    Unbound,
+    Moving,
+    Stuck,
+}
+
+/// `State` of an `org.vfiod1.Profile`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileState {
+    Host,
+    Vfio,
+    Mixed,
+    Moving,
+    Error,
+}
+
+/// Severity of a doctor finding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// One finding of `Check`: `(id, severity, message)` on the bus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    pub id: String,
+    pub severity: Severity,
+    pub message: String,
+}
+
+macro_rules! wire_names {
+    ($t:ty { $($v:ident => $s:literal),* $(,)? }) => {
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$v => $s),* }
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok(Self::$v),)*
+                    other => Err(format!("unknown {} {other:?}", stringify!($t))),
+                }
+            }
+        }
+    };
+}
+
+wire_names!(Direction { Bind => "bind", Release => "release" });
+wire_names!(DeviceState { Host => "host", Vfio => "vfio", Unbound => "unbound", Moving => "moving", Stuck => "stuck" });
+wire_names!(ProfileState { Host => "host", Vfio => "vfio", Mixed => "mixed", Moving => "moving", Error => "error" });
+wire_names!(Severity { Ok => "ok", Warn => "warn", Fail => "fail" });
