@@ -1,0 +1,716 @@
+//! The transition engine: plans a move, then executes it one verified step
+//! at a time, every kernel write on a worker thread with a timeout, and
+//! rolls back what it did when a step fails.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use tracing::{error, info, warn};
+use vfiod_dbus::{DeviceState, Direction, Error};
+use vfiod_pci::{PciAddress, PciDevice};
+
+use crate::config::Config;
+use crate::kernel::{Kernel, KernelError, KernelResult, VFIO_DRIVER, VFIO_MODULE};
+use crate::ledger::Ledger;
+use crate::plan::{self, MoveOptions, Plan, kernel_error};
+
+/// Called before each step of a move: (device, step) with the step in
+/// plain words, e.g. "unbind amdgpu".
+pub type ProgressFn<'a> = &'a (dyn Fn(&PciAddress, &str) + Sync);
+
+/// What a device is doing besides sitting on its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Activity {
+    Moving,
+    /// A kernel write on it did not return in time; it still may.
+    Stuck(String),
+}
+
+type ActivityMap = Arc<Mutex<BTreeMap<PciAddress, Activity>>>;
+
+pub struct Engine {
+    kernel: Arc<dyn Kernel>,
+    config: RwLock<Arc<Config>>,
+    ledger: Mutex<Ledger>,
+    activity: ActivityMap,
+    /// One lock per IOMMU group (or per device without one): moves within a
+    /// group are serialized, moves on different groups run side by side.
+    busy_groups: Arc<(Mutex<BTreeSet<LockKey>>, Condvar)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum LockKey {
+    Group(u32),
+    Device(PciAddress),
+}
+
+/// Why one step failed.
+#[derive(Debug)]
+enum StepFailure {
+    Timeout { after: Duration },
+    Kernel(KernelError),
+    /// The write succeeded but the kernel did not do what it should have.
+    Unexpected(String),
+}
+
+/// A failed step with where it happened.
+#[derive(Debug)]
+struct Failure {
+    device: Option<PciAddress>,
+    step: String,
+    cause: StepFailure,
+}
+
+impl Failure {
+    fn describe(&self) -> String {
+        let at = match self.device {
+            Some(d) => format!("{d}: {}", self.step),
+            None => self.step.clone(),
+        };
+        match &self.cause {
+            StepFailure::Timeout { after } => {
+                format!("{at}: no answer from the kernel after {} ms; the device is stuck", after.as_millis())
+            }
+            StepFailure::Kernel(e) => format!("{at}: {e}"),
+            StepFailure::Unexpected(what) => format!("{at}: {what}"),
+        }
+    }
+
+    fn into_error(self, context: &str, aftermath: &[String]) -> Error {
+        let mut message = format!("{context}: {}", self.describe());
+        if !aftermath.is_empty() {
+            message.push_str("; ");
+            message.push_str(&aftermath.join("; "));
+        }
+        match self.cause {
+            StepFailure::Timeout { .. } => Error::Timeout(message),
+            StepFailure::Kernel(e) if e.is_busy() => Error::DeviceBusy(message),
+            _ => Error::Kernel(message),
+        }
+    }
+}
+
+/// The result slot a kernel-write worker shares with its waiter.
+struct WriteSlot<T> {
+    result: Option<KernelResult<T>>,
+    abandoned: bool,
+}
+
+impl Engine {
+    pub fn new(kernel: Arc<dyn Kernel>, config: Config, ledger: Ledger) -> Engine {
+        Engine {
+            kernel,
+            config: RwLock::new(Arc::new(config)),
+            ledger: Mutex::new(ledger),
+            activity: Arc::default(),
+            busy_groups: Arc::default(),
+        }
+    }
+
+    pub fn kernel(&self) -> &Arc<dyn Kernel> {
+        &self.kernel
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_config(&self, config: Config) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn activities(&self) -> MutexGuard<'_, BTreeMap<PciAddress, Activity>> {
+        self.activity.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn owner(&self, address: &PciAddress) -> Option<String> {
+        self.ledger().owner(address).map(str::to_string)
+    }
+
+    pub fn host_driver(&self, address: &PciAddress) -> Option<String> {
+        self.ledger().host_driver(address).map(str::to_string)
+    }
+
+    pub fn activity(&self, address: &PciAddress) -> Option<Activity> {
+        self.activities().get(address).cloned()
+    }
+
+    /// The `State` property of a device as the engine sees it now.
+    pub fn device_state(&self, device: &PciDevice) -> DeviceState {
+        match self.activity(&device.address) {
+            Some(Activity::Stuck(_)) => DeviceState::Stuck,
+            Some(Activity::Moving) => DeviceState::Moving,
+            None => match device.driver.as_deref() {
+                Some(VFIO_DRIVER) => DeviceState::Vfio,
+                Some(_) => DeviceState::Host,
+                None => DeviceState::Unbound,
+            },
+        }
+    }
+
+    /// Plans without moving anything: the set and every reason to refuse.
+    pub fn plan(&self, target: &str, direction: Direction, options: &MoveOptions) -> Result<Plan, Error> {
+        let config = self.config();
+        let ledger = self.ledger();
+        plan::plan(&*self.kernel, &config, &ledger, target, direction, options)
+    }
+
+    pub fn bind(&self, target: &str, options: &MoveOptions, progress: ProgressFn) -> Result<Vec<PciAddress>, Error> {
+        self.transition(target, Direction::Bind, options, progress)
+    }
+
+    pub fn release(&self, target: &str, options: &MoveOptions, progress: ProgressFn) -> Result<Vec<PciAddress>, Error> {
+        self.transition(target, Direction::Release, options, progress)
+    }
+
+    fn transition(
+        &self,
+        target: &str,
+        direction: Direction,
+        options: &MoveOptions,
+        progress: ProgressFn,
+    ) -> Result<Vec<PciAddress>, Error> {
+        let started = Instant::now();
+        // Lock the groups the target touches, then plan under the locks so
+        // nothing moves between the checks and the writes.
+        let mut keys = self.lock_keys_for(target)?;
+        let (plan, _held) = loop {
+            let held = self.lock_groups(&keys);
+            let plan = self.plan(target, direction, options)?;
+            let planned = lock_keys(&plan.devices);
+            if planned.iter().all(|k| keys.contains(k)) {
+                break (plan, held);
+            }
+            // The set changed while we waited (a device appeared): relock.
+            drop(held);
+            keys = planned;
+        };
+        if let Some(busy) = plan.devices.iter().find(|d| self.activity(&d.address).is_some()) {
+            return Err(Error::DeviceBusy(format!(
+                "cannot {direction} {target}: {} is stuck in an earlier move that has not finished",
+                busy.address
+            )));
+        }
+        let devices: Vec<String> = plan.addresses().iter().map(ToString::to_string).collect();
+        info!(target, %direction, devices = %devices.join(" "), "move planned");
+        self.set_activity(&plan.addresses(), Some(Activity::Moving));
+        let outcome = match direction {
+            Direction::Bind => self.execute_bind(&plan, options, started, progress),
+            Direction::Release => self.execute_release(&plan, options, started, progress),
+        };
+        self.clear_moving(&plan.addresses());
+        match &outcome {
+            Ok(()) => info!(
+                target,
+                %direction,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "move done"
+            ),
+            Err(e) => warn!(target, %direction, error = %e, "move failed"),
+        }
+        outcome.map(|()| plan.addresses())
+    }
+
+    fn lock_keys_for(&self, target: &str) -> Result<Vec<LockKey>, Error> {
+        let devices = self.kernel.devices().map_err(kernel_error)?;
+        let targets = plan::resolve_target(&self.config(), &devices, target)?;
+        let (set, _) = plan::complete_set(&devices, &targets);
+        let members: Vec<PciDevice> = devices.into_iter().filter(|d| set.contains(&d.address)).collect();
+        Ok(lock_keys(&members))
+    }
+
+    /// Takes all the keys at once (or waits until it can), so two movers
+    /// can never each hold part of what the other needs.
+    fn lock_groups(&self, keys: &[LockKey]) -> GroupGuard {
+        let (lock, freed) = &*self.busy_groups;
+        let busy = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut busy = freed
+            .wait_while(busy, |busy| keys.iter().any(|k| busy.contains(k)))
+            .unwrap_or_else(|e| e.into_inner());
+        busy.extend(keys.iter().copied());
+        GroupGuard {
+            table: self.busy_groups.clone(),
+            keys: keys.to_vec(),
+        }
+    }
+
+    fn set_activity(&self, devices: &[PciAddress], activity: Option<Activity>) {
+        let mut map = self.activities();
+        for d in devices {
+            match &activity {
+                Some(a) => map.insert(*d, a.clone()),
+                None => map.remove(d),
+            };
+        }
+    }
+
+    fn clear_moving(&self, devices: &[PciAddress]) {
+        let mut map = self.activities();
+        for d in devices {
+            if map.get(d) == Some(&Activity::Moving) {
+                map.remove(d);
+            }
+        }
+    }
+
+    fn write_limit(&self, options: &MoveOptions, started: Instant) -> Result<Duration, StepFailure> {
+        let per_write = Duration::from_millis(self.config().daemon.unbind_timeout_ms);
+        match options.timeout {
+            None => Ok(per_write),
+            Some(total) => match total.checked_sub(started.elapsed()) {
+                Some(left) if !left.is_zero() => Ok(per_write.min(left)),
+                _ => Err(StepFailure::Timeout { after: total }),
+            },
+        }
+    }
+
+    /// Runs one kernel write on a worker thread and waits at most `limit`.
+    /// A write that does not come back leaves its device marked stuck until
+    /// the kernel finally answers.
+    fn kernel_write<T: Send + 'static>(
+        &self,
+        device: Option<PciAddress>,
+        step: &str,
+        limit: Duration,
+        write: impl FnOnce(&dyn Kernel) -> KernelResult<T> + Send + 'static,
+    ) -> Result<T, StepFailure> {
+        let slot = Arc::new((
+            Mutex::new(WriteSlot {
+                result: None,
+                abandoned: false,
+            }),
+            Condvar::new(),
+        ));
+        let kernel = self.kernel.clone();
+        let activity = self.activity.clone();
+        let worker_slot = slot.clone();
+        let step_name = step.to_string();
+        std::thread::Builder::new()
+            .name("vfiod-kernel-write".into())
+            .spawn(move || {
+                let result = write(&*kernel);
+                let (lock, ready) = &*worker_slot;
+                let mut slot = lock.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.abandoned {
+                    if let Some(device) = device {
+                        activity.lock().unwrap_or_else(|e| e.into_inner()).remove(&device);
+                    }
+                    warn!(device = ?device, step = %step_name, ok = result.is_ok(), "a kernel write that timed out has returned");
+                } else {
+                    slot.result = Some(result);
+                    ready.notify_one();
+                }
+            })
+            .map_err(|e| StepFailure::Kernel(KernelError::io("spawn worker for", step, e)))?;
+
+        let (lock, ready) = &*slot;
+        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut guard, _) = ready
+            .wait_timeout_while(guard, limit, |s| s.result.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        match guard.result.take() {
+            Some(result) => result.map_err(StepFailure::Kernel),
+            None => {
+                guard.abandoned = true;
+                if let Some(device) = device {
+                    self.activities()
+                        .insert(device, Activity::Stuck(format!("{step} did not return within {} ms", limit.as_millis())));
+                }
+                error!(device = ?device, step, timeout_ms = limit.as_millis() as u64, "kernel write did not return; device marked stuck");
+                Err(StepFailure::Timeout { after: limit })
+            }
+        }
+    }
+
+    /// One verified step: announce, write, re-read.
+    fn step(
+        &self,
+        device: PciAddress,
+        step: &str,
+        options: &MoveOptions,
+        started: Instant,
+        progress: ProgressFn,
+        write: impl FnOnce(&dyn Kernel) -> KernelResult<()> + Send + 'static,
+        verify: impl FnOnce(&dyn Kernel) -> Result<(), StepFailure>,
+    ) -> Result<(), Failure> {
+        let fail = |cause| Failure {
+            device: Some(device),
+            step: step.to_string(),
+            cause,
+        };
+        progress(&device, step);
+        info!(device = %device, step, "step");
+        let limit = self.write_limit(options, started).map_err(fail)?;
+        self.kernel_write(Some(device), step, limit, write).map_err(fail)?;
+        verify(&*self.kernel).map_err(fail)
+    }
+
+    fn ensure_vfio_loaded(&self, options: &MoveOptions, started: Instant) -> Result<(), Failure> {
+        let step = format!("load {VFIO_MODULE}");
+        let fail = |cause| Failure {
+            device: None,
+            step: step.clone(),
+            cause,
+        };
+        info!(step = %step, "step");
+        let limit = self.write_limit(options, started).map_err(fail)?;
+        self.kernel_write(None, &step, limit, |k| k.load_module(VFIO_MODULE))
+            .map_err(fail)?;
+        if !self.kernel.driver_registered(VFIO_DRIVER) {
+            return Err(fail(StepFailure::Unexpected(format!(
+                "{VFIO_MODULE} loaded but no {VFIO_DRIVER} driver is registered"
+            ))));
+        }
+        Ok(())
+    }
+
+    fn execute_bind(&self, plan: &Plan, options: &MoveOptions, started: Instant, progress: ProgressFn) -> Result<(), Error> {
+        let context = format!("bind {}", plan.target);
+        if plan.load_vfio {
+            self.ensure_vfio_loaded(options, started)
+                .map_err(|f| f.into_error(&context, &["nothing was moved".into()]))?;
+        }
+        let mut touched: Vec<PciAddress> = Vec::new();
+        for device in &plan.devices {
+            if device.is_bound_to(VFIO_DRIVER) {
+                continue;
+            }
+            touched.push(device.address);
+            if let Err(failure) = self.bind_one(device.address, options, started, progress) {
+                let aftermath = self.roll_back(&touched, &failure, Direction::Bind, progress);
+                return Err(failure.into_error(&context, &aftermath));
+            }
+        }
+        let mut ledger = self.ledger();
+        for device in &plan.devices {
+            ledger
+                .set_owner(device.address, options.vm.as_deref())
+                .map_err(|e| Error::Kernel(format!("{context}: done, but {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn bind_one(&self, address: PciAddress, options: &MoveOptions, started: Instant, progress: ProgressFn) -> Result<(), Failure> {
+        let current = self.kernel.driver(&address).map_err(|e| Failure {
+            device: Some(address),
+            step: "read driver".into(),
+            cause: StepFailure::Kernel(e),
+        })?;
+        if let Some(host) = current.as_deref().filter(|d| *d != VFIO_DRIVER) {
+            self.ledger().set_host_driver(address, host).map_err(|e| Failure {
+                device: Some(address),
+                step: "remember host driver".into(),
+                cause: StepFailure::Unexpected(e.to_string()),
+            })?;
+        }
+        self.step(
+            address,
+            &format!("set driver_override {VFIO_DRIVER}"),
+            options,
+            started,
+            progress,
+            move |k| k.set_driver_override(&address, Some(VFIO_DRIVER)),
+            |k| expect_override(k, &address, Some(VFIO_DRIVER)),
+        )?;
+        if let Some(host) = current.filter(|d| d != VFIO_DRIVER) {
+            let driver = host.clone();
+            self.step(
+                address,
+                &format!("unbind {host}"),
+                options,
+                started,
+                progress,
+                move |k| k.unbind(&address, &driver),
+                |k| expect_driver(k, &address, None),
+            )?;
+        }
+        self.step(
+            address,
+            &format!("probe {VFIO_DRIVER}"),
+            options,
+            started,
+            progress,
+            move |k| k.probe(&address),
+            |k| expect_driver(k, &address, Some(VFIO_DRIVER)),
+        )
+    }
+
+    fn execute_release(&self, plan: &Plan, options: &MoveOptions, started: Instant, progress: ProgressFn) -> Result<(), Error> {
+        let context = format!("release {}", plan.target);
+        let mut touched: Vec<PciAddress> = Vec::new();
+        for device in &plan.devices {
+            if !device.is_bound_to(VFIO_DRIVER) {
+                continue;
+            }
+            touched.push(device.address);
+            if let Err(failure) = self.release_one(device.address, options, started, progress) {
+                let aftermath = self.roll_back(&touched, &failure, Direction::Release, progress);
+                return Err(failure.into_error(&context, &aftermath));
+            }
+        }
+        let mut ledger = self.ledger();
+        for device in &plan.devices {
+            ledger
+                .set_owner(device.address, None)
+                .map_err(|e| Error::Kernel(format!("{context}: done, but {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The host driver to return a device to: the remembered one when the
+    /// kernel still has it, else whatever the kernel picks.
+    fn return_driver(&self, address: &PciAddress) -> Option<String> {
+        self.host_driver(address).filter(|d| self.kernel.driver_registered(d))
+    }
+
+    fn release_one(&self, address: PciAddress, options: &MoveOptions, started: Instant, progress: ProgressFn) -> Result<(), Failure> {
+        let host = self.return_driver(&address);
+        self.to_host(address, host, options, started, progress)
+    }
+
+    /// vfio-pci (or nothing) -> host driver. With a known host driver the
+    /// override names it, so nothing else can grab the device on the way.
+    fn to_host(
+        &self,
+        address: PciAddress,
+        host: Option<String>,
+        options: &MoveOptions,
+        started: Instant,
+        progress: ProgressFn,
+    ) -> Result<(), Failure> {
+        let name = host.clone();
+        let step = match &host {
+            Some(h) => format!("set driver_override {h}"),
+            None => "clear driver_override".to_string(),
+        };
+        self.step(
+            address,
+            &step,
+            options,
+            started,
+            progress,
+            move |k| k.set_driver_override(&address, name.as_deref()),
+            |k| expect_override(k, &address, host.as_deref()),
+        )?;
+        let current = self.kernel.driver(&address).map_err(|e| Failure {
+            device: Some(address),
+            step: "read driver".into(),
+            cause: StepFailure::Kernel(e),
+        })?;
+        if let Some(driver) = current.clone() {
+            if Some(&driver) == host.as_ref() {
+                return self.clear_override_after(address, &host, options, started, progress);
+            }
+            let leaving = driver.clone();
+            self.step(
+                address,
+                &format!("unbind {driver}"),
+                options,
+                started,
+                progress,
+                move |k| k.unbind(&address, &leaving),
+                |k| expect_driver(k, &address, None),
+            )?;
+        }
+        let step = format!("probe {}", host.as_deref().unwrap_or("host driver"));
+        let wanted = host.clone();
+        self.step(
+            address,
+            &step,
+            options,
+            started,
+            progress,
+            move |k| k.probe(&address),
+            |k| match (read_driver(k, &address)?, wanted.as_deref()) {
+                (Some(got), Some(want)) if got == want => Ok(()),
+                (Some(got), None) if got != VFIO_DRIVER => Ok(()),
+                (got, want) => Err(StepFailure::Unexpected(format!(
+                    "the host driver did not come back: expected {}, found {}",
+                    want.unwrap_or("a host driver"),
+                    got.as_deref().unwrap_or("no driver")
+                ))),
+            },
+        )?;
+        self.clear_override_after(address, &host, options, started, progress)
+    }
+
+    fn clear_override_after(
+        &self,
+        address: PciAddress,
+        host: &Option<String>,
+        options: &MoveOptions,
+        started: Instant,
+        progress: ProgressFn,
+    ) -> Result<(), Failure> {
+        if host.is_none() {
+            return Ok(());
+        }
+        self.step(
+            address,
+            "clear driver_override",
+            options,
+            started,
+            progress,
+            move |k| k.set_driver_override(&address, None),
+            |k| expect_override(k, &address, None),
+        )
+    }
+
+    /// host driver (or nothing) -> vfio-pci, used to undo a failed release.
+    fn to_vfio(&self, address: PciAddress, options: &MoveOptions, started: Instant, progress: ProgressFn) -> Result<(), Failure> {
+        let current = read_driver(&*self.kernel, &address).map_err(|cause| Failure {
+            device: Some(address),
+            step: "read driver".into(),
+            cause,
+        })?;
+        if current.as_deref() == Some(VFIO_DRIVER) {
+            return Ok(());
+        }
+        self.step(
+            address,
+            &format!("set driver_override {VFIO_DRIVER}"),
+            options,
+            started,
+            progress,
+            move |k| k.set_driver_override(&address, Some(VFIO_DRIVER)),
+            |k| expect_override(k, &address, Some(VFIO_DRIVER)),
+        )?;
+        if let Some(driver) = current {
+            let leaving = driver.clone();
+            self.step(
+                address,
+                &format!("unbind {driver}"),
+                options,
+                started,
+                progress,
+                move |k| k.unbind(&address, &leaving),
+                |k| expect_driver(k, &address, None),
+            )?;
+        }
+        self.step(
+            address,
+            &format!("probe {VFIO_DRIVER}"),
+            options,
+            started,
+            progress,
+            move |k| k.probe(&address),
+            |k| expect_driver(k, &address, Some(VFIO_DRIVER)),
+        )
+    }
+
+    /// Undoes a failed move, newest device first. A device whose write hung
+    /// is left alone (touching it would hang too). Returns what happened,
+    /// in words, for the error message.
+    fn roll_back(&self, touched: &[PciAddress], failure: &Failure, direction: Direction, progress: ProgressFn) -> Vec<String> {
+        let options = MoveOptions::default();
+        let started = Instant::now();
+        let mut aftermath = Vec::new();
+        for &address in touched.iter().rev() {
+            if matches!(self.activity(&address), Some(Activity::Stuck(_))) {
+                aftermath.push(format!("{address} left as it is (stuck in the kernel)"));
+                continue;
+            }
+            if self.kernel.device(&address).ok().flatten().is_none() {
+                error!(device = %address, "device vanished from the bus during the move");
+                aftermath.push(format!("{address} is gone from the bus"));
+                continue;
+            }
+            let undo = match direction {
+                Direction::Bind => self.to_host(address, self.return_driver(&address), &options, started, progress),
+                Direction::Release => self.to_vfio(address, &options, started, progress),
+            };
+            let now = self.kernel.driver(&address).ok().flatten();
+            match (undo, now) {
+                (Ok(()), Some(driver)) => {
+                    info!(device = %address, driver = %driver, "rolled back");
+                    aftermath.push(format!("{address} rolled back to {driver}"));
+                }
+                (result, now) => {
+                    let why = result.err().map(|f| f.describe()).unwrap_or_default();
+                    match now {
+                        Some(driver) => {
+                            warn!(device = %address, driver = %driver, why = %why, "rollback incomplete");
+                            aftermath.push(format!("{address} could not be rolled back ({why}); it is on {driver}"));
+                        }
+                        None => {
+                            error!(device = %address, why = %why, cause = %failure.describe(), "DEVICE LEFT WITHOUT A DRIVER");
+                            aftermath.push(format!("{address} IS LEFT WITHOUT A DRIVER ({why})"));
+                        }
+                    }
+                }
+            }
+        }
+        if aftermath.is_empty() {
+            aftermath.push("nothing was moved".into());
+        }
+        aftermath
+    }
+}
+
+/// The groups one move holds; dropping it lets waiting moves in.
+struct GroupGuard {
+    table: Arc<(Mutex<BTreeSet<LockKey>>, Condvar)>,
+    keys: Vec<LockKey>,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        let (lock, freed) = &*self.table;
+        let mut busy = lock.lock().unwrap_or_else(|e| e.into_inner());
+        for k in &self.keys {
+            busy.remove(k);
+        }
+        freed.notify_all();
+    }
+}
+
+fn lock_keys(devices: &[PciDevice]) -> Vec<LockKey> {
+    let mut keys: Vec<LockKey> = devices
+        .iter()
+        .map(|d| match d.iommu_group {
+            Some(g) => LockKey::Group(g),
+            None => LockKey::Device(d.address),
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+fn read_driver(kernel: &dyn Kernel, address: &PciAddress) -> Result<Option<String>, StepFailure> {
+    if kernel.device(address).map_err(StepFailure::Kernel)?.is_none() {
+        return Err(StepFailure::Unexpected("the device vanished from the bus".into()));
+    }
+    kernel.driver(address).map_err(StepFailure::Kernel)
+}
+
+fn expect_driver(kernel: &dyn Kernel, address: &PciAddress, want: Option<&str>) -> Result<(), StepFailure> {
+    let got = read_driver(kernel, address)?;
+    if got.as_deref() == want {
+        return Ok(());
+    }
+    Err(StepFailure::Unexpected(match want {
+        Some(w) => format!(
+            "the write succeeded but {w} did not bind (driver: {}); the kernel refused it silently",
+            got.as_deref().unwrap_or("none")
+        ),
+        None => format!("still bound to {} after unbind", got.as_deref().unwrap_or("?")),
+    }))
+}
+
+fn expect_override(kernel: &dyn Kernel, address: &PciAddress, want: Option<&str>) -> Result<(), StepFailure> {
+    let got = kernel.driver_override(address).map_err(StepFailure::Kernel)?;
+    if got.as_deref() == want {
+        return Ok(());
+    }
+    Err(StepFailure::Unexpected(format!(
+        "driver_override reads {} after writing {}",
+        got.as_deref().unwrap_or("(null)"),
+        want.unwrap_or("(null)")
+    )))
+}

@@ -1,6 +1,13 @@
 //! vfiod: the kernel access, the transition engine and the D-Bus service.
 
+pub mod bouncer;
+pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod engine;
 pub mod kernel;
+pub mod ledger;
 pub mod plan;
+pub mod service;
+pub mod state_file;
+pub mod uevents;

@@ -1,1 +1,162 @@
-fn main() {}
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+use vfiod::bouncer::Bouncer;
+use vfiod::cli::{Args, default_state_dir};
+use vfiod::config::{BootState, Config};
+use vfiod::engine::Engine;
+use vfiod::kernel::Kernel;
+use vfiod::kernel::sim::SimKernel;
+use vfiod::kernel::sysfs::SysfsKernel;
+use vfiod::ledger::Ledger;
+use vfiod::plan::MoveOptions;
+use vfiod::service::Service;
+use vfiod::service::simulator::{SIMULATOR_PATH, SimulatorInterface};
+use vfiod::uevents;
+use vfiod_dbus::Direction;
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("VFIOD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Under systemd the journal stamps each line itself.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(!journal && nix::unistd::isatty(std::io::stderr()).unwrap_or(false));
+    if journal {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            error!("{message}");
+            eprintln!("vfiod: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    std::fs::create_dir_all(&state_dir).map_err(|e| format!("cannot create state dir {}: {e}", state_dir.display()))?;
+    let config = Config::load(&args.config).map_err(|e| e.to_string())?;
+    let ledger = Ledger::open(&state_dir).map_err(|e| e.to_string())?;
+
+    // The uevent source exists before the first enumeration, so nothing
+    // that happens in between is missed.
+    let (kernel, simulated, mut events): (Arc<dyn Kernel>, Option<Arc<SimKernel>>, _) = match &args.machine {
+        Some(machine) => {
+            let sim = Arc::new(SimKernel::open(machine, &state_dir).map_err(|e| e.to_string())?);
+            let events = uevents::from_simulation(sim.subscribe());
+            info!(machine = %machine.display(), state_dir = %state_dir.display(), "running on a simulated kernel");
+            (sim.clone(), Some(sim), events)
+        }
+        None => {
+            let events = uevents::from_udev().map_err(|e| format!("cannot open a udev monitor: {e}"))?;
+            (Arc::new(SysfsKernel::host()), None, events)
+        }
+    };
+    let bouncer = Arc::new(match simulated {
+        Some(_) => Bouncer::for_simulation(nix::unistd::getuid().as_raw()),
+        None => Bouncer::for_host(),
+    });
+    let engine = Arc::new(Engine::new(kernel, config, ledger));
+    let service = Service::new(engine.clone(), bouncer.clone());
+
+    let connection = zbus::connection::Builder::system()
+        .build()
+        .await
+        .map_err(|e| format!("cannot connect to the system bus: {e}"))?;
+    if let Some(sim) = &simulated {
+        connection
+            .object_server()
+            .at(
+                SIMULATOR_PATH,
+                SimulatorInterface {
+                    kernel: sim.clone(),
+                    bouncer: bouncer.clone(),
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    service.start(&connection).await.map_err(|e| format!("cannot serve org.vfiod1: {e}"))?;
+    bind_boot_profiles(&service, &connection).await;
+
+    let mut hangup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else {
+                    warn!("the uevent source closed");
+                    std::future::pending::<()>().await;
+                    continue;
+                };
+                tracing::debug!(device = %event.address, action = ?event.action, driver = ?event.driver, "uevent");
+                // One refresh covers every event queued so far.
+                while events.try_recv().is_ok() {}
+                if let Err(e) = service.refresh(&connection).await {
+                    warn!(error = %e, "refresh after a uevent failed");
+                }
+            }
+            _ = hangup.recv() => reload(&args, &engine, &service, &connection).await,
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    info!("stopping");
+    Ok(())
+}
+
+async fn reload(args: &Args, engine: &Engine, service: &Arc<Service>, connection: &zbus::Connection) {
+    let path = args.config.clone();
+    match tokio::task::spawn_blocking(move || Config::load(&path)).await {
+        Ok(Ok(config)) => {
+            info!(config = %args.config.display(), profiles = config.profiles.len(), "configuration reloaded");
+            engine.set_config(config);
+            if let Err(e) = service.refresh(connection).await {
+                warn!(error = %e, "refresh after reload failed");
+            }
+        }
+        Ok(Err(e)) => error!(error = %e, "new configuration refused; keeping the old one"),
+        Err(e) => error!(error = %e, "reloading failed"),
+    }
+}
+
+/// Profiles with `boot = "vfio"` go to vfio-pci as vfiod starts.
+async fn bind_boot_profiles(service: &Arc<Service>, connection: &zbus::Connection) {
+    let config = service.engine().config();
+    for (name, profile) in &config.profiles {
+        if profile.boot != BootState::Vfio {
+            continue;
+        }
+        match service
+            .transition(connection, name, Direction::Bind, MoveOptions::default())
+            .await
+        {
+            Ok(devices) => info!(profile = %name, devices = devices.len(), "bound at start"),
+            Err(e) => error!(profile = %name, error = %e, "could not bind at start"),
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! Planning a move: which devices a target means, the completed set, and
+//! every reason to refuse, decided before anything is written.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vfiod_dbus::Error;
+use vfiod_dbus::names::MAX_TARGET_LEN;
+use vfiod_dbus::Direction;
+use vfiod_pci::{Holder, PciAddress, PciDevice, UsbDevice};
+
+use crate::config::Config;
+use crate::kernel::{Kernel, KernelError, VFIO_DRIVER, VFIO_MODULE};
+use crate::ledger::Ledger;
+
+/// What the caller asked for besides the target.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoveOptions {
+    /// Take the device even though processes hold it, the console is on it,
+    /// or USB input devices sit behind it.
+    pub force: bool,
+    /// The VM that takes (bind) or gives back (release) the devices.
+    pub vm: Option<String>,
+    /// Bound on the whole move.
+    pub timeout: Option<Duration>,
+}
+
+/// A checked move: the whole set, in the order it will be moved.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub target: String,
+    pub direction: Direction,
+    pub devices: Vec<PciDevice>,
+    /// Functions the set gained from the target's slot and group.
+    pub completed_with: Vec<PciAddress>,
+    /// vfio-pci must be loaded first.
+    pub load_vfio: bool,
+}
+
+impl Plan {
+    pub fn addresses(&self) -> Vec<PciAddress> {
+        self.devices.iter().map(|d| d.address).collect()
+    }
+}
+
+/// One reason not to move. Several may apply at once; all are reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    NoIommu,
+    VfioUnavailable,
+    Bridge { device: Described },
+    Mounted { device: Described, mounts: Vec<String> },
+    Console { device: Described },
+    UsbInput { device: Described, inputs: Vec<UsbDevice> },
+    GroupMember { group: u32, member: Described, driver: String },
+    Holders { device: Described, holders: Vec<Holder> },
+    VfioGroupHeld { group: u32, holders: Vec<Holder> },
+    OwnedByOtherVm { device: Described, owner: String, vm: String },
+}
+
+/// The error classes a refusal can carry, in the contract's priority order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum RefusalKind {
+    NoIommu,
+    Protected,
+    GroupNotViable,
+    DeviceBusy,
+    Conflict,
+}
+
+impl Reason {
+    fn kind(&self) -> RefusalKind {
+        match self {
+            Reason::NoIommu | Reason::VfioUnavailable => RefusalKind::NoIommu,
+            Reason::Bridge { .. }
+            | Reason::Mounted { .. }
+            | Reason::Console { .. }
+            | Reason::UsbInput { .. } => RefusalKind::Protected,
+            Reason::GroupMember { .. } => RefusalKind::GroupNotViable,
+            Reason::Holders { .. } | Reason::VfioGroupHeld { .. } => RefusalKind::DeviceBusy,
+            Reason::OwnedByOtherVm { .. } => RefusalKind::Conflict,
+        }
+    }
+}
+
+/// An address with the device's name, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    pub address: PciAddress,
+    pub name: String,
+}
+
+impl From<&PciDevice> for Described {
+    fn from(d: &PciDevice) -> Self {
+        Described {
+            address: d.address,
+            name: d.name.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Described {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.name.is_empty() {
+            write!(f, "{}", self.address)
+        } else {
+            write!(f, "{} ({})", self.address, self.name)
+        }
+    }
+}
+
+fn list_holders(holders: &[Holder]) -> String {
+    holders
+        .iter()
+        .map(|h| format!("{} (pid {}) holds {}", h.comm, h.pid, h.node.display()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::NoIommu => write!(
+                f,
+                "no IOMMU is enabled (no IOMMU groups): turn on VT-d / AMD-Vi in the firmware and boot with intel_iommu=on or amd_iommu=on"
+            ),
+            Reason::VfioUnavailable => {
+                write!(f, "vfio-pci is not loaded and module {VFIO_MODULE} cannot be loaded")
+            }
+            Reason::Bridge { device } => write!(f, "{device} is a bridge; bridges are never moved"),
+            Reason::Mounted { device, mounts } => write!(
+                f,
+                "{device} holds mounted filesystems ({}); the host needs it",
+                mounts.join(", ")
+            ),
+            Reason::Console { device } => write!(
+                f,
+                "{device} carries the kernel console / boot framebuffer (force takes it anyway)"
+            ),
+            Reason::UsbInput { device, inputs } => {
+                let list: Vec<String> = inputs
+                    .iter()
+                    .map(|u| format!("{} ({} at {})", u.name, u.id, u.port))
+                    .collect();
+                write!(
+                    f,
+                    "{device} has USB input devices behind it: {} (force takes it anyway)",
+                    list.join(", ")
+                )
+            }
+            Reason::GroupMember { group, member, driver } => write!(
+                f,
+                "IOMMU group {group} is not viable: {member} stays on host driver {driver}"
+            ),
+            Reason::Holders { device, holders } => write!(
+                f,
+                "{device} is in use: {} (force takes it anyway)",
+                list_holders(holders)
+            ),
+            Reason::VfioGroupHeld { group, holders } => write!(
+                f,
+                "IOMMU group {group} is held by {}; stop the VM first",
+                list_holders(holders)
+            ),
+            Reason::OwnedByOtherVm { device, owner, vm } => {
+                write!(f, "{device} belongs to VM {owner}, not {vm}")
+            }
+        }
+    }
+}
+
+/// Every reason not to move `target`, as one typed error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub target: String,
+    pub direction: Direction,
+    pub reasons: Vec<Reason>,
+}
+
+impl From<Refusal> for Error {
+    fn from(r: Refusal) -> Error {
+        let message = format!(
+            "cannot {} {}: {}",
+            r.direction,
+            r.target,
+            r.reasons
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        match r.reasons.iter().map(Reason::kind).min() {
+            Some(RefusalKind::NoIommu) => Error::NoIommu(message),
+            Some(RefusalKind::Protected) => Error::Protected(message),
+            Some(RefusalKind::GroupNotViable) => Error::GroupNotViable(message),
+            Some(RefusalKind::DeviceBusy) => Error::DeviceBusy(message),
+            Some(RefusalKind::Conflict) | None => Error::Conflict(message),
+        }
+    }
+}
+
+pub(crate) fn kernel_error(e: KernelError) -> Error {
+    Error::Kernel(e.to_string())
+}
+
+/// Checks a target string's shape before anything looks it up.
+pub fn validate_target(target: &str) -> Result<(), Error> {
+    if target.is_empty() {
+        return Err(Error::InvalidArgs("the target is empty: give a profile name or a PCI address".into()));
+    }
+    if target.len() > MAX_TARGET_LEN {
+        return Err(Error::InvalidArgs(format!(
+            "the target is {} bytes long; at most {MAX_TARGET_LEN} are accepted",
+            target.len()
+        )));
+    }
+    let is_name = target.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !is_name && !PciAddress::looks_like_address(target) {
+        return Err(Error::InvalidArgs(format!(
+            "{:?} is neither a profile name ([A-Za-z0-9_-]) nor a PCI address (0000:01:00.0 or 01:00.0)",
+            target.escape_debug().to_string()
+        )));
+    }
+    Ok(())
+}
+
+/// The devices a target names: a profile if one has that name, else a PCI
+/// address on the bus (DESIGN §4).
+pub fn resolve_target(config: &Config, devices: &[PciDevice], target: &str) -> Result<Vec<PciAddress>, Error> {
+    validate_target(target)?;
+    if let Some(profile) = config.profile(target) {
+        let mut found = BTreeSet::new();
+        let mut missing = Vec::new();
+        for address in &profile.devices {
+            if devices.iter().any(|d| &d.address == address) {
+                found.insert(*address);
+            } else {
+                missing.push(address.to_string());
+            }
+        }
+        for d in devices {
+            if profile.ids.contains(&d.id) {
+                found.insert(d.address);
+            }
+        }
+        if !missing.is_empty() {
+            return Err(Error::UnknownTarget(format!(
+                "profile {target} names {}, not on the PCI bus",
+                missing.join(", ")
+            )));
+        }
+        if found.is_empty() {
+            return Err(Error::UnknownTarget(format!(
+                "profile {target} matches no device on the PCI bus (ids {})",
+                profile.ids.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        return Ok(found.into_iter().collect());
+    }
+    if PciAddress::looks_like_address(target) {
+        let address: PciAddress = target.parse().map_err(|e: vfiod_pci::AddressError| Error::InvalidArgs(e.to_string()))?;
+        return if devices.iter().any(|d| d.address == address) {
+            Ok(vec![address])
+        } else {
+            Err(Error::UnknownTarget(format!("no PCI device {address} on this machine")))
+        };
+    }
+    Err(Error::UnknownTarget(format!("no profile named {target:?} and it is not a PCI address")))
+}
+
+/// The target's devices plus the other functions of each slot that share
+/// its IOMMU group. Bridges are never added.
+pub fn complete_set(devices: &[PciDevice], targets: &[PciAddress]) -> (Vec<PciAddress>, Vec<PciAddress>) {
+    let mut set: BTreeSet<PciAddress> = targets.iter().copied().collect();
+    let mut added = Vec::new();
+    for t in targets {
+        let Some(target) = devices.iter().find(|d| &d.address == t) else { continue };
+        for d in devices {
+            if d.address.slot() == t.slot()
+                && d.iommu_group == target.iommu_group
+                && !d.is_bridge()
+                && set.insert(d.address)
+            {
+                added.push(d.address);
+            }
+        }
+    }
+    (set.into_iter().collect(), added)
+}
+
+/// Plans a bind or release of `target` against the kernel as it is now.
+pub fn plan(
+    kernel: &dyn Kernel,
+    config: &Config,
+    ledger: &Ledger,
+    target: &str,
+    direction: Direction,
+    options: &MoveOptions,
+) -> Result<Plan, Error> {
+    let devices = kernel.devices().map_err(kernel_error)?;
+    let targets = resolve_target(config, &devices, target)?;
+    let (set, completed_with) = complete_set(&devices, &targets);
+    let by_address: BTreeMap<PciAddress, &PciDevice> = devices.iter().map(|d| (d.address, d)).collect();
+    let members: Vec<PciDevice> = set.iter().filter_map(|a| by_address.get(a).map(|d| (*d).clone())).collect();
+
+    let reasons = match direction {
+        Direction::Bind => bind_reasons(kernel, &devices, &members, ledger, options)?,
+        Direction::Release => release_reasons(kernel, &members, ledger, options)?,
+    };
+    if !reasons.is_empty() {
+        return Err(Refusal {
+            target: target.to_string(),
+            direction,
+            reasons,
+        }
+        .into());
+    }
+    let load_vfio = direction == Direction::Bind && !kernel.driver_registered(VFIO_DRIVER);
+    Ok(Plan {
+        target: target.to_string(),
+        direction,
+        devices: members,
+        completed_with,
+        load_vfio,
+    })
+}
+
+fn ownership_reasons(members: &[PciDevice], ledger: &Ledger, options: &MoveOptions) -> Vec<Reason> {
+    let Some(vm) = &options.vm else { return Vec::new() };
+    members
+        .iter()
+        .filter_map(|d| match ledger.owner(&d.address) {
+            Some(owner) if owner != vm && d.is_bound_to(VFIO_DRIVER) => Some(Reason::OwnedByOtherVm {
+                device: d.into(),
+                owner: owner.to_string(),
+                vm: vm.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+fn bind_reasons(
+    kernel: &dyn Kernel,
+    all: &[PciDevice],
+    members: &[PciDevice],
+    ledger: &Ledger,
+    options: &MoveOptions,
+) -> Result<Vec<Reason>, Error> {
+    let mut reasons = Vec::new();
+    if !kernel.iommu_enabled().map_err(kernel_error)? {
+        reasons.push(Reason::NoIommu);
+    }
+    if !kernel.driver_registered(VFIO_DRIVER) && !kernel.module_available(VFIO_MODULE) {
+        reasons.push(Reason::VfioUnavailable);
+    }
+    for d in members {
+        if d.is_bridge() {
+            reasons.push(Reason::Bridge { device: d.into() });
+            continue;
+        }
+        let mounts = kernel.mounts_behind(&d.address).map_err(kernel_error)?;
+        if !mounts.is_empty() {
+            reasons.push(Reason::Mounted { device: d.into(), mounts });
+        }
+        if !options.force && kernel.console_on(&d.address).map_err(kernel_error)? {
+            reasons.push(Reason::Console { device: d.into() });
+        }
+        if !options.force {
+            let inputs: Vec<UsbDevice> = kernel
+                .usb_behind(&d.address)
+                .map_err(kernel_error)?
+                .into_iter()
+                .filter(UsbDevice::is_input)
+                .collect();
+            if !inputs.is_empty() {
+                reasons.push(Reason::UsbInput { device: d.into(), inputs });
+            }
+        }
+    }
+    // Every endpoint of each group must end up on vfio-pci or driverless.
+    let in_set: BTreeSet<PciAddress> = members.iter().map(|d| d.address).collect();
+    let groups: BTreeSet<u32> = members.iter().filter_map(|d| d.iommu_group).collect();
+    for group in groups {
+        for other in all.iter().filter(|o| o.iommu_group == Some(group) && !in_set.contains(&o.address)) {
+            if other.is_bridge() {
+                continue;
+            }
+            if let Some(driver) = &other.driver
+                && driver != VFIO_DRIVER
+            {
+                reasons.push(Reason::GroupMember {
+                    group,
+                    member: other.into(),
+                    driver: driver.clone(),
+                });
+            }
+        }
+    }
+    if !options.force {
+        let to_move: Vec<&PciDevice> = members.iter().filter(|d| !d.is_bound_to(VFIO_DRIVER)).collect();
+        let nodes: Vec<PathBuf> = to_move.iter().flat_map(|d| d.nodes.iter().cloned()).collect();
+        if !nodes.is_empty() {
+            let holders = kernel.holders(&nodes).map_err(kernel_error)?;
+            for d in to_move {
+                let mine: Vec<Holder> = holders.iter().filter(|h| d.nodes.contains(&h.node)).cloned().collect();
+                if !mine.is_empty() {
+                    reasons.push(Reason::Holders { device: d.into(), holders: mine });
+                }
+            }
+        }
+    }
+    reasons.extend(ownership_reasons(members, ledger, options));
+    Ok(reasons)
+}
+
+fn release_reasons(
+    kernel: &dyn Kernel,
+    members: &[PciDevice],
+    ledger: &Ledger,
+    options: &MoveOptions,
+) -> Result<Vec<Reason>, Error> {
+    let mut reasons = Vec::new();
+    // Unbinding vfio-pci while a VM holds the group blocks in the kernel
+    // until the VM lets go: refuse instead, whatever `force` says.
+    let groups: BTreeSet<u32> = members
+        .iter()
+        .filter(|d| d.is_bound_to(VFIO_DRIVER))
+        .filter_map(|d| d.iommu_group)
+        .collect();
+    for group in groups {
+        if let Some(node) = kernel.vfio_group_node(group) {
+            let holders = kernel.holders(&[node]).map_err(kernel_error)?;
+            if !holders.is_empty() {
+                reasons.push(Reason::VfioGroupHeld { group, holders });
+            }
+        }
+    }
+    reasons.extend(ownership_reasons(members, ledger, options));
+    Ok(reasons)
+}

@@ -3,6 +3,7 @@
 
 mod error;
 pub mod names;
+pub mod proxy;
 mod types;
 
 pub use error::Error;

@@ -1,0 +1,235 @@
+//! The real kernel: sysfs, procfs and /dev under a root directory — `/`
+//! on a host, a fixture tree in tests.
+//!
+//! The root only says where to read and write. Paths this hands out
+//! (device nodes, holders' nodes, `/dev/vfio/N`) are spelled as the kernel
+//! and the host's processes spell them, `/dev/...`, whatever the root, so
+//! [`Kernel::holders`] compares them with `proc/PID/fd` links as they are.
+//! Links inside the tree are followed as if chrooted into the root, so a
+//! fixture can't lead a read or a write out into the machine's own /sys.
+
+mod console;
+mod device;
+#[cfg(test)]
+pub(crate) mod fixture;
+mod holders;
+mod modules;
+mod pci_ids;
+mod rooted;
+mod storage;
+mod subtree;
+mod usb;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use vfiod_pci::{Holder, PciAddress, PciDevice, UsbDevice};
+
+pub use self::device::RESET_METHOD_UNKNOWN;
+use self::pci_ids::{PCI_IDS_PATHS, PciIds};
+use self::rooted::Rooted;
+use super::{Kernel, KernelError, KernelResult};
+
+const PCI_DEVICES: &str = "sys/bus/pci/devices";
+const PCI_DRIVERS: &str = "sys/bus/pci/drivers";
+const DRIVERS_PROBE: &str = "sys/bus/pci/drivers_probe";
+const IOMMU_GROUPS: &str = "sys/kernel/iommu_groups";
+const VFIO_GROUPS: &str = "dev/vfio";
+
+/// [`Kernel`] on sysfs and procfs.
+pub struct SysfsKernel {
+    tree: Rooted,
+    /// pci.ids, read on first use.
+    pci_ids: OnceLock<PciIds>,
+}
+
+impl SysfsKernel {
+    /// The kernel whose `sys/`, `proc/`, `dev/`, `usr/share/` and
+    /// `lib/modules/` are under `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        SysfsKernel {
+            tree: Rooted::new(root.into()),
+            pci_ids: OnceLock::new(),
+        }
+    }
+
+    /// This machine's own kernel.
+    pub fn host() -> Self {
+        Self::new("/")
+    }
+
+    pub fn root(&self) -> &Path {
+        self.tree.root()
+    }
+
+    fn pci_ids(&self) -> &PciIds {
+        self.pci_ids.get_or_init(|| {
+            for path in PCI_IDS_PATHS {
+                match self.tree.read_resolved_optional(Path::new(path)) {
+                    Ok(Some(text)) => return PciIds::parse(text),
+                    Ok(None) => {}
+                    Err(err) => tracing::warn!("device names unavailable: {err}"),
+                }
+            }
+            PciIds::default()
+        })
+    }
+
+    /// `sys/bus/pci/devices/ADDR` → its real directory, root-relative.
+    fn bus_entry(address: &PciAddress) -> PathBuf {
+        Path::new(PCI_DEVICES).join(address.to_string())
+    }
+
+    /// The function's real sysfs directory; `None` when it is not on the bus.
+    fn function_dir(&self, address: &PciAddress) -> KernelResult<Option<PathBuf>> {
+        self.tree.resolve_optional(&Self::bus_entry(address))
+    }
+
+    fn existing_function_dir(&self, address: &PciAddress) -> KernelResult<PathBuf> {
+        self.function_dir(address)?
+            .ok_or(KernelError::NoDevice(*address))
+    }
+
+    /// `None` when the function went away while it was being read (hot
+    /// unplug, or a device that vanishes on unbind).
+    fn read_function(&self, address: PciAddress, dir: &Path) -> KernelResult<Option<PciDevice>> {
+        match device::read(&self.tree, self.pci_ids(), address, dir) {
+            Ok(device) => Ok(Some(device)),
+            Err(_) if !self.tree.exists(&Self::bus_entry(&address)) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn write(&self, op: &'static str, rel: &Path, contents: &str) -> KernelResult<()> {
+        self.tree.write_once(op, rel, contents)
+    }
+}
+
+impl fmt::Debug for SysfsKernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SysfsKernel")
+            .field("root", &self.root())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A driver name is one path component: it is joined onto `drivers/`.
+fn is_driver_name(driver: &str) -> bool {
+    !driver.is_empty()
+        && driver != "."
+        && driver != ".."
+        && !driver.contains('/')
+        && !driver.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+fn invalid_driver(op: &'static str, driver: &str) -> KernelError {
+    KernelError::io(
+        op,
+        format!("{PCI_DRIVERS}/{driver:?}"),
+        io::Error::new(io::ErrorKind::InvalidInput, "not a driver name"),
+    )
+}
+
+impl Kernel for SysfsKernel {
+    fn devices(&self) -> KernelResult<Vec<PciDevice>> {
+        let bus = Path::new(PCI_DEVICES);
+        let mut devices = Vec::new();
+        for name in self.tree.list_optional(bus)? {
+            let entry = bus.join(&name);
+            let address: PciAddress = name
+                .to_str()
+                .and_then(|name| name.parse().ok())
+                .ok_or_else(|| self.tree.malformed(&entry, "not a PCI address"))?;
+            let Some(dir) = self.tree.resolve_optional(&entry)? else {
+                continue;
+            };
+            devices.extend(self.read_function(address, &dir)?);
+        }
+        devices.sort_by_key(|device| device.address);
+        Ok(devices)
+    }
+
+    fn device(&self, address: &PciAddress) -> KernelResult<Option<PciDevice>> {
+        match self.function_dir(address)? {
+            Some(dir) => self.read_function(*address, &dir),
+            None => Ok(None),
+        }
+    }
+
+    fn driver(&self, address: &PciAddress) -> KernelResult<Option<String>> {
+        device::driver(&self.tree, &self.existing_function_dir(address)?)
+    }
+
+    fn driver_override(&self, address: &PciAddress) -> KernelResult<Option<String>> {
+        device::driver_override(&self.tree, &self.existing_function_dir(address)?)
+    }
+
+    fn iommu_enabled(&self) -> KernelResult<bool> {
+        Ok(!self.tree.list_optional(Path::new(IOMMU_GROUPS))?.is_empty())
+    }
+
+    fn driver_registered(&self, driver: &str) -> bool {
+        is_driver_name(driver) && self.tree.exists(&Path::new(PCI_DRIVERS).join(driver))
+    }
+
+    fn module_available(&self, module: &str) -> bool {
+        modules::module_available(&self.tree, module)
+    }
+
+    fn holders(&self, nodes: &[PathBuf]) -> KernelResult<Vec<Holder>> {
+        holders::holders(&self.tree, nodes)
+    }
+
+    fn mounts_behind(&self, address: &PciAddress) -> KernelResult<Vec<String>> {
+        storage::mounts_behind(&self.tree, &self.existing_function_dir(address)?)
+    }
+
+    fn usb_behind(&self, address: &PciAddress) -> KernelResult<Vec<UsbDevice>> {
+        usb::devices_behind(&self.tree, &self.existing_function_dir(address)?)
+    }
+
+    fn console_on(&self, address: &PciAddress) -> KernelResult<bool> {
+        let dir = self.existing_function_dir(address)?;
+        let boot_vga = device::boot_vga(&self.tree, &dir)?;
+        console::console_on(&self.tree, &dir, boot_vga)
+    }
+
+    fn vfio_group_node(&self, group: u32) -> Option<PathBuf> {
+        let node = Path::new(VFIO_GROUPS).join(group.to_string());
+        self.tree.exists(&node).then(|| Path::new("/").join(node))
+    }
+
+    fn load_module(&self, module: &str) -> KernelResult<()> {
+        modules::load_module(&self.tree, module)
+    }
+
+    fn set_driver_override(&self, address: &PciAddress, driver: Option<&str>) -> KernelResult<()> {
+        const OP: &str = "write driver_override";
+        let contents = match driver {
+            Some(driver) if !is_driver_name(driver) => return Err(invalid_driver(OP, driver)),
+            Some(driver) => driver,
+            // A lone newline clears it; the kernel then shows "(null)".
+            None => "\n",
+        };
+        let dir = self.existing_function_dir(address)?;
+        self.write(OP, &dir.join("driver_override"), contents)
+    }
+
+    fn unbind(&self, address: &PciAddress, driver: &str) -> KernelResult<()> {
+        const OP: &str = "unbind";
+        if !is_driver_name(driver) {
+            return Err(invalid_driver(OP, driver));
+        }
+        let unbind = Path::new(PCI_DRIVERS).join(driver).join("unbind");
+        self.write(OP, &unbind, &address.to_string())
+    }
+
+    fn probe(&self, address: &PciAddress) -> KernelResult<()> {
+        self.write("probe", Path::new(DRIVERS_PROBE), &address.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,7 @@
+//! The command line of `vfioctl`, kept in a library of its own so that man
+//! pages (clap_mangen) and shell completions (clap_complete) are generated
+//! from the very definition the binary parses.
+
+pub mod cli;
+
+pub use cli::command;

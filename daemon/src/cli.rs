@@ -1,0 +1,43 @@
+//! vfiod's command line (DESIGN §5). Kept in the library so man pages can
+//! be generated from the same definition.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vfiod",
+    version,
+    about = "Moves PCI devices between their host drivers and vfio-pci for VMs, safely, over D-Bus",
+    long_about = "vfiod serves org.vfiod1 on the system bus (DBUS_SYSTEM_BUS_ADDRESS is honoured). \
+It moves GPUs, their audio functions and USB controllers between their host drivers and vfio-pci \
+on request, refusing moves that would take what the host needs, and verifying every step."
+)]
+pub struct Args {
+    /// Configuration file (absent file = no profiles).
+    #[arg(long, value_name = "FILE", default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// Run on the simulated kernel described by this machine file, as a normal user.
+    #[arg(long, value_name = "FILE")]
+    pub machine: Option<PathBuf>,
+    /// Where vfiod keeps what it must remember across restarts
+    /// [default: /run/vfiod as root, $XDG_RUNTIME_DIR/vfiod otherwise].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}
+
+/// The state dir when none is given.
+pub fn default_state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/run/vfiod");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("vfiod"),
+        _ => std::env::temp_dir().join(format!("vfiod-{}", nix::unistd::getuid())),
+    }
+}

@@ -1,0 +1,161 @@
+//! One PCI function read from its sysfs directory.
+
+use std::path::{Path, PathBuf};
+
+use vfiod_pci::{PciAddress, PciClass, PciDevice, PciId};
+
+use super::pci_ids::PciIds;
+use super::rooted::Rooted;
+use super::subtree;
+use crate::kernel::KernelResult;
+
+/// What [`PciDevice::reset_methods`] holds on kernels before 5.15, which
+/// have no `reset_method` file: a `reset` file says the function can be
+/// reset, not how.
+pub const RESET_METHOD_UNKNOWN: &str = "unknown";
+
+/// Reads everything about the function in `dir` (root-relative, links
+/// resolved, e.g. `sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0`).
+pub(super) fn read(tree: &Rooted, ids: &PciIds, address: PciAddress, dir: &Path) -> KernelResult<PciDevice> {
+    let attr = |name: &str| dir.join(name);
+    let id = PciId {
+        vendor: read_hex_u16(tree, &attr("vendor"))?,
+        device: read_hex_u16(tree, &attr("device"))?,
+    };
+    let subsystem = match (
+        read_optional_hex_u16(tree, &attr("subsystem_vendor"))?,
+        read_optional_hex_u16(tree, &attr("subsystem_device"))?,
+    ) {
+        (Some(vendor), Some(device)) => Some(PciId { vendor, device }),
+        _ => None,
+    };
+    let class_path = attr("class");
+    let class_text = tree.read(&class_path)?;
+    let class: PciClass = class_text
+        .trim()
+        .parse()
+        .map_err(|err| tree.malformed(&class_path, format!("{err}")))?;
+    Ok(PciDevice {
+        address,
+        id,
+        subsystem,
+        class,
+        name: ids.device_name(id),
+        driver: driver(tree, dir)?,
+        driver_override: driver_override(tree, dir)?,
+        iommu_group: iommu_group(tree, dir)?,
+        parent: parent(dir),
+        boot_vga: boot_vga(tree, dir)?,
+        reset_methods: reset_methods(tree, dir)?,
+        nodes: nodes(tree, dir)?,
+    })
+}
+
+pub(super) fn driver(tree: &Rooted, dir: &Path) -> KernelResult<Option<String>> {
+    tree.link_name(&dir.join("driver"))
+}
+
+/// `(null)` is how the kernel shows an unset override; an empty file or
+/// none at all (very old kernels) means the same.
+pub(super) fn driver_override(tree: &Rooted, dir: &Path) -> KernelResult<Option<String>> {
+    let text = tree.read_optional(&dir.join("driver_override"))?;
+    Ok(text
+        .map(|text| text.trim().to_owned())
+        .filter(|text| !text.is_empty() && text != "(null)"))
+}
+
+fn iommu_group(tree: &Rooted, dir: &Path) -> KernelResult<Option<u32>> {
+    let link = dir.join("iommu_group");
+    let Some(name) = tree.link_name(&link)? else {
+        return Ok(None);
+    };
+    name.parse()
+        .map(Some)
+        .map_err(|_| tree.malformed(&link, format!("group {name:?} is not a number")))
+}
+
+/// The upstream bridge: in sysfs a function's directory sits inside its
+/// bridge's; a root port's sits in the host bridge's `pci0000:00`.
+fn parent(dir: &Path) -> Option<PciAddress> {
+    dir.parent()?.file_name()?.to_str()?.parse().ok()
+}
+
+/// Only VGA-class functions have the file.
+pub(super) fn boot_vga(tree: &Rooted, dir: &Path) -> KernelResult<bool> {
+    let path = dir.join("boot_vga");
+    match tree.read_optional(&path)?.as_deref().map(str::trim) {
+        None | Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(other) => Err(tree.malformed(&path, format!("expected 0 or 1, found {other:?}"))),
+    }
+}
+
+/// `reset_method` (kernel >= 5.15, e.g. `flr bus`); else
+/// [`RESET_METHOD_UNKNOWN`] when a `reset` file exists; else none.
+fn reset_methods(tree: &Rooted, dir: &Path) -> KernelResult<Vec<String>> {
+    if let Some(methods) = tree.read_optional(&dir.join("reset_method"))? {
+        return Ok(methods.split_whitespace().map(str::to_owned).collect());
+    }
+    if tree.read_optional(&dir.join("reset"))?.is_some() {
+        return Ok(vec![RESET_METHOD_UNKNOWN.to_owned()]);
+    }
+    Ok(Vec::new())
+}
+
+/// `/dev/DEVNAME` of every device below the function. Only directories
+/// with a `dev` attribute (a major:minor) can have a node, so only their
+/// `uevent` is read.
+fn nodes(tree: &Rooted, dir: &Path) -> KernelResult<Vec<PathBuf>> {
+    let mut nodes = Vec::new();
+    subtree::walk(tree, dir, |sub| {
+        if sub.has_file("dev")
+            && let Some(node) = uevent_node(tree, sub.path)?
+        {
+            nodes.push(node);
+        }
+        Ok(())
+    })?;
+    nodes.sort();
+    nodes.dedup();
+    Ok(nodes)
+}
+
+fn uevent_node(tree: &Rooted, dir: &Path) -> KernelResult<Option<PathBuf>> {
+    let path = dir.join("uevent");
+    let uevent = match tree.read_optional(&path) {
+        Ok(Some(uevent)) => uevent,
+        Ok(None) => return Ok(None),
+        Err(crate::kernel::KernelError::Io { source, .. }) if subtree::vanished(&source) => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    let Some(devname) = uevent.lines().find_map(|line| line.strip_prefix("DEVNAME=")) else {
+        return Ok(None);
+    };
+    let devname = Path::new(devname.trim());
+    let plain = devname
+        .components()
+        .all(|component| matches!(component, std::path::Component::Normal(_)));
+    if !plain || devname.as_os_str().is_empty() {
+        return Err(tree.malformed(&path, format!("DEVNAME {} is not a path below /dev", devname.display())));
+    }
+    Ok(Some(Path::new("/dev").join(devname)))
+}
+
+fn read_hex_u16(tree: &Rooted, path: &Path) -> KernelResult<u16> {
+    parse_hex_u16(tree, path, &tree.read(path)?)
+}
+
+fn read_optional_hex_u16(tree: &Rooted, path: &Path) -> KernelResult<Option<u16>> {
+    tree.read_optional(path)?
+        .map(|text| parse_hex_u16(tree, path, &text))
+        .transpose()
+}
+
+/// `0x1002` as sysfs shows ids.
+fn parse_hex_u16(tree: &Rooted, path: &Path, text: &str) -> KernelResult<u16> {
+    let text = text.trim();
+    text.strip_prefix("0x")
+        .filter(|hex| hex.len() == 4 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .and_then(|hex| u16::from_str_radix(hex, 16).ok())
+        .ok_or_else(|| tree.malformed(path, format!("expected 0x and 4 hex digits, found {text:?}")))
+}

@@ -1,0 +1,456 @@
+//! Made-up machines for tests: sysfs, procfs and /dev laid out as the
+//! kernel lays them out (directories under `sys/devices`, relative links
+//! from `sys/bus`, `sys/class` and `sys/dev`) in a temporary directory,
+//! which goes away with the fixture.
+//!
+//! Paths given to and returned by these helpers are relative to the
+//! fixture's root (`sys/devices/pci0000:00/0000:00:02.0`).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use super::SysfsKernel;
+
+/// What `proc/sys/kernel/osrelease` says in a fresh fixture.
+pub(crate) const KERNEL_RELEASE: &str = "6.1.0-test-amd64";
+
+pub(crate) struct Fixture {
+    root: PathBuf,
+}
+
+impl Fixture {
+    /// An empty machine: a PCI bus without devices, no IOMMU, no modules,
+    /// nothing mounted, no processes.
+    pub(crate) fn new() -> Self {
+        let template = std::env::temp_dir().join("vfiod-sysfs-XXXXXX");
+        let root = nix::unistd::mkdtemp(&template).expect("mkdtemp");
+        let fixture = Fixture { root };
+        for dir in [
+            "sys/bus/pci/devices",
+            "sys/bus/pci/drivers",
+            "sys/bus/platform/devices",
+            "sys/class/graphics",
+            "sys/class/vtconsole",
+            "sys/dev/block",
+            "sys/dev/char",
+            "sys/devices/platform",
+            "sys/devices/virtual",
+            "sys/kernel/iommu_groups",
+            "sys/module",
+            "dev",
+        ] {
+            fixture.mkdir(dir);
+        }
+        fixture.write("sys/bus/pci/drivers_probe", "");
+        fixture.write("proc/self/mountinfo", "");
+        fixture.write("proc/sys/kernel/osrelease", &format!("{KERNEL_RELEASE}\n"));
+        fixture
+    }
+
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub(crate) fn kernel(&self) -> SysfsKernel {
+        SysfsKernel::new(&self.root)
+    }
+
+    /// Where `rel` is on this machine.
+    pub(crate) fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    pub(crate) fn mkdir(&self, rel: impl AsRef<Path>) {
+        fs::create_dir_all(self.path(rel)).expect("mkdir in fixture");
+    }
+
+    /// Writes a file, creating its directory.
+    pub(crate) fn write(&self, rel: impl AsRef<Path>, contents: &str) {
+        let path = self.path(rel);
+        fs::create_dir_all(path.parent().expect("a file has a directory")).expect("mkdir in fixture");
+        fs::write(&path, contents).expect("write in fixture");
+    }
+
+    pub(crate) fn append(&self, rel: impl AsRef<Path>, contents: &str) {
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.path(rel))
+            .expect("open in fixture");
+        file.write_all(contents.as_bytes()).expect("append in fixture");
+    }
+
+    pub(crate) fn read(&self, rel: impl AsRef<Path>) -> String {
+        fs::read_to_string(self.path(rel)).expect("read in fixture")
+    }
+
+    /// Removes a file, a link or a whole directory.
+    pub(crate) fn remove(&self, rel: impl AsRef<Path>) {
+        let path = self.path(rel);
+        let metadata = fs::symlink_metadata(&path).expect("remove: no such path in fixture");
+        if metadata.is_dir() {
+            fs::remove_dir_all(&path).expect("remove dir in fixture");
+        } else {
+            fs::remove_file(&path).expect("remove in fixture");
+        }
+    }
+
+    /// A link at `rel` to `target`, both root-relative, written relative
+    /// (`../../../devices/...`) as sysfs writes its own.
+    pub(crate) fn link(&self, rel: impl AsRef<Path>, target: impl AsRef<Path>) {
+        let rel = rel.as_ref();
+        let depth = rel.parent().map_or(0, |dir| dir.components().count());
+        let relative: PathBuf = std::iter::repeat_n(Path::new(".."), depth)
+            .collect::<PathBuf>()
+            .join(target);
+        self.raw_link(rel, relative);
+    }
+
+    /// A link whose target is exactly `target` (absolute ones included).
+    pub(crate) fn raw_link(&self, rel: impl AsRef<Path>, target: impl AsRef<Path>) {
+        let path = self.path(rel);
+        fs::create_dir_all(path.parent().expect("a link has a directory")).expect("mkdir in fixture");
+        if fs::symlink_metadata(&path).is_ok() {
+            fs::remove_file(&path).expect("replace link in fixture");
+        }
+        symlink(target, &path).expect("symlink in fixture");
+    }
+
+    /// Starts describing a PCI function; [`PciFunction::add`] creates it.
+    pub(crate) fn pci(&self, address: &str) -> PciFunction<'_> {
+        PciFunction {
+            fixture: self,
+            address: address.to_owned(),
+            parent: None,
+            id: "8086:0000".to_owned(),
+            subsystem: None,
+            class: "0x000000".to_owned(),
+            driver: None,
+            driver_override: None,
+            group: None,
+            boot_vga: None,
+            reset: Reset::None,
+        }
+    }
+
+    /// The real directory of an added function.
+    pub(crate) fn function_dir(&self, address: &str) -> PathBuf {
+        let entry = self.path(format!("sys/bus/pci/devices/{address}"));
+        let real = fs::canonicalize(&entry).expect("no such PCI function in fixture");
+        let root = fs::canonicalize(&self.root).expect("fixture root");
+        real.strip_prefix(root).expect("function inside fixture").to_path_buf()
+    }
+
+    /// `sys/bus/pci/drivers/DRIVER` with its `bind` and `unbind` files.
+    pub(crate) fn register_driver(&self, driver: &str) {
+        for file in ["bind", "unbind", "new_id", "remove_id"] {
+            self.write(format!("sys/bus/pci/drivers/{driver}/{file}"), "");
+        }
+    }
+
+    /// Binds the function to `driver` (registered if needed): its `driver` link.
+    pub(crate) fn bind(&self, address: &str, driver: &str) {
+        self.register_driver(driver);
+        let driver_dir = format!("sys/bus/pci/drivers/{driver}");
+        let function_dir = self.function_dir(address);
+        self.link(function_dir.join("driver"), &driver_dir);
+        self.link(format!("{driver_dir}/{address}"), &function_dir);
+    }
+
+    /// Leaves the function without a driver.
+    pub(crate) fn unbind(&self, address: &str) {
+        let driver_link = self.function_dir(address).join("driver");
+        let driver = fs::read_link(self.path(&driver_link)).expect("function has a driver");
+        let driver = driver.file_name().expect("driver link has a name").to_owned();
+        self.remove(&driver_link);
+        self.remove(Path::new("sys/bus/pci/drivers").join(driver).join(address));
+    }
+
+    /// A device with a node below `parent_dir` (`drm/card0` named
+    /// `dri/card0`, number `226:0`): its `dev`, its `uevent` with DEVNAME,
+    /// and its `sys/dev/char` link. Returns its directory.
+    pub(crate) fn char_device(&self, parent_dir: impl AsRef<Path>, sub_dir: &str, devname: &str, number: &str) -> PathBuf {
+        let dir = parent_dir.as_ref().join(sub_dir);
+        self.device_files(&dir, devname, number);
+        self.link(format!("sys/dev/char/{number}"), &dir);
+        dir
+    }
+
+    /// A disk (`block/sda`) below `parent_dir`, with its `sys/dev/block`
+    /// link. Returns its directory.
+    pub(crate) fn disk(&self, parent_dir: impl AsRef<Path>, name: &str, number: &str) -> PathBuf {
+        let dir = parent_dir.as_ref().join("block").join(name);
+        self.device_files(&dir, name, number);
+        self.mkdir(dir.join("slaves"));
+        self.mkdir(dir.join("holders"));
+        self.link(format!("sys/dev/block/{number}"), &dir);
+        dir
+    }
+
+    /// A partition (`sda2`) of the disk in `disk_dir`. Returns its directory.
+    pub(crate) fn partition(&self, disk_dir: impl AsRef<Path>, name: &str, number: &str) -> PathBuf {
+        let dir = disk_dir.as_ref().join(name);
+        self.device_files(&dir, name, number);
+        self.write(dir.join("partition"), "2\n");
+        self.link(format!("sys/dev/block/{number}"), &dir);
+        dir
+    }
+
+    /// A device-mapper disk (`dm-0`) built on the devices in `lower_dirs`.
+    pub(crate) fn dm_disk(&self, name: &str, number: &str, lower_dirs: &[&Path]) -> PathBuf {
+        let dir = self.disk("sys/devices/virtual", name, number);
+        for lower in lower_dirs {
+            let lower_name = lower.file_name().expect("a device has a name");
+            self.link(dir.join("slaves").join(lower_name), lower);
+        }
+        dir
+    }
+
+    /// The first minor number of `major` without a link in `numbers_dir`.
+    fn next_minor(&self, numbers_dir: &str, major: u32) -> u32 {
+        (0..)
+            .find(|minor| fs::symlink_metadata(self.path(format!("{numbers_dir}/{major}:{minor}"))).is_err())
+            .expect("a free minor")
+    }
+
+    fn device_files(&self, dir: &Path, devname: &str, number: &str) {
+        let (major, minor) = number.split_once(':').expect("major:minor");
+        self.write(dir.join("dev"), &format!("{number}\n"));
+        self.write(
+            dir.join("uevent"),
+            &format!("MAJOR={major}\nMINOR={minor}\nDEVNAME={devname}\n"),
+        );
+        self.write(dir.join("power/runtime_status"), "unsupported\n");
+    }
+
+    /// A USB device (or, with `port` like `usb1`, a root hub) below
+    /// `parent_dir`, with one interface per class in `interface_classes`.
+    /// Returns its directory.
+    pub(crate) fn usb_device(
+        &self,
+        parent_dir: impl AsRef<Path>,
+        port: &str,
+        id: &str,
+        product: &str,
+        device_class: &str,
+        interface_classes: &[&str],
+    ) -> PathBuf {
+        let dir = parent_dir.as_ref().join(port);
+        let (vendor, device) = id.split_once(':').expect("vvvv:dddd");
+        self.write(dir.join("idVendor"), &format!("{vendor}\n"));
+        self.write(dir.join("idProduct"), &format!("{device}\n"));
+        self.write(dir.join("bDeviceClass"), &format!("{device_class}\n"));
+        self.write(dir.join("product"), &format!("{product}\n"));
+        let bus = port.trim_start_matches("usb").split('-').next().unwrap_or("1");
+        let minor = self.next_minor("sys/dev/char", 189);
+        self.char_device(parent_dir.as_ref(), port, &format!("bus/usb/{bus:0>3}/{:03}", minor + 1), &format!("189:{minor}"));
+        for (number, class) in interface_classes.iter().enumerate() {
+            let interface = dir.join(format!("{port}:1.{number}"));
+            self.write(interface.join("bInterfaceClass"), &format!("{class}\n"));
+            self.write(interface.join("bInterfaceNumber"), &format!("{number:02x}\n"));
+        }
+        dir
+    }
+
+    /// Appends a mount of `number` (`8:2`) at `mount_point` (escaped as in
+    /// mountinfo, `/mnt/my\040data`) to `proc/self/mountinfo`.
+    pub(crate) fn mount(&self, number: &str, mount_point: &str, fstype: &str, source: &str) {
+        let id = self.read("proc/self/mountinfo").lines().count() + 20;
+        self.append(
+            "proc/self/mountinfo",
+            &format!("{id} 1 {number} / {mount_point} rw,relatime shared:{id} - {fstype} {source} rw\n"),
+        );
+    }
+
+    /// A process with fds open on `targets` (fd 3, 4, ...).
+    pub(crate) fn process(&self, pid: u32, comm: &str, targets: &[&str]) {
+        self.write(format!("proc/{pid}/comm"), &format!("{comm}\n"));
+        self.mkdir(format!("proc/{pid}/fd"));
+        for (offset, target) in targets.iter().enumerate() {
+            self.raw_link(format!("proc/{pid}/fd/{}", offset + 3), target);
+        }
+    }
+
+    /// `sys/class/vtconsole/vtconN`.
+    pub(crate) fn vtconsole(&self, number: u32, name: &str, bound: bool) {
+        let dir = format!("sys/devices/virtual/vtconsole/vtcon{number}");
+        self.write(format!("{dir}/name"), &format!("{name}\n"));
+        self.write(format!("{dir}/bind"), if bound { "1\n" } else { "0\n" });
+        self.link(format!("sys/class/vtconsole/vtcon{number}"), &dir);
+    }
+
+    /// Framebuffer `fbN` of the device in `device_dir` (a PCI function or
+    /// a platform device), as `sys/class/graphics/fbN`.
+    pub(crate) fn framebuffer(&self, number: u32, device_dir: impl AsRef<Path>) {
+        let device_dir = device_dir.as_ref();
+        let name = format!("fb{number}");
+        let dir = self.char_device(device_dir, &format!("graphics/{name}"), &name, &format!("29:{number}"));
+        self.link(dir.join("device"), device_dir);
+        self.link(format!("sys/class/graphics/{name}"), &dir);
+    }
+
+    /// A platform device (`efi-framebuffer.0`). Returns its directory.
+    pub(crate) fn platform_device(&self, name: &str) -> PathBuf {
+        let dir = PathBuf::from(format!("sys/devices/platform/{name}"));
+        self.write(dir.join("uevent"), &format!("DRIVER={}\n", name.split('.').next().unwrap_or(name)));
+        self.link(format!("sys/bus/platform/devices/{name}"), &dir);
+        dir
+    }
+
+    /// `dev/vfio/N`, as it appears once group N has a device on vfio-pci.
+    pub(crate) fn vfio_group(&self, group: u32) {
+        self.write(format!("dev/vfio/{group}"), "");
+    }
+
+    pub(crate) fn pci_ids(&self, text: &str) {
+        self.write("usr/share/hwdata/pci.ids", text);
+    }
+
+    /// `sys/module/MODULE`, as for a loaded module.
+    pub(crate) fn loaded_module(&self, module: &str) {
+        self.write(format!("sys/module/{module}/refcnt"), "0\n");
+    }
+
+    /// `lib/modules/RELEASE/FILE` (`modules.dep`, `modules.builtin`).
+    pub(crate) fn module_list(&self, file: &str, contents: &str) {
+        self.write(format!("lib/modules/{KERNEL_RELEASE}/{file}"), contents);
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // Best effort: a leftover temp dir is no reason to fail a test.
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+enum Reset {
+    None,
+    /// `reset_method` (kernel >= 5.15).
+    Methods(String),
+    /// Only a `reset` file (older kernels).
+    Legacy,
+}
+
+/// A PCI function being described; see [`Fixture::pci`].
+pub(crate) struct PciFunction<'f> {
+    fixture: &'f Fixture,
+    address: String,
+    parent: Option<String>,
+    id: String,
+    subsystem: Option<String>,
+    class: String,
+    driver: Option<String>,
+    driver_override: Option<String>,
+    group: Option<u32>,
+    boot_vga: Option<bool>,
+    reset: Reset,
+}
+
+impl PciFunction<'_> {
+    /// Behind the bridge at `parent` (added already).
+    pub(crate) fn behind(mut self, parent: &str) -> Self {
+        self.parent = Some(parent.to_owned());
+        self
+    }
+
+    /// `1002:67df`.
+    pub(crate) fn id(mut self, id: &str) -> Self {
+        self.id = id.to_owned();
+        self
+    }
+
+    pub(crate) fn subsystem(mut self, id: &str) -> Self {
+        self.subsystem = Some(id.to_owned());
+        self
+    }
+
+    /// `0x030000`.
+    pub(crate) fn class(mut self, class: &str) -> Self {
+        self.class = class.to_owned();
+        self
+    }
+
+    pub(crate) fn driver(mut self, driver: &str) -> Self {
+        self.driver = Some(driver.to_owned());
+        self
+    }
+
+    /// What `driver_override` reads; `(null)` when not given.
+    pub(crate) fn driver_override(mut self, driver: &str) -> Self {
+        self.driver_override = Some(driver.to_owned());
+        self
+    }
+
+    pub(crate) fn group(mut self, group: u32) -> Self {
+        self.group = Some(group);
+        self
+    }
+
+    /// Writes `boot_vga` (only VGA functions have the file).
+    pub(crate) fn boot_vga(mut self, boot_vga: bool) -> Self {
+        self.boot_vga = Some(boot_vga);
+        self
+    }
+
+    /// `reset_method`, e.g. `flr bus`.
+    pub(crate) fn reset_methods(mut self, methods: &str) -> Self {
+        self.reset = Reset::Methods(methods.to_owned());
+        self
+    }
+
+    /// Only a `reset` file, as before kernel 5.15.
+    pub(crate) fn legacy_reset(mut self) -> Self {
+        self.reset = Reset::Legacy;
+        self
+    }
+
+    /// Creates the function. Returns its directory.
+    pub(crate) fn add(self) -> PathBuf {
+        let fx = self.fixture;
+        let address = &self.address;
+        let dir = match &self.parent {
+            Some(parent) => fx.function_dir(parent).join(address),
+            None => {
+                let (domain_bus, _) = address.rsplit_once(':').expect("DDDD:BB:DD.F");
+                PathBuf::from(format!("sys/devices/pci{domain_bus}/{address}"))
+            }
+        };
+        let (vendor, device) = self.id.split_once(':').expect("vvvv:dddd");
+        fx.write(dir.join("vendor"), &format!("0x{vendor}\n"));
+        fx.write(dir.join("device"), &format!("0x{device}\n"));
+        if let Some((vendor, device)) = self.subsystem.as_deref().and_then(|id| id.split_once(':')) {
+            fx.write(dir.join("subsystem_vendor"), &format!("0x{vendor}\n"));
+            fx.write(dir.join("subsystem_device"), &format!("0x{device}\n"));
+        }
+        fx.write(dir.join("class"), &format!("{}\n", self.class));
+        let driver_override = self.driver_override.as_deref().unwrap_or("(null)");
+        fx.write(dir.join("driver_override"), &format!("{driver_override}\n"));
+        fx.write(
+            dir.join("uevent"),
+            &format!("PCI_ID={}\nPCI_SLOT_NAME={address}\n", self.id.to_uppercase()),
+        );
+        fx.write(dir.join("power/control"), "on\n");
+        if let Some(boot_vga) = self.boot_vga {
+            fx.write(dir.join("boot_vga"), if boot_vga { "1\n" } else { "0\n" });
+        }
+        match &self.reset {
+            Reset::None => {}
+            Reset::Methods(methods) => fx.write(dir.join("reset_method"), &format!("{methods}\n")),
+            Reset::Legacy => fx.write(dir.join("reset"), ""),
+        }
+        fx.link(dir.join("subsystem"), "sys/bus/pci");
+        fx.link(format!("sys/bus/pci/devices/{address}"), &dir);
+        if let Some(group) = self.group {
+            let group_dir = format!("sys/kernel/iommu_groups/{group}");
+            fx.link(dir.join("iommu_group"), &group_dir);
+            fx.link(format!("{group_dir}/devices/{address}"), &dir);
+        }
+        if let Some(driver) = &self.driver {
+            fx.bind(address, driver);
+        }
+        dir
+    }
+}

@@ -1,0 +1,191 @@
+//! Files under a root directory, seen the way a process chrooted into it
+//! would see them: absolute link targets start again at the root and `..`
+//! never climbs above it. Sysfs is a forest of relative links; resolving
+//! them ourselves keeps a fixture tree from leading a read, or worse a
+//! write, out into the machine's real /sys.
+
+use std::ffi::OsString;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Component, Path, PathBuf};
+
+use crate::kernel::{KernelError, KernelResult};
+
+/// Linux gives up after 40 links too (ELOOP).
+const MAX_LINKS: usize = 40;
+
+#[derive(Debug, Clone)]
+pub(super) struct Rooted {
+    root: PathBuf,
+}
+
+impl Rooted {
+    pub(super) fn new(root: PathBuf) -> Self {
+        Rooted { root }
+    }
+
+    pub(super) fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a root-relative path is on this machine. A leading `/` is
+    /// ignored so that `/dev/sda2` means `ROOT/dev/sda2`.
+    pub(super) fn host_path(&self, rel: &Path) -> PathBuf {
+        self.root.join(rel.strip_prefix("/").unwrap_or(rel))
+    }
+
+    /// `rel` with every link followed, as a root-relative path free of
+    /// links. Fails like `open` would (NotFound for a missing component).
+    pub(super) fn resolve(&self, rel: &Path) -> io::Result<PathBuf> {
+        // Components still to walk, the next one last.
+        let mut pending: Vec<OsString> = Vec::new();
+        push_components(&mut pending, rel);
+        let mut resolved = PathBuf::new();
+        let mut links_followed = 0;
+        while let Some(component) = pending.pop() {
+            if component == "." {
+                continue;
+            }
+            if component == ".." {
+                resolved.pop();
+                continue;
+            }
+            let candidate = resolved.join(&component);
+            let host = self.root.join(&candidate);
+            if !fs::symlink_metadata(&host)?.file_type().is_symlink() {
+                resolved = candidate;
+                continue;
+            }
+            links_followed += 1;
+            if links_followed > MAX_LINKS {
+                return Err(io::Error::from_raw_os_error(nix::libc::ELOOP));
+            }
+            let target = fs::read_link(&host)?;
+            if target.has_root() {
+                resolved.clear();
+            }
+            push_components(&mut pending, &target);
+        }
+        Ok(resolved)
+    }
+
+    /// [`Rooted::resolve`], with `None` when `rel` is absent or a dangling link.
+    pub(super) fn resolve_optional(&self, rel: &Path) -> KernelResult<Option<PathBuf>> {
+        match self.resolve(rel) {
+            Ok(resolved) => Ok(Some(resolved)),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(self.io_error("resolve", rel, err)),
+        }
+    }
+
+    /// True when `rel` exists (a dangling link does not).
+    pub(super) fn exists(&self, rel: &Path) -> bool {
+        self.resolve(rel).is_ok()
+    }
+
+    /// A small text file, whole; `None` when it does not exist.
+    pub(super) fn read_optional(&self, rel: &Path) -> KernelResult<Option<String>> {
+        match fs::read(self.host_path(rel)) {
+            Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(self.io_error("read", rel, err)),
+        }
+    }
+
+    /// [`Rooted::read_optional`] after resolving `rel`, for files outside
+    /// sysfs reached through links (`/lib` → `usr/lib`, `proc/self`).
+    pub(super) fn read_resolved_optional(&self, rel: &Path) -> KernelResult<Option<String>> {
+        match self.resolve_optional(rel)? {
+            Some(resolved) => self.read_optional(&resolved),
+            None => Ok(None),
+        }
+    }
+
+    pub(super) fn read_resolved(&self, rel: &Path) -> KernelResult<String> {
+        self.read_resolved_optional(rel)?
+            .ok_or_else(|| self.io_error("read", rel, io::ErrorKind::NotFound.into()))
+    }
+
+    pub(super) fn read(&self, rel: &Path) -> KernelResult<String> {
+        self.read_optional(rel)?
+            .ok_or_else(|| self.io_error("read", rel, io::ErrorKind::NotFound.into()))
+    }
+
+    /// The last component of a link's target (`driver` → `amdgpu`);
+    /// `None` when there is no such link.
+    pub(super) fn link_name(&self, rel: &Path) -> KernelResult<Option<String>> {
+        let target = match fs::read_link(self.host_path(rel)) {
+            Ok(target) => target,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(self.io_error("readlink", rel, err)),
+        };
+        let name = target
+            .file_name()
+            .and_then(|name| name.to_str())
+            .ok_or_else(|| self.malformed(rel, format!("link to {} has no usable name", target.display())))?;
+        Ok(Some(name.to_owned()))
+    }
+
+    /// Names in a directory, sorted; an absent directory has none.
+    pub(super) fn list_optional(&self, rel: &Path) -> KernelResult<Vec<OsString>> {
+        let entries = match fs::read_dir(self.host_path(rel)) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(self.io_error("list", rel, err)),
+        };
+        let mut names = entries
+            .map(|entry| entry.map(|entry| entry.file_name()))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|err| self.io_error("list", rel, err))?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// Writes `contents` with a single write(2) to an existing file.
+    ///
+    /// One call, not `write_all`: a sysfs store sees each write(2) as one
+    /// command, so a retried remainder would be a second, garbled command.
+    pub(super) fn write_once(&self, op: &'static str, rel: &Path, contents: &str) -> KernelResult<()> {
+        // Resolve first so a link in a fixture cannot aim the write outside the root.
+        let target = self.resolve(rel).map_err(|err| self.io_error(op, rel, err))?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(self.root.join(&target))
+            .map_err(|err| self.io_error(op, rel, err))?;
+        let written = file
+            .write(contents.as_bytes())
+            .map_err(|err| self.io_error(op, rel, err))?;
+        if written != contents.len() {
+            let short = io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("the kernel took {written} of {} bytes", contents.len()),
+            );
+            return Err(self.io_error(op, rel, short));
+        }
+        Ok(())
+    }
+
+    pub(super) fn io_error(&self, op: &'static str, rel: &Path, err: io::Error) -> KernelError {
+        KernelError::io(op, self.host_path(rel).display().to_string(), err)
+    }
+
+    pub(super) fn malformed(&self, rel: &Path, reason: impl Into<String>) -> KernelError {
+        KernelError::Malformed {
+            path: self.host_path(rel).display().to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Pushes the components of `path` so that the first is popped first.
+fn push_components(pending: &mut Vec<OsString>, path: &Path) {
+    let start = pending.len();
+    for component in path.components() {
+        match component {
+            Component::Normal(name) => pending.push(name.to_owned()),
+            Component::ParentDir => pending.push("..".into()),
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+        }
+    }
+    pending[start..].reverse();
+}

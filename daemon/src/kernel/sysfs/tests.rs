@@ -1,0 +1,721 @@
+use std::path::{Path, PathBuf};
+
+use vfiod_pci::{Holder, PciAddress, PciClass, PciDevice, PciId, UsbDevice};
+
+use super::fixture::Fixture;
+use super::*;
+
+const GPU: &str = "0000:01:00.0";
+const GPU_AUDIO: &str = "0000:01:00.1";
+const ROOT_PORT: &str = "0000:00:01.0";
+const IGPU: &str = "0000:00:02.0";
+const XHCI: &str = "0000:00:14.0";
+const SATA: &str = "0000:00:1f.2";
+const NVME_PORT: &str = "0000:00:1c.0";
+const NVME: &str = "0000:02:00.0";
+const USB_CARD: &str = "0000:03:00.0";
+
+const PCI_IDS: &str = "\
+# a few lines of pci.ids
+1002  Advanced Micro Devices, Inc. [AMD/ATI]
+\t67df  Ellesmere [Radeon RX 470/480/570/570X/580/580X/590]
+\t\t1da2 e366  Nitro+ Radeon RX 570/580/590
+\taaf0  Ellesmere HDMI Audio [Radeon RX 470/480 / 570/580/590]
+8086  Intel Corporation
+\t0162  Xeon E3-1200 v2/3rd Gen Core processor Graphics Controller
+C 0c  Serial bus controller
+";
+
+fn addr(text: &str) -> PciAddress {
+    text.parse().unwrap()
+}
+
+fn id(text: &str) -> PciId {
+    text.parse().unwrap()
+}
+
+fn paths(nodes: &[&str]) -> Vec<PathBuf> {
+    nodes.iter().map(PathBuf::from).collect()
+}
+
+/// A desktop: an RX 580 (+ HDMI audio) behind a root port, the boot GPU
+/// with fbcon on it, an xHCI with a keyboard, a hub, a disk and a mouse,
+/// a SATA controller with the root filesystem and an LVM volume, an NVMe
+/// disk for /home, and a USB card already on its way to vfio-pci.
+fn desktop() -> Fixture {
+    let fx = Fixture::new();
+    fx.pci_ids(PCI_IDS);
+    fx.pci("0000:00:00.0").id("8086:0150").class("0x060000").group(0).add();
+    fx.pci(ROOT_PORT).id("8086:0151").class("0x060400").driver("pcieport").group(1).add();
+
+    let gpu = fx
+        .pci(GPU)
+        .behind(ROOT_PORT)
+        .id("1002:67df")
+        .subsystem("1da2:e366")
+        .class("0x030000")
+        .driver("amdgpu")
+        .group(1)
+        .boot_vga(false)
+        .reset_methods("bus")
+        .add();
+    let card = fx.char_device(&gpu, "drm/card1", "dri/card1", "226:1");
+    fx.write(card.join("card1-DP-1/status"), "connected\n");
+    fx.char_device(&gpu, "drm/renderD129", "dri/renderD129", "226:129");
+    fx.framebuffer(1, &gpu);
+
+    let audio = fx
+        .pci(GPU_AUDIO)
+        .behind(ROOT_PORT)
+        .id("1002:aaf0")
+        .subsystem("1da2:aaf0")
+        .class("0x040300")
+        .driver("snd_hda_intel")
+        .group(1)
+        .reset_methods("flr bus")
+        .add();
+    fx.mkdir(audio.join("sound/card1"));
+    fx.char_device(&audio, "sound/card1/controlC1", "snd/controlC1", "116:7");
+    fx.char_device(&audio, "sound/card1/pcmC1D3p", "snd/pcmC1D3p", "116:8");
+
+    let igpu = fx
+        .pci(IGPU)
+        .id("8086:0162")
+        .class("0x030000")
+        .driver("i915")
+        .group(2)
+        .boot_vga(true)
+        .legacy_reset()
+        .add();
+    fx.char_device(&igpu, "drm/card0", "dri/card0", "226:0");
+    fx.framebuffer(0, &igpu);
+    fx.vtconsole(0, "(S) dummy device", false);
+    fx.vtconsole(1, "(M) frame buffer device", true);
+
+    let xhci = fx.pci(XHCI).id("8086:1e31").class("0x0c0330").driver("xhci_hcd").group(3).add();
+    let usb1 = fx.usb_device(&xhci, "usb1", "1d6b:0002", "xHCI Host Controller", "09", &["09"]);
+    let keyboard = fx.usb_device(&usb1, "1-1", "046d:c31c", "USB Keyboard", "00", &["03", "03"]);
+    let hid = keyboard.join("1-1:1.0/0003:046D:C31C.0001/input/input5");
+    fx.char_device(&hid, "event5", "input/event5", "13:69");
+    let hub = fx.usb_device(&usb1, "1-2", "05e3:0610", "USB2.0 Hub", "09", &["09"]);
+    fx.usb_device(&hub, "1-2.1", "0bc2:2322", "Expansion", "00", &["08"]);
+    // A mouse whose first interface is vendor-specific.
+    fx.usb_device(&usb1, "1-3", "1532:0084", "Razer DeathAdder", "00", &["ff", "03"]);
+    fx.usb_device(&xhci, "usb2", "1d6b:0003", "xHCI Host Controller", "09", &["09"]);
+
+    let sata = fx.pci(SATA).id("8086:1e02").class("0x010601").driver("ahci").group(5).add();
+    let sda = fx.disk(sata.join("ata1/host0/target0:0:0/0:0:0:0"), "sda", "8:0");
+    fx.partition(&sda, "sda1", "8:1");
+    fx.partition(&sda, "sda2", "8:2");
+    let sdb = fx.disk(sata.join("ata2/host1/target1:0:0/1:0:0:0"), "sdb", "8:16");
+    let sdb1 = fx.partition(&sdb, "sdb1", "8:17");
+    fx.dm_disk("dm-0", "253:0", &[&sdb1]);
+
+    fx.pci(NVME_PORT).id("8086:1e18").class("0x060400").driver("pcieport").group(6).add();
+    let nvme = fx.pci(NVME).behind(NVME_PORT).id("144d:a808").class("0x010802").driver("nvme").group(7).add();
+    let controller = fx.char_device(&nvme, "nvme/nvme0", "nvme0", "241:0");
+    let subsystem = PathBuf::from("sys/devices/virtual/nvme-subsystem/nvme-subsys0");
+    fx.link(subsystem.join("nvme0"), &controller);
+    let namespace = fx.disk(&subsystem, "nvme0n1", "259:0");
+    // Multipath namespaces sit directly in the subsystem, not in block/.
+    let namespace = {
+        let direct = subsystem.join("nvme0n1");
+        fx.write(direct.join("dev"), "259:0\n");
+        fx.write(direct.join("uevent"), "MAJOR=259\nMINOR=0\nDEVNAME=nvme0n1\n");
+        fx.link("sys/dev/block/259:0", &direct);
+        fx.remove(namespace.parent().unwrap());
+        direct
+    };
+    fx.partition(&namespace, "nvme0n1p1", "259:1");
+
+    fx.pci(USB_CARD)
+        .id("1033:0194")
+        .class("0x0c0330")
+        .driver_override("vfio-pci")
+        .group(8)
+        .add();
+    fx.register_driver("vfio-pci");
+
+    fx.mount("0:21", "/proc", "proc", "proc");
+    fx.mount("8:2", "/", "ext4", "/dev/sda2");
+    fx.mount("8:1", "/boot/efi", "vfat", "/dev/sda1");
+    fx.mount("253:0", r"/mnt/my\040data", "xfs", "/dev/mapper/vg-data");
+    fx.mount("259:1", "/home", "ext4", "/dev/nvme0n1p1");
+    fx.mount("0:40", "/tmp", "tmpfs", "tmpfs");
+    fx.mount("8:2", "/var/lib/bind", "ext4", "/dev/sda2");
+
+    fx.process(1, "systemd", &["/dev/null", "/proc/1/mountinfo"]);
+    fx.process(1234, "Xorg", &["/dev/null", "/dev/dri/card0", "/dev/dri/card0", "socket:[4242]"]);
+    fx.process(2000, "pipewire", &["/dev/snd/controlC1", "/dev/snd/pcmC1D3p"]);
+    fx.process(4321, "qemu-system-x86", &["/dev/vfio/vfio", "/dev/vfio/8"]);
+    fx
+}
+
+#[test]
+fn reads_every_attribute_of_a_function() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    let gpu = kernel.device(&addr(GPU)).unwrap().expect("the GPU is on the bus");
+    assert_eq!(
+        gpu,
+        PciDevice {
+            address: addr(GPU),
+            id: id("1002:67df"),
+            subsystem: Some(id("1da2:e366")),
+            class: PciClass(0x030000),
+            name: "Ellesmere [Radeon RX 470/480/570/570X/580/580X/590]".into(),
+            driver: Some("amdgpu".into()),
+            driver_override: None,
+            iommu_group: Some(1),
+            parent: Some(addr(ROOT_PORT)),
+            boot_vga: false,
+            reset_methods: vec!["bus".into()],
+            nodes: paths(&["/dev/dri/card1", "/dev/dri/renderD129", "/dev/fb1"]),
+        }
+    );
+}
+
+#[test]
+fn lists_every_function_in_address_order() {
+    let fx = desktop();
+    let devices = fx.kernel().devices().unwrap();
+    let addresses: Vec<String> = devices.iter().map(|d| d.address.to_string()).collect();
+    assert_eq!(
+        addresses,
+        [
+            "0000:00:00.0", ROOT_PORT, IGPU, XHCI, NVME_PORT, SATA, GPU, GPU_AUDIO, NVME, USB_CARD
+        ]
+    );
+    let audio = devices.iter().find(|d| d.address == addr(GPU_AUDIO)).unwrap();
+    assert_eq!(audio.name, "Ellesmere HDMI Audio [Radeon RX 470/480 / 570/580/590]");
+    assert_eq!(audio.reset_methods, ["flr", "bus"]);
+    assert_eq!(audio.nodes, paths(&["/dev/snd/controlC1", "/dev/snd/pcmC1D3p"]));
+    assert_eq!(audio.boot_vga, false, "no boot_vga file");
+}
+
+#[test]
+fn reads_absent_and_unset_attributes_as_none() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    let host_bridge = kernel.device(&addr("0000:00:00.0")).unwrap().unwrap();
+    assert_eq!(host_bridge.driver, None);
+    assert_eq!(host_bridge.parent, None, "pci0000:00 is not a function");
+    assert_eq!(host_bridge.subsystem, None);
+    assert_eq!(host_bridge.reset_methods, Vec::<String>::new());
+    assert_eq!(host_bridge.name, "", "8086:0150 is not in this pci.ids");
+    assert!(host_bridge.is_bridge());
+
+    let card = kernel.device(&addr(USB_CARD)).unwrap().unwrap();
+    assert_eq!(card.driver, None);
+    assert_eq!(card.driver_override.as_deref(), Some("vfio-pci"));
+
+    fx.remove(fx.function_dir(GPU).join("iommu_group"));
+    fx.remove(fx.function_dir(GPU).join("driver_override"));
+    let gpu = kernel.device(&addr(GPU)).unwrap().unwrap();
+    assert_eq!(gpu.iommu_group, None);
+    assert_eq!(gpu.driver_override, None);
+
+    let igpu = kernel.device(&addr(IGPU)).unwrap().unwrap();
+    assert!(igpu.boot_vga);
+    assert_eq!(igpu.reset_methods, [RESET_METHOD_UNKNOWN]);
+    assert_eq!(igpu.nodes, paths(&["/dev/dri/card0", "/dev/fb0"]));
+}
+
+#[test]
+fn a_bridge_does_not_own_the_nodes_of_the_functions_behind_it() {
+    let fx = desktop();
+    let port = fx.kernel().device(&addr(ROOT_PORT)).unwrap().unwrap();
+    assert_eq!(port.nodes, Vec::<PathBuf>::new());
+    assert_eq!(port.parent, None);
+}
+
+#[test]
+fn finds_nodes_deep_below_a_controller() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    let xhci = kernel.device(&addr(XHCI)).unwrap().unwrap();
+    assert!(xhci.nodes.contains(&PathBuf::from("/dev/input/event5")), "{:?}", xhci.nodes);
+    assert!(xhci.nodes.iter().any(|node| node.starts_with("/dev/bus/usb/001")), "{:?}", xhci.nodes);
+    let sata = kernel.device(&addr(SATA)).unwrap().unwrap();
+    assert_eq!(
+        sata.nodes,
+        paths(&["/dev/sda", "/dev/sda1", "/dev/sda2", "/dev/sdb", "/dev/sdb1"])
+    );
+}
+
+#[test]
+fn driver_and_override_are_read_again_each_time() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    let gpu = addr(GPU);
+    assert_eq!(kernel.driver(&gpu).unwrap().as_deref(), Some("amdgpu"));
+    assert_eq!(kernel.driver_override(&gpu).unwrap(), None);
+    fx.unbind(GPU);
+    assert_eq!(kernel.driver(&gpu).unwrap(), None);
+    fx.write(fx.function_dir(GPU).join("driver_override"), "vfio-pci\n");
+    fx.bind(GPU, "vfio-pci");
+    assert_eq!(kernel.driver(&gpu).unwrap().as_deref(), Some("vfio-pci"));
+    assert_eq!(kernel.driver_override(&gpu).unwrap().as_deref(), Some("vfio-pci"));
+    fx.write(fx.function_dir(GPU).join("driver_override"), "(null)\n");
+    assert_eq!(kernel.driver_override(&gpu).unwrap(), None);
+}
+
+#[test]
+fn a_function_that_is_not_on_the_bus() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    let absent = addr("0000:09:00.0");
+    assert_eq!(kernel.device(&absent).unwrap(), None);
+    for err in [
+        kernel.driver(&absent).unwrap_err(),
+        kernel.driver_override(&absent).unwrap_err(),
+        kernel.mounts_behind(&absent).unwrap_err(),
+        kernel.usb_behind(&absent).unwrap_err(),
+        kernel.console_on(&absent).unwrap_err(),
+        kernel.set_driver_override(&absent, Some("vfio-pci")).unwrap_err(),
+    ] {
+        assert!(matches!(err, KernelError::NoDevice(a) if a == absent), "{err}");
+    }
+
+    // Unplugged: the bus link dangles for a moment, then goes.
+    fx.remove(fx.function_dir(USB_CARD));
+    assert_eq!(kernel.device(&addr(USB_CARD)).unwrap(), None);
+    assert!(!kernel.devices().unwrap().iter().any(|d| d.address == addr(USB_CARD)));
+}
+
+#[test]
+fn malformed_attributes_are_errors_naming_the_file() {
+    let cases: [(&str, &str, &str); 8] = [
+        ("vendor", "0xzzzz\n", "vendor"),
+        ("device", "67df\n", "device"),
+        ("subsystem_vendor", "0x1da2e\n", "subsystem_vendor"),
+        ("class", "0x0300\n", "class"),
+        ("boot_vga", "2\n", "boot_vga"),
+        ("drm/card1/uevent", "MAJOR=226\nDEVNAME=../etc/passwd\n", "uevent"),
+        ("drm/card1/uevent", "DEVNAME=\n", "uevent"),
+        ("iommu_group", "", "iommu_group"),
+    ];
+    for (file, contents, named) in cases {
+        let fx = desktop();
+        let gpu_dir = fx.function_dir(GPU);
+        if file == "iommu_group" {
+            fx.link(gpu_dir.join("iommu_group"), "sys/kernel/iommu_groups/one");
+        } else {
+            fx.write(gpu_dir.join(file), contents);
+        }
+        let kernel = fx.kernel();
+        let err = kernel.device(&addr(GPU)).unwrap_err();
+        assert!(matches!(err, KernelError::Malformed { .. }), "{file}: {err}");
+        assert!(err.to_string().contains(named), "{file}: {err}");
+        assert!(err.to_string().contains(&fx.root().display().to_string()), "{file}: {err}");
+        assert!(kernel.devices().is_err(), "{file}");
+    }
+}
+
+#[test]
+fn a_bus_entry_that_is_not_an_address_is_malformed() {
+    let fx = desktop();
+    fx.link("sys/bus/pci/devices/gpu", fx.function_dir(GPU));
+    let err = fx.kernel().devices().unwrap_err();
+    assert!(matches!(err, KernelError::Malformed { ref path, .. } if path.ends_with("devices/gpu")), "{err}");
+}
+
+#[test]
+fn without_pci_ids_names_are_empty() {
+    let fx = desktop();
+    fx.remove("usr/share/hwdata/pci.ids");
+    let gpu = fx.kernel().device(&addr(GPU)).unwrap().unwrap();
+    assert_eq!(gpu.name, "");
+    // The other place distributions put it.
+    fx.write("usr/share/misc/pci.ids", PCI_IDS);
+    let gpu = fx.kernel().device(&addr(GPU)).unwrap().unwrap();
+    assert!(gpu.name.starts_with("Ellesmere"), "{}", gpu.name);
+}
+
+#[test]
+fn iommu_is_on_when_groups_exist() {
+    let fx = Fixture::new();
+    assert!(!fx.kernel().iommu_enabled().unwrap());
+    let fx = desktop();
+    assert!(fx.kernel().iommu_enabled().unwrap());
+}
+
+#[test]
+fn drivers_and_modules() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    assert!(kernel.driver_registered("amdgpu"));
+    assert!(kernel.driver_registered("vfio-pci"));
+    assert!(!kernel.driver_registered("nouveau"));
+    assert!(!kernel.driver_registered("../drivers/amdgpu"));
+    assert!(!kernel.driver_registered(""));
+
+    assert!(!kernel.module_available("vfio-pci"));
+    fx.loaded_module("vfio_pci");
+    assert!(kernel.module_available("vfio-pci"), "- and _ are the same");
+    assert!(kernel.module_available("vfio_pci"));
+
+    fx.module_list(
+        "modules.dep",
+        "kernel/drivers/vfio/vfio.ko.zst: kernel/drivers/iommu/iommufd/iommufd.ko.zst\n\
+         kernel/drivers/vfio/vfio_iommu_type1.ko.xz: kernel/drivers/vfio/vfio.ko.zst\n\
+         kernel/drivers/gpu/drm/amd/amdgpu/amdgpu.ko:\n",
+    );
+    fx.module_list("modules.builtin", "kernel/drivers/pci/pcie/portdrv.ko\nkernel/drivers/usb/host/xhci-pci.ko\n");
+    assert!(kernel.module_available("vfio"));
+    assert!(kernel.module_available("vfio-iommu-type1"));
+    assert!(kernel.module_available("amdgpu"));
+    assert!(kernel.module_available("xhci_pci"), "built in");
+    assert!(!kernel.module_available("vfio_iommu"), "a prefix is not a module");
+    assert!(!kernel.module_available("iommufd"), "a dependency's path is not a listed module");
+    assert!(!kernel.module_available("../vfio"));
+
+    // Another kernel's lists say nothing about this one.
+    fx.write("proc/sys/kernel/osrelease", "6.12.0-other\n");
+    assert!(!kernel.module_available("amdgpu"));
+    assert!(kernel.module_available("vfio_pci"), "loaded all the same");
+}
+
+#[test]
+fn loading_a_module_into_a_fixture_is_refused() {
+    let fx = Fixture::new();
+    let err = fx.kernel().load_module(VFIO_MODULE_NAME).unwrap_err();
+    assert!(matches!(err, KernelError::Module { .. }), "{err}");
+    assert!(err.to_string().contains("fixture"), "{err}");
+}
+
+const VFIO_MODULE_NAME: &str = crate::kernel::VFIO_MODULE;
+
+#[test]
+fn holders_are_the_processes_with_a_node_open() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    let holder = |pid, comm: &str, node: &str| Holder {
+        pid,
+        comm: comm.into(),
+        node: node.into(),
+    };
+    let igpu = kernel.device(&addr(IGPU)).unwrap().unwrap();
+    assert_eq!(kernel.holders(&igpu.nodes).unwrap(), [holder(1234, "Xorg", "/dev/dri/card0")]);
+
+    let audio = kernel.device(&addr(GPU_AUDIO)).unwrap().unwrap();
+    assert_eq!(
+        kernel.holders(&audio.nodes).unwrap(),
+        [
+            holder(2000, "pipewire", "/dev/snd/controlC1"),
+            holder(2000, "pipewire", "/dev/snd/pcmC1D3p"),
+        ]
+    );
+    let gpu = kernel.device(&addr(GPU)).unwrap().unwrap();
+    assert_eq!(kernel.holders(&gpu.nodes).unwrap(), []);
+    assert_eq!(kernel.holders(&[]).unwrap(), []);
+
+    // Gone between listing its fds and reading its name; not a process; no fds readable.
+    fx.process(77, "vanishing", &["/dev/dri/card0"]);
+    fx.remove("proc/77/comm");
+    fx.write("proc/self/fd/0", "");
+    fx.mkdir("proc/88");
+    assert_eq!(kernel.holders(&igpu.nodes).unwrap(), [holder(1234, "Xorg", "/dev/dri/card0")]);
+}
+
+#[test]
+fn vfio_group_nodes_are_dev_paths_whatever_the_root() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    assert_eq!(kernel.vfio_group_node(8), None);
+    fx.vfio_group(8);
+    let node = kernel.vfio_group_node(8).unwrap();
+    assert_eq!(node, Path::new("/dev/vfio/8"));
+    assert_eq!(
+        kernel.holders(&[node]).unwrap(),
+        [Holder {
+            pid: 4321,
+            comm: "qemu-system-x86".into(),
+            node: "/dev/vfio/8".into()
+        }]
+    );
+}
+
+#[test]
+fn mounts_behind_a_controller_include_stacked_and_nvme_disks() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    assert_eq!(
+        kernel.mounts_behind(&addr(SATA)).unwrap(),
+        ["/", "/boot/efi", "/mnt/my data", "/var/lib/bind"]
+    );
+    assert_eq!(kernel.mounts_behind(&addr(NVME)).unwrap(), ["/home"]);
+    assert_eq!(kernel.mounts_behind(&addr(NVME_PORT)).unwrap(), ["/home"], "behind its bridge too");
+    assert_eq!(kernel.mounts_behind(&addr(GPU)).unwrap(), Vec::<String>::new());
+    assert_eq!(kernel.mounts_behind(&addr(XHCI)).unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn a_mount_on_a_usb_disk_is_behind_its_controller() {
+    let fx = desktop();
+    let usb_disk = fx.function_dir(XHCI).join("usb1/1-2/1-2.1/1-2.1:1.0/host6/target6:0:0/6:0:0:0");
+    let sdc = fx.disk(&usb_disk, "sdc", "8:32");
+    fx.partition(&sdc, "sdc1", "8:33");
+    fx.mount("8:33", "/media/backup", "ext4", "/dev/sdc1");
+    assert_eq!(fx.kernel().mounts_behind(&addr(XHCI)).unwrap(), ["/media/backup"]);
+}
+
+#[test]
+fn unreadable_mountinfo_is_an_error_not_an_empty_list() {
+    let fx = desktop();
+    fx.append("proc/self/mountinfo", "garbage\n");
+    let err = fx.kernel().mounts_behind(&addr(SATA)).unwrap_err();
+    assert!(matches!(err, KernelError::Malformed { .. }), "{err}");
+    assert!(err.to_string().contains("mountinfo") && err.to_string().contains("line 8"), "{err}");
+    fx.remove("proc/self/mountinfo");
+    let err = fx.kernel().mounts_behind(&addr(SATA)).unwrap_err();
+    assert!(matches!(err, KernelError::Io { .. }), "{err}");
+}
+
+/// btrfs mounts show an anonymous 0:N, and swap is no mount at all: both
+/// are found through their device node. Needs mknod, so root.
+#[test]
+fn btrfs_and_swap_are_found_through_their_device_nodes() {
+    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+    let fx = desktop();
+    let sda = fx.function_dir(SATA).join("ata1/host0/target0:0:0/0:0:0:0/block/sda");
+    fx.partition(&sda, "sda3", "8:3");
+    let made = [("dev/sda1", 1), ("dev/sda3", 3)]
+        .iter()
+        .map(|(node, minor)| mknod(&fx.path(node), SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), makedev(8, *minor)))
+        .collect::<Result<Vec<_>, _>>();
+    if let Err(err) = made {
+        eprintln!("skipped: cannot make device nodes here ({err})");
+        return;
+    }
+    fx.write("proc/self/mountinfo", "");
+    fx.mount("0:35", "/data", "btrfs", "/dev/sda1");
+    fx.write(
+        "proc/swaps",
+        "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n\
+         /dev/sda3                               partition\t8388604\t\t0\t\t-2\n\
+         /swapfile                               file\t\t1048572\t\t0\t\t-3\n",
+    );
+    assert_eq!(fx.kernel().mounts_behind(&addr(SATA)).unwrap(), ["/data", "[swap] /dev/sda3"]);
+    assert_eq!(fx.kernel().mounts_behind(&addr(NVME)).unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn usb_devices_behind_a_controller() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    let usb = |port: &str, id_text: &str, class: &str, name: &str| UsbDevice {
+        port: port.into(),
+        id: id(id_text),
+        class: class.into(),
+        name: name.into(),
+    };
+    let devices = kernel.usb_behind(&addr(XHCI)).unwrap();
+    assert_eq!(
+        devices,
+        [
+            usb("1-1", "046d:c31c", "03", "USB Keyboard"),
+            usb("1-2", "05e3:0610", "09", "USB2.0 Hub"),
+            usb("1-2.1", "0bc2:2322", "08", "Expansion"),
+            usb("1-3", "1532:0084", "03", "Razer DeathAdder"),
+        ]
+    );
+    assert!(devices[0].is_input() && devices[3].is_input() && !devices[2].is_input());
+    assert_eq!(kernel.usb_behind(&addr(GPU)).unwrap(), []);
+    assert_eq!(kernel.usb_behind(&addr(USB_CARD)).unwrap(), []);
+}
+
+#[test]
+fn malformed_usb_attributes_are_errors() {
+    for (file, contents) in [("idVendor", "46d\n"), ("bDeviceClass", "3\n"), ("1-1:1.0/bInterfaceClass", "0x03\n")] {
+        let fx = desktop();
+        fx.write(fx.function_dir(XHCI).join("usb1/1-1").join(file), contents);
+        let err = fx.kernel().usb_behind(&addr(XHCI)).unwrap_err();
+        assert!(matches!(err, KernelError::Malformed { ref path, .. } if path.ends_with(file)), "{file}: {err}");
+    }
+}
+
+#[test]
+fn fbcon_on_the_primary_framebuffer_holds_its_device() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    assert!(kernel.console_on(&addr(IGPU)).unwrap());
+    assert!(!kernel.console_on(&addr(GPU)).unwrap(), "fb1: fbcon draws on fb0");
+    assert!(!kernel.console_on(&addr(XHCI)).unwrap());
+    assert!(!kernel.console_on(&addr(ROOT_PORT)).unwrap());
+
+    // i915 gone: fbcon moves to what is left.
+    fx.remove("sys/class/graphics/fb0");
+    assert!(kernel.console_on(&addr(GPU)).unwrap());
+    assert!(!kernel.console_on(&addr(IGPU)).unwrap(), "boot VGA, but no firmware framebuffer");
+}
+
+#[test]
+fn without_fbcon_no_framebuffer_holds_a_console() {
+    let fx = desktop();
+    fx.vtconsole(1, "(M) frame buffer device", false);
+    let kernel = fx.kernel();
+    assert!(!kernel.console_on(&addr(IGPU)).unwrap());
+    assert!(!kernel.console_on(&addr(GPU)).unwrap());
+}
+
+#[test]
+fn a_live_firmware_framebuffer_holds_the_boot_vga() {
+    let fx = desktop();
+    fx.vtconsole(1, "(M) frame buffer device", false);
+    let efifb = fx.platform_device("efi-framebuffer.0");
+    let kernel = fx.kernel();
+    assert!(!kernel.console_on(&addr(IGPU)).unwrap(), "a leftover with no framebuffer");
+    fx.remove("sys/class/graphics/fb0");
+    fx.framebuffer(0, &efifb);
+    assert!(kernel.console_on(&addr(IGPU)).unwrap(), "efifb scans out of the boot VGA");
+    assert!(!kernel.console_on(&addr(GPU)).unwrap());
+
+    let fx = desktop();
+    let simpledrm = fx.platform_device("simple-framebuffer.0");
+    fx.char_device(&simpledrm, "drm/card2", "dri/card2", "226:2");
+    let kernel = fx.kernel();
+    fx.vtconsole(1, "(M) frame buffer device", false);
+    assert!(kernel.console_on(&addr(IGPU)).unwrap());
+    assert!(!kernel.console_on(&addr(GPU)).unwrap());
+}
+
+#[test]
+fn the_vga_text_console_holds_the_boot_vga() {
+    let fx = desktop();
+    fx.vtconsole(1, "(M) frame buffer device", false);
+    fx.vtconsole(0, "(S) VGA+", true);
+    let kernel = fx.kernel();
+    assert!(kernel.console_on(&addr(IGPU)).unwrap());
+    assert!(!kernel.console_on(&addr(GPU)).unwrap());
+}
+
+#[test]
+fn writes_land_in_the_right_files() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    let gpu = addr(GPU);
+    let override_file = fx.function_dir(GPU).join("driver_override");
+
+    kernel.set_driver_override(&gpu, Some("vfio-pci")).unwrap();
+    assert_eq!(fx.read(&override_file), "vfio-pci");
+    kernel.set_driver_override(&gpu, None).unwrap();
+    assert_eq!(fx.read(&override_file), "\n");
+
+    kernel.unbind(&gpu, "amdgpu").unwrap();
+    assert_eq!(fx.read("sys/bus/pci/drivers/amdgpu/unbind"), GPU);
+    kernel.probe(&gpu).unwrap();
+    assert_eq!(fx.read("sys/bus/pci/drivers_probe"), GPU);
+}
+
+#[test]
+fn failed_writes_keep_the_os_error() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    let err = kernel.unbind(&addr(GPU), "nouveau").unwrap_err();
+    match &err {
+        KernelError::Io { op, path, source } => {
+            assert_eq!(*op, "unbind");
+            assert!(path.ends_with("sys/bus/pci/drivers/nouveau/unbind"), "{path}");
+            assert_eq!(source.raw_os_error(), Some(nix::libc::ENOENT));
+        }
+        other => panic!("{other}"),
+    }
+    assert!(!err.is_busy());
+
+    // A directory where the attribute should be: the open fails, EISDIR.
+    fx.remove("sys/bus/pci/drivers_probe");
+    fx.mkdir("sys/bus/pci/drivers_probe");
+    let err = kernel.probe(&addr(GPU)).unwrap_err();
+    assert!(matches!(&err, KernelError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::EISDIR)), "{err}");
+
+    for bad in ["", "../amdgpu", "vfio-pci\nnouveau", "a b"] {
+        assert!(kernel.unbind(&addr(GPU), bad).is_err(), "{bad:?}");
+        assert!(kernel.set_driver_override(&addr(GPU), Some(bad)).is_err(), "{bad:?}");
+    }
+    assert_eq!(fx.read(fx.function_dir(GPU).join("driver_override")), "(null)\n", "nothing written");
+}
+
+#[test]
+fn links_never_lead_out_of_the_root() {
+    let fx = desktop();
+    // An address no real machine has, so even a bug could not touch /sys.
+    let dir = fx.pci("00ff:05:00.0").id("1002:67df").class("0x030000").add();
+    fx.raw_link("sys/bus/pci/devices/00ff:05:00.0", Path::new("/").join(&dir));
+    fx.raw_link(
+        dir.join("iommu_group"),
+        "../../../../../../../../../../../../sys/kernel/iommu_groups/9",
+    );
+    let kernel = fx.kernel();
+    let device = kernel.device(&addr("00ff:05:00.0")).unwrap().unwrap();
+    assert_eq!(device.id, id("1002:67df"));
+    assert_eq!(device.iommu_group, Some(9));
+
+    kernel.set_driver_override(&addr("00ff:05:00.0"), Some("vfio-pci")).unwrap();
+    assert_eq!(fx.read(dir.join("driver_override")), "vfio-pci");
+
+    // A framebuffer whose device link climbs past the root still lands inside.
+    fx.raw_link(
+        "sys/class/graphics/fb0/device",
+        format!("../../../../../../../../../../{}", fx.function_dir(GPU).display()),
+    );
+    assert!(kernel.console_on(&addr(GPU)).unwrap());
+
+    // A loop is an error, not a hang.
+    fx.raw_link("sys/bus/pci/devices/0000:0a:00.0", "0000:0a:00.0");
+    let err = kernel.device(&addr("0000:0a:00.0")).unwrap_err();
+    assert!(matches!(&err, KernelError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::ELOOP)), "{err}");
+}
+
+#[test]
+fn reads_a_bus_of_thirty_functions_quickly() {
+    let fx = desktop();
+    for device in 0..20 {
+        let address = format!("0000:10:{device:02x}.0");
+        let dir = fx.pci(&address).id("8086:0162").class("0x030000").driver("i915").group(20 + device).add();
+        fx.char_device(&dir, "drm/card9", "dri/card9", "226:9");
+    }
+    let kernel = fx.kernel();
+    kernel.devices().unwrap();
+    let started = std::time::Instant::now();
+    let devices = kernel.devices().unwrap();
+    let took = started.elapsed();
+    assert_eq!(devices.len(), 30);
+    // Generous: a debug build on a busy machine. Well under 5 ms in release.
+    assert!(took < std::time::Duration::from_millis(200), "{took:?}");
+}
+
+/// Reads this machine's own /sys and /proc (never writes). Run by hand:
+/// `cargo test -p vfiod --lib kernel::sysfs -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn reads_this_machine() {
+    let kernel = SysfsKernel::host();
+    let started = std::time::Instant::now();
+    let devices = kernel.devices().unwrap();
+    let took = started.elapsed();
+    for device in &devices {
+        let usb = kernel.usb_behind(&device.address).unwrap();
+        let mounts = kernel.mounts_behind(&device.address).unwrap();
+        let console = kernel.console_on(&device.address).unwrap();
+        let holders = kernel.holders(&device.nodes).unwrap();
+        println!(
+            "{} {} {} {:?} {:?} group {:?} reset {:?} nodes {:?} usb {} mounts {mounts:?} console {console} holders {holders:?}",
+            device.address,
+            device.id,
+            device.class,
+            device.name,
+            device.driver,
+            device.iommu_group,
+            device.reset_methods,
+            device.nodes,
+            usb.len()
+        );
+    }
+    println!(
+        "{} functions in {took:?}; iommu {}; vfio-pci available {}",
+        devices.len(),
+        kernel.iommu_enabled().unwrap(),
+        kernel.module_available(crate::kernel::VFIO_MODULE)
+    );
+}

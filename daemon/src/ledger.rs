@@ -1,0 +1,100 @@
+//! What vfiod remembers about the devices it moved: the host driver each
+//! one had before vfio-pci took it (for the way back) and the VM that owns
+//! it. Kept in the state dir so a restart forgets nothing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vfiod_pci::PciAddress;
+
+use crate::state_file::write_atomically;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Records {
+    #[serde(default)]
+    host_drivers: BTreeMap<PciAddress, String>,
+    #[serde(default)]
+    owners: BTreeMap<PciAddress, String>,
+}
+
+#[derive(Debug)]
+pub struct Ledger {
+    path: Option<PathBuf>,
+    records: Records,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("state file {path}: {reason}")]
+pub struct LedgerError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl Ledger {
+    /// A ledger kept only in memory (tests, benchmarks).
+    pub fn in_memory() -> Ledger {
+        Ledger {
+            path: None,
+            records: Records::default(),
+        }
+    }
+
+    /// Opens `state_dir/ledger.json`; a missing file is an empty ledger.
+    pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
+        let path = state_dir.join("ledger.json");
+        let records = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| LedgerError {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Records::default(),
+            Err(e) => {
+                return Err(LedgerError {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        Ok(Ledger {
+            path: Some(path),
+            records,
+        })
+    }
+
+    pub fn host_driver(&self, address: &PciAddress) -> Option<&str> {
+        self.records.host_drivers.get(address).map(String::as_str)
+    }
+
+    pub fn owner(&self, address: &PciAddress) -> Option<&str> {
+        self.records.owners.get(address).map(String::as_str)
+    }
+
+    pub fn set_host_driver(&mut self, address: PciAddress, driver: &str) -> Result<(), LedgerError> {
+        if self.host_driver(&address) == Some(driver) {
+            return Ok(());
+        }
+        self.records.host_drivers.insert(address, driver.to_string());
+        self.save()
+    }
+
+    pub fn set_owner(&mut self, address: PciAddress, owner: Option<&str>) -> Result<(), LedgerError> {
+        if self.owner(&address) == owner {
+            return Ok(());
+        }
+        match owner {
+            Some(vm) => self.records.owners.insert(address, vm.to_string()),
+            None => self.records.owners.remove(&address),
+        };
+        self.save()
+    }
+
+    fn save(&self) -> Result<(), LedgerError> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let bytes = serde_json::to_vec_pretty(&self.records).expect("ledger records always serialize");
+        write_atomically(path, &bytes, false).map_err(|e| LedgerError {
+            path: path.clone(),
+            reason: e.to_string(),
+        })
+    }
+}

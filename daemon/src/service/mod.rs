@@ -1,0 +1,287 @@
+//! vfiod on the bus: `org.vfiod1` (DESIGN §4). The published view is a
+//! snapshot refreshed after every move and every uevent; property reads
+//! only look at it, so they answer at once even while a move hangs.
+
+mod interfaces;
+mod objects;
+mod options;
+pub mod simulator;
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tracing::{info, warn};
+use vfiod_dbus::names::{BUS_NAME, DEVICE_INTERFACE, MANAGER_INTERFACE, MANAGER_PATH, PROFILE_INTERFACE};
+use vfiod_dbus::{Direction, Error, names};
+use vfiod_pci::PciAddress;
+use zbus::message::Header;
+use zbus::names::InterfaceName;
+use zbus::object_server::SignalEmitter;
+use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
+
+use crate::bouncer::Bouncer;
+use crate::doctor;
+use crate::engine::Engine;
+use crate::plan::validate_target;
+pub use interfaces::{DeviceInterface, ManagerInterface, ProfileInterface};
+pub use objects::{DeviceProps, ProfileProps, Snapshot};
+pub use options::parse_move_options;
+
+/// A snapshot that takes longer than this is given up (a sysfs read stuck
+/// behind a hung driver); the published view stays as it was.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn device_object_path(address: &PciAddress) -> OwnedObjectPath {
+    OwnedObjectPath::try_from(names::device_path(&address.path_component())).expect("device paths are valid object paths")
+}
+
+pub fn profile_object_path(name: &str) -> OwnedObjectPath {
+    OwnedObjectPath::try_from(names::profile_path(name)).expect("escaped profile paths are valid object paths")
+}
+
+pub struct Service {
+    engine: Arc<Engine>,
+    bouncer: Arc<Bouncer>,
+    published: RwLock<Snapshot>,
+    /// The last failure of each profile's moves (LastError).
+    last_errors: Mutex<BTreeMap<String, String>>,
+    /// One refresh at a time, so object additions and removals never race.
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+impl Service {
+    pub fn new(engine: Arc<Engine>, bouncer: Arc<Bouncer>) -> Arc<Service> {
+        Arc::new(Service {
+            engine,
+            bouncer,
+            published: RwLock::default(),
+            last_errors: Mutex::default(),
+            refreshing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Serves the objects on `connection`, publishes the first snapshot,
+    /// and only then takes the well-known name, so a client activated by
+    /// the name finds everything in place.
+    pub async fn start(self: &Arc<Self>, connection: &Connection) -> Result<(), Error> {
+        let server = connection.object_server();
+        server.at(MANAGER_PATH, zbus::fdo::ObjectManager).await?;
+        server
+            .at(
+                MANAGER_PATH,
+                ManagerInterface {
+                    service: self.clone(),
+                },
+            )
+            .await?;
+        self.refresh(connection).await?;
+        connection.request_name(BUS_NAME).await?;
+        info!(name = BUS_NAME, "serving on the bus");
+        Ok(())
+    }
+
+    fn snapshot(&self) -> std::sync::RwLockReadGuard<'_, Snapshot> {
+        self.published.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn with_device<T>(&self, address: &PciAddress, f: impl FnOnce(&DeviceProps) -> T) -> Option<T> {
+        self.snapshot().devices.get(address).map(f)
+    }
+
+    pub(crate) fn with_profile<T>(&self, name: &str, f: impl FnOnce(&ProfileProps) -> T) -> Option<T> {
+        self.snapshot().profiles.get(name).map(f)
+    }
+
+    pub(crate) fn device_paths(&self) -> Vec<OwnedObjectPath> {
+        self.snapshot().devices.keys().map(device_object_path).collect()
+    }
+
+    pub(crate) fn profile_paths(&self) -> Vec<OwnedObjectPath> {
+        self.snapshot().profiles.keys().map(|n| profile_object_path(n)).collect()
+    }
+
+    /// Re-reads the kernel and publishes what changed: objects added and
+    /// removed, one PropertiesChanged per changed object.
+    pub async fn refresh(self: &Arc<Self>, connection: &Connection) -> Result<(), Error> {
+        let _one_at_a_time = self.refreshing.lock().await;
+        let engine = self.engine.clone();
+        let errors = self.last_errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let taking = tokio::task::spawn_blocking(move || Snapshot::take(&engine, &errors));
+        let fresh = match tokio::time::timeout(SNAPSHOT_TIMEOUT, taking).await {
+            Ok(joined) => joined.map_err(|e| Error::Kernel(format!("snapshot task failed: {e}")))??,
+            Err(_) => {
+                warn!("reading the devices took over {SNAPSHOT_TIMEOUT:?}; keeping the last published state");
+                return Ok(());
+            }
+        };
+        let old = std::mem::replace(&mut *self.published.write().unwrap_or_else(|e| e.into_inner()), fresh.clone());
+        self.publish_changes(connection, &old, &fresh).await
+    }
+
+    async fn publish_changes(self: &Arc<Self>, connection: &Connection, old: &Snapshot, fresh: &Snapshot) -> Result<(), Error> {
+        let server = connection.object_server();
+        for (address, props) in &fresh.devices {
+            let path = device_object_path(address);
+            match old.devices.get(address) {
+                Some(before) if before == props => {}
+                Some(before) => emit_changes(connection, &path, DEVICE_INTERFACE, props.changes(before)).await?,
+                None => {
+                    server
+                        .at(
+                            &path,
+                            DeviceInterface {
+                                service: self.clone(),
+                                address: *address,
+                            },
+                        )
+                        .await?;
+                }
+            }
+        }
+        for address in old.devices.keys().filter(|a| !fresh.devices.contains_key(a)) {
+            server.remove::<DeviceInterface, _>(&device_object_path(address)).await?;
+        }
+        for (name, props) in &fresh.profiles {
+            let path = profile_object_path(name);
+            match old.profiles.get(name) {
+                Some(before) if before == props => {}
+                Some(before) => {
+                    let (mut changed, devices_changed) = props.changes(before);
+                    if devices_changed {
+                        let paths: Vec<OwnedObjectPath> = props.devices.iter().map(device_object_path).collect();
+                        changed.insert("Devices", Variant::from(paths));
+                    }
+                    emit_changes(connection, &path, PROFILE_INTERFACE, changed).await?;
+                }
+                None => {
+                    server
+                        .at(
+                            &path,
+                            ProfileInterface {
+                                service: self.clone(),
+                                name: name.clone(),
+                            },
+                        )
+                        .await?;
+                }
+            }
+        }
+        for name in old.profiles.keys().filter(|n| !fresh.profiles.contains_key(*n)) {
+            server.remove::<ProfileInterface, _>(&profile_object_path(name)).await?;
+        }
+        let mut manager_changes = HashMap::new();
+        if !old.devices.keys().eq(fresh.devices.keys()) {
+            let paths: Vec<OwnedObjectPath> = fresh.devices.keys().map(device_object_path).collect();
+            manager_changes.insert("Devices", Variant::from(paths));
+        }
+        if !old.profiles.keys().eq(fresh.profiles.keys()) {
+            let paths: Vec<OwnedObjectPath> = fresh.profiles.keys().map(|n| profile_object_path(n)).collect();
+            manager_changes.insert("Profiles", Variant::from(paths));
+        }
+        let manager = OwnedObjectPath::try_from(MANAGER_PATH).expect("valid path");
+        emit_changes(connection, &manager, MANAGER_INTERFACE, manager_changes).await
+    }
+
+    /// Bind or Release from the bus: check the arguments, ask the bouncer,
+    /// then move with Transition* signals around it.
+    pub(crate) async fn move_request(
+        self: &Arc<Self>,
+        connection: &Connection,
+        header: &Header<'_>,
+        target: &str,
+        direction: Direction,
+        options: &HashMap<String, OwnedVariant>,
+    ) -> Result<Vec<OwnedObjectPath>, Error> {
+        validate_target(target)?;
+        let options = parse_move_options(options)?;
+        self.bouncer.authorize_move(connection, header).await?;
+        self.transition(connection, target, direction, options).await
+    }
+
+    /// Runs one move off the event loop and narrates it on the bus.
+    pub async fn transition(
+        self: &Arc<Self>,
+        connection: &Connection,
+        target: &str,
+        direction: Direction,
+        options: crate::plan::MoveOptions,
+    ) -> Result<Vec<OwnedObjectPath>, Error> {
+        let manager = SignalEmitter::new(connection, MANAGER_PATH)?;
+        ManagerInterface::transition_started(&manager, target, direction.as_str()).await?;
+
+        let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<(PciAddress, String)>();
+        let engine = self.engine.clone();
+        let job_target = target.to_string();
+        let job = tokio::task::spawn_blocking(move || {
+            let progress = move |device: &PciAddress, step: &str| {
+                let _ = progress_tx.send((*device, step.to_string()));
+            };
+            match direction {
+                Direction::Bind => engine.bind(&job_target, &options, &progress),
+                Direction::Release => engine.release(&job_target, &options, &progress),
+            }
+        });
+        let mut first_step = true;
+        while let Some((device, step)) = progress_rx.recv().await {
+            ManagerInterface::transition_progress(&manager, target, &device.to_string(), &step).await?;
+            if first_step {
+                // Publish `moving` as soon as the move really starts.
+                first_step = false;
+                let _ = self.refresh(connection).await;
+            }
+        }
+        let outcome = job
+            .await
+            .unwrap_or_else(|e| Err(Error::Kernel(format!("the move of {target} failed inside vfiod: {e}"))));
+
+        if self.engine.config().profile(target).is_some() {
+            let mut errors = self.last_errors.lock().unwrap_or_else(|e| e.into_inner());
+            match &outcome {
+                Ok(_) => errors.remove(target),
+                Err(e) => errors.insert(target.to_string(), e.to_signal_field()),
+            };
+        }
+        if let Err(e) = self.refresh(connection).await {
+            warn!(error = %e, "refresh after a move failed");
+        }
+        let error_field = outcome.as_ref().err().map(Error::to_signal_field).unwrap_or_default();
+        ManagerInterface::transition_finished(&manager, target, direction.as_str(), &error_field).await?;
+        outcome.map(|devices| devices.iter().map(device_object_path).collect())
+    }
+
+    pub async fn check(&self, target: &str) -> Result<Vec<(String, String, String)>, Error> {
+        if !target.is_empty() {
+            validate_target(target)?;
+        }
+        let engine = self.engine.clone();
+        let target = target.to_string();
+        let findings = tokio::task::spawn_blocking(move || doctor::check(&engine, &target))
+            .await
+            .map_err(|e| Error::Kernel(format!("the check failed inside vfiod: {e}")))??;
+        Ok(findings
+            .into_iter()
+            .map(|f| (f.id, f.severity.to_string(), f.message))
+            .collect())
+    }
+}
+
+async fn emit_changes(
+    connection: &Connection,
+    path: &OwnedObjectPath,
+    interface: &'static str,
+    changed: HashMap<&'static str, Variant<'static>>,
+) -> Result<(), Error> {
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let emitter = SignalEmitter::new(connection, path.clone())?;
+    let interface = InterfaceName::from_static_str_unchecked(interface);
+    zbus::fdo::Properties::properties_changed(&emitter, interface, changed, Cow::Borrowed(&[])).await?;
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! What the bus shows about each device and profile: plain values taken
+//! from the kernel and the engine in one blocking snapshot.
+
+use std::collections::{BTreeMap, HashMap};
+
+use vfiod_dbus::{DeviceState, ProfileState};
+use vfiod_pci::{PciAddress, PciDevice};
+use zbus::Variant;
+
+use crate::engine::Engine;
+use crate::kernel::VFIO_DRIVER;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceProps {
+    pub address: String,
+    pub vendor_id: u16,
+    pub device_id: u16,
+    pub class: u32,
+    pub name: String,
+    pub driver: String,
+    pub host_driver: String,
+    pub iommu_group: i32,
+    pub state: String,
+    pub owner: String,
+    pub boot_vga: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileProps {
+    pub name: String,
+    pub devices: Vec<PciAddress>,
+    pub state: String,
+    pub owner: String,
+    pub last_error: String,
+}
+
+/// The whole published view at one moment.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub devices: BTreeMap<PciAddress, DeviceProps>,
+    pub profiles: BTreeMap<String, ProfileProps>,
+}
+
+impl DeviceProps {
+    fn of(engine: &Engine, device: &PciDevice) -> DeviceProps {
+        let remembered = engine.host_driver(&device.address);
+        let host_driver = match device.driver.as_deref() {
+            Some(d) if d != VFIO_DRIVER => d.to_string(),
+            _ => remembered.unwrap_or_default(),
+        };
+        DeviceProps {
+            address: device.address.to_string(),
+            vendor_id: device.id.vendor,
+            device_id: device.id.device,
+            class: device.class.0,
+            name: device.name.clone(),
+            driver: device.driver.clone().unwrap_or_default(),
+            host_driver,
+            iommu_group: device.iommu_group.map(|g| g as i32).unwrap_or(-1),
+            state: engine.device_state(device).to_string(),
+            owner: engine.owner(&device.address).unwrap_or_default(),
+            boot_vga: device.boot_vga,
+        }
+    }
+
+    /// Name → value of every property that differs from `old`.
+    pub fn changes(&self, old: &DeviceProps) -> HashMap<&'static str, Variant<'static>> {
+        let mut changed = HashMap::new();
+        macro_rules! diff {
+            ($($field:ident => $name:literal),*) => {
+                $(if self.$field != old.$field {
+                    changed.insert($name, Variant::from(self.$field.clone()));
+                })*
+            };
+        }
+        diff!(address => "Address", vendor_id => "VendorId", device_id => "DeviceId", class => "Class",
+              name => "Name", driver => "Driver", host_driver => "HostDriver", iommu_group => "IommuGroup",
+              state => "State", owner => "Owner", boot_vga => "BootVga");
+        changed
+    }
+}
+
+impl ProfileProps {
+    pub fn changes(&self, old: &ProfileProps) -> (HashMap<&'static str, Variant<'static>>, bool) {
+        let mut changed = HashMap::new();
+        macro_rules! diff {
+            ($($field:ident => $name:literal),*) => {
+                $(if self.$field != old.$field {
+                    changed.insert($name, Variant::from(self.$field.clone()));
+                })*
+            };
+        }
+        diff!(name => "Name", state => "State", owner => "Owner", last_error => "LastError");
+        (changed, self.devices != old.devices)
+    }
+}
+
+fn profile_state(members: &[&DeviceProps]) -> ProfileState {
+    let states: Vec<&str> = members.iter().map(|d| d.state.as_str()).collect();
+    let all = |s: DeviceState| !states.is_empty() && states.iter().all(|x| *x == s.as_str());
+    if states.contains(&DeviceState::Moving.as_str()) {
+        ProfileState::Moving
+    } else if states.contains(&DeviceState::Stuck.as_str()) || states.contains(&DeviceState::Unbound.as_str()) {
+        ProfileState::Error
+    } else if all(DeviceState::Vfio) {
+        ProfileState::Vfio
+    } else if all(DeviceState::Host) {
+        ProfileState::Host
+    } else {
+        ProfileState::Mixed
+    }
+}
+
+impl Snapshot {
+    /// Reads the kernel and the engine. Blocking: run it off the event loop.
+    pub fn take(engine: &Engine, last_errors: &BTreeMap<String, String>) -> Result<Snapshot, vfiod_dbus::Error> {
+        let devices = engine.kernel().devices().map_err(crate::plan::kernel_error)?;
+        let device_props: BTreeMap<PciAddress, DeviceProps> =
+            devices.iter().map(|d| (d.address, DeviceProps::of(engine, d))).collect();
+        let config = engine.config();
+        let mut profiles = BTreeMap::new();
+        for (name, profile) in &config.profiles {
+            let members: Vec<PciAddress> = devices
+                .iter()
+                .filter(|d| profile.matches(&d.address, &d.id))
+                .map(|d| d.address)
+                .collect();
+            let props: Vec<&DeviceProps> = members.iter().filter_map(|a| device_props.get(a)).collect();
+            let mut owners: Vec<&str> = props.iter().map(|d| d.owner.as_str()).filter(|o| !o.is_empty()).collect();
+            owners.dedup();
+            let last_error = last_errors.get(name).cloned().unwrap_or_default();
+            let mut state = profile_state(&props);
+            if props.is_empty() {
+                state = ProfileState::Error;
+            }
+            profiles.insert(
+                name.clone(),
+                ProfileProps {
+                    name: name.clone(),
+                    devices: members,
+                    state: state.to_string(),
+                    owner: owners.join(","),
+                    last_error,
+                },
+            );
+        }
+        Ok(Snapshot {
+            devices: device_props,
+            profiles,
+        })
+    }
+}

@@ -1,0 +1,80 @@
+//! Client proxies for the three interfaces. The daemon's bus tests call
+//! every method and property through these, so a proxy that drifted from
+//! the server fails a test.
+
+use std::collections::HashMap;
+
+use zbus::{OwnedObjectPath, Variant, proxy};
+
+use crate::Error;
+
+/// `a{sv}` options of Bind and Release: `force` (b), `vm` (s), `timeout_ms` (u).
+pub type Options<'a> = HashMap<&'a str, Variant<'a>>;
+
+#[proxy(
+    interface = "org.vfiod1.Manager",
+    default_service = "org.vfiod1",
+    default_path = "/org/vfiod1"
+)]
+pub trait Manager {
+    fn bind(&self, target: &str, options: Options<'_>) -> Result<Vec<OwnedObjectPath>, Error>;
+    fn release(&self, target: &str, options: Options<'_>) -> Result<Vec<OwnedObjectPath>, Error>;
+    fn check(&self, target: &str) -> Result<Vec<(String, String, String)>, Error>;
+
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn profiles(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    #[zbus(property)]
+    fn devices(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+
+    #[zbus(signal)]
+    fn transition_started(&self, target: String, direction: String) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn transition_progress(&self, target: String, device: String, step: String) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn transition_finished(&self, target: String, direction: String, error: String) -> zbus::Result<()>;
+}
+
+#[proxy(interface = "org.vfiod1.Device", default_service = "org.vfiod1")]
+pub trait Device {
+    #[zbus(property)]
+    fn address(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn vendor_id(&self) -> zbus::Result<u16>;
+    #[zbus(property)]
+    fn device_id(&self) -> zbus::Result<u16>;
+    #[zbus(property)]
+    fn class(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn driver(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn host_driver(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn iommu_group(&self) -> zbus::Result<i32>;
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn owner(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "BootVga")]
+    fn boot_vga(&self) -> zbus::Result<bool>;
+}
+
+#[proxy(interface = "org.vfiod1.Profile", default_service = "org.vfiod1")]
+pub trait Profile {
+    fn bind(&self, options: Options<'_>) -> Result<Vec<OwnedObjectPath>, Error>;
+    fn release(&self, options: Options<'_>) -> Result<Vec<OwnedObjectPath>, Error>;
+
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn devices(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn owner(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn last_error(&self) -> zbus::Result<String>;
+}
