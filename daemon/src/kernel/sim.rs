@@ -48,10 +48,13 @@ const VFIO_DEPENDENCIES: [&str; 2] = ["vfio", "vfio_iommu_type1"];
 /// The kernel refuses a `driver_override` of PAGE_SIZE - 1 bytes or more.
 const OVERRIDE_MAX_LEN: usize = 4094;
 
+/// Why [`SimKernel::open`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
+    /// The machine file is unreadable or invalid (names file, field, value).
     #[error(transparent)]
     Machine(#[from] MachineError),
+    /// The state dir or the state file cannot be created, read or written.
     #[error("simulated kernel state {path}: cannot {op}: {source}")]
     State {
         op: &'static str,
@@ -967,8 +970,6 @@ mod tests {
     use std::thread;
     use std::time::Duration;
 
-    use vfiod_pci::machine::Faults;
-
     use super::*;
 
     const Z77: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../machines/z77-rx580.toml");
@@ -1870,38 +1871,5 @@ nodes = ["/dev/dri/card1"]
     fn sim_kernel_is_send_and_sync() {
         fn assert_kernel<K: Kernel>() {}
         assert_kernel::<SimKernel>();
-        let _ = Faults::default();
-    }
-}
-#[cfg(test)]
-mod perf_tmp {
-    use super::*;
-    #[test]
-    fn perf_tmp() {
-        let dir = std::path::PathBuf::from(nix::unistd::mkdtemp("/dev/shm/simperf-XXXXXX").unwrap());
-        let k = SimKernel::open(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../machines/z77-rx580.toml")), &dir).unwrap();
-        let a: PciAddress = "01:00.0".parse().unwrap();
-        let n = 2000;
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            k.set_driver_override(&a, Some(VFIO_DRIVER)).unwrap();
-            k.unbind(&a, "amdgpu").unwrap();
-            k.probe(&a).unwrap();
-            k.set_driver_override(&a, None).unwrap();
-            k.unbind(&a, VFIO_DRIVER).unwrap();
-            k.probe(&a).unwrap();
-        }
-        eprintln!("full bind+release: {:?} per bind", t.elapsed() / n);
-        let t = std::time::Instant::now();
-        for _ in 0..n { let _ = k.devices().unwrap(); let _ = k.driver(&a).unwrap(); k.group_viable(1); }
-        eprintln!("reads: {:?}", t.elapsed() / n);
-        let st = k.lock().state.clone();
-        let t = std::time::Instant::now();
-        for _ in 0..n { let _ = serde_json::to_vec_pretty(&st).unwrap(); }
-        eprintln!("serialize: {:?}", t.elapsed() / n);
-        let t = std::time::Instant::now();
-        for _ in 0..n { let _ = std::hint::black_box(st.clone()); }
-        eprintln!("clone: {:?}", t.elapsed() / n);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

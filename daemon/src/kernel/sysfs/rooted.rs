@@ -148,8 +148,10 @@ impl Rooted {
     pub(super) fn write_once(&self, op: &'static str, rel: &Path, contents: &str) -> KernelResult<()> {
         // Resolve first so a link in a fixture cannot aim the write outside the root.
         let target = self.resolve(rel).map_err(|err| self.io_error(op, rel, err))?;
+        // O_TRUNC as a shell's `>` does: sysfs ignores it, a fixture needs it.
         let mut file = OpenOptions::new()
             .write(true)
+            .truncate(true)
             .open(self.root.join(&target))
             .map_err(|err| self.io_error(op, rel, err))?;
         let written = file

@@ -1,0 +1,62 @@
+//! The connection to vfiod: the system bus, uncached proxies and the one
+//! call that reads every object.
+
+use vfiod_dbus::names::{BUS_NAME, MANAGER_PATH};
+use vfiod_dbus::proxy::ManagerProxy;
+use zbus::Connection;
+use zbus::fdo::ObjectManagerProxy;
+use zbus::proxy::CacheProperties;
+
+use crate::error::Failure;
+use crate::model::Objects;
+
+pub struct Bus {
+    conn: Connection,
+}
+
+impl Bus {
+    /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` if set).
+    pub async fn connect() -> Result<Bus, Failure> {
+        let conn = Connection::system().await.map_err(|e| Failure::no_bus(&e))?;
+        Ok(Bus { conn })
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Turns any error of a call into a failure with the right exit status.
+    pub fn failure(&self, error: impl Into<vfiod_dbus::Error>) -> Failure {
+        Failure::from_dbus(&error.into(), self.conn.is_closed())
+    }
+
+    /// The manager. Property caching is off: by default a proxy would ask
+    /// for every property and subscribe to their changes before the first
+    /// read, two round trips a one-shot client does not need.
+    pub async fn manager(&self) -> Result<ManagerProxy<'static>, Failure> {
+        ManagerProxy::builder(&self.conn)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(|e| self.failure(e))
+    }
+
+    /// Every device and profile with all their properties, in one call.
+    pub async fn objects(&self) -> Result<Objects, Failure> {
+        let manager = ObjectManagerProxy::builder(&self.conn)
+            .destination(BUS_NAME)
+            .path(MANAGER_PATH)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(|e| self.failure(e))?;
+        let objects = manager.get_managed_objects().await.map_err(|e| self.failure(e))?;
+        Ok(Objects::from_managed(objects))
+    }
+
+    /// The daemon's `Version`.
+    pub async fn version(&self) -> Result<String, Failure> {
+        let manager = self.manager().await?;
+        manager.version().await.map_err(|e| self.failure(e))
+    }
+}

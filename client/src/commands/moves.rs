@@ -1,0 +1,365 @@
+//! `bind` and `release`: Manager.Bind/Release, one target after another,
+//! with live progress on a terminal.
+
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll, Waker};
+
+use serde_json::{Value, json};
+use vfiod_dbus::Direction;
+use vfiod_dbus::proxy::{ManagerProxy, Options, TransitionProgress, TransitionProgressStream};
+use vfiod_pci::PciAddress;
+use zbus::Variant;
+use zbus::export::futures_core::Stream;
+
+use crate::bus::Bus;
+use crate::error::{Exit, Failure};
+use crate::model::{Objects, address_from_path};
+use crate::output::{self, Output, or_dash};
+
+/// What the user asked for besides the targets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoveOptions {
+    pub force: bool,
+    pub vm: Option<String>,
+    pub timeout_ms: Option<u32>,
+}
+
+impl MoveOptions {
+    /// The a{sv} for the daemon: only options it knows, only when set
+    /// (an unknown option is InvalidArgs; `force` means nothing to Release).
+    pub fn to_dbus(&self, direction: Direction) -> Options<'_> {
+        let mut options = Options::new();
+        if self.force && direction == Direction::Bind {
+            options.insert("force", Variant::from(true));
+        }
+        if let Some(vm) = &self.vm {
+            options.insert("vm", Variant::from(vm.as_str()));
+        }
+        if let Some(ms) = self.timeout_ms {
+            options.insert("timeout_ms", Variant::from(ms));
+        }
+        options
+    }
+}
+
+/// Moves targets one at a time, showing the daemon's progress signals for
+/// the target being moved.
+pub struct Mover<'b> {
+    bus: &'b Bus,
+    manager: ManagerProxy<'static>,
+    progress: Option<TransitionProgressStream>,
+    out: Output,
+}
+
+impl<'b> Mover<'b> {
+    /// Progress is shown when stderr is a terminal; the subscription is
+    /// made here, before any call, so that no early step is missed.
+    pub async fn new(bus: &'b Bus, out: &Output) -> Result<Mover<'b>, Failure> {
+        let manager = bus.manager().await?;
+        let progress = if out.stderr_tty {
+            Some(manager.receive_transition_progress().await.map_err(|e| bus.failure(e))?)
+        } else {
+            None
+        };
+        Ok(Mover {
+            bus,
+            manager,
+            progress,
+            out: *out,
+        })
+    }
+
+    /// One Bind or Release; the object paths of the devices moved.
+    pub async fn move_one(
+        &mut self,
+        direction: Direction,
+        target: &str,
+        options: &MoveOptions,
+    ) -> Result<Vec<String>, Failure> {
+        let manager = &self.manager;
+        let call = async move {
+            let options = options.to_dbus(direction);
+            match direction {
+                Direction::Bind => manager.bind(target, options).await,
+                Direction::Release => manager.release(target, options).await,
+            }
+        };
+        let result = with_progress(call, self.progress.as_mut(), target, &self.out).await;
+        result
+            .map(|paths| paths.iter().map(|p| p.as_str().to_owned()).collect())
+            .map_err(|e| self.bus.failure(e))
+    }
+}
+
+/// Awaits the call while printing the progress of `target`.
+async fn with_progress<T>(
+    call: impl Future<Output = T>,
+    stream: Option<&mut TransitionProgressStream>,
+    target: &str,
+    out: &Output,
+) -> T {
+    let Some(stream) = stream else {
+        return call.await;
+    };
+    let mut call = pin!(call);
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            signal = poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)), if open => match signal {
+                Some(signal) => show_progress(&signal, target, out),
+                None => open = false,
+            },
+            result = &mut call => {
+                // Signals sent before the reply are queued already: show them.
+                let mut cx = Context::from_waker(Waker::noop());
+                while let Poll::Ready(Some(signal)) = Pin::new(&mut *stream).poll_next(&mut cx) {
+                    show_progress(&signal, target, out);
+                }
+                return result;
+            }
+        }
+    }
+}
+
+fn show_progress(signal: &TransitionProgress, target: &str, out: &Output) {
+    let Ok(args) = signal.args() else { return };
+    if same_target(args.target(), target) {
+        out.note(&format!("  {}  {}", args.device(), args.step()));
+    }
+}
+
+/// The daemon may echo an address in its full form (`0000:01:00.0` for
+/// `01:00.0`, any hex case); profile names never look like addresses.
+pub fn same_target(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    match (a.parse::<PciAddress>(), b.parse::<PciAddress>()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// One target that moved, with the object paths of its devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub target: String,
+    pub devices: Vec<String>,
+}
+
+/// What a bind or release command did.
+#[derive(Debug)]
+pub struct Report {
+    pub direction: Direction,
+    pub done: Vec<Moved>,
+    /// The target that failed and why.
+    pub failed: Option<(String, Failure)>,
+    pub not_attempted: Vec<String>,
+}
+
+pub async fn run(
+    bus: &Bus,
+    out: &Output,
+    direction: Direction,
+    targets: &[String],
+    options: &MoveOptions,
+) -> Result<Exit, Failure> {
+    let mut mover = Mover::new(bus, out).await?;
+    let mut report = Report {
+        direction,
+        done: Vec::new(),
+        failed: None,
+        not_attempted: Vec::new(),
+    };
+    for (i, target) in targets.iter().enumerate() {
+        match mover.move_one(direction, target, options).await {
+            Ok(devices) => report.done.push(Moved {
+                target: target.clone(),
+                devices,
+            }),
+            Err(failure) => {
+                report.failed = Some((target.clone(), failure));
+                report.not_attempted = targets[i + 1..].to_vec();
+                break;
+            }
+        }
+    }
+    // Where the devices are now is read after the moves, in one call; if
+    // that fails the addresses still show.
+    let objects = if report.done.is_empty() {
+        None
+    } else {
+        bus.objects().await.ok()
+    };
+    show_report(&report, objects.as_ref(), out)?;
+    Ok(report.failed.as_ref().map_or(Exit::Done, |(_, f)| f.exit))
+}
+
+/// Prints the report: results on stdout, the failure on stderr (and in
+/// the JSON document, which stays one document).
+pub fn show_report(report: &Report, objects: Option<&Objects>, out: &Output) -> Result<(), Failure> {
+    if let Some((_, failure)) = &report.failed {
+        out.note(&format!("vfioctl: {failure}"));
+        if let Some(note) = partial_note(report) {
+            out.note(&format!("vfioctl: {note}"));
+        }
+    }
+    if out.json {
+        out.print_json(&report_json(report, objects))
+    } else {
+        out.print(&report_human(report, objects))
+    }
+}
+
+fn past_tense(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Bind => "bound",
+        Direction::Release => "released",
+    }
+}
+
+/// After a failure: which target failed, what was done before it and
+/// what was not tried.
+fn partial_note(report: &Report) -> Option<String> {
+    let (target, _) = report.failed.as_ref()?;
+    if report.done.is_empty() && report.not_attempted.is_empty() {
+        return None;
+    }
+    let mut note = format!("{} {target} failed", report.direction);
+    if !report.done.is_empty() {
+        let done: Vec<&str> = report.done.iter().map(|m| m.target.as_str()).collect();
+        note.push_str(&format!("; already {}: {}", past_tense(report.direction), done.join(", ")));
+    }
+    if !report.not_attempted.is_empty() {
+        note.push_str(&format!("; not attempted: {}", report.not_attempted.join(", ")));
+    }
+    Some(note)
+}
+
+fn report_human(report: &Report, objects: Option<&Objects>) -> String {
+    let mut text = String::new();
+    for moved in &report.done {
+        text.push_str(&format!("{} {}:\n", past_tense(report.direction), moved.target));
+        let rows: Vec<Vec<String>> = moved
+            .devices
+            .iter()
+            .map(|path| match objects.and_then(|o| o.device_at(path)) {
+                Some(d) => vec![d.address.clone(), or_dash(&d.driver).to_owned(), d.name.clone()],
+                None => vec![address_from_path(path).unwrap_or_else(|| path.clone())],
+            })
+            .collect();
+        text.push_str(&output::table(&rows, "  "));
+    }
+    text
+}
+
+fn report_json(report: &Report, objects: Option<&Objects>) -> Value {
+    let done: Vec<Value> = report
+        .done
+        .iter()
+        .map(|moved| {
+            let devices: Vec<Value> = moved
+                .devices
+                .iter()
+                .map(|path| match objects.and_then(|o| o.device_at(path)) {
+                    Some(d) => output::device_json(d, objects),
+                    None => json!({ "address": address_from_path(path).unwrap_or_else(|| path.clone()) }),
+                })
+                .collect();
+            json!({ "target": moved.target, "devices": devices })
+        })
+        .collect();
+    let mut doc = json!({ "action": report.direction.as_str(), "done": done });
+    if let Some((target, failure)) = &report.failed {
+        let mut error = failure.to_json();
+        error["target"] = Value::from(target.as_str());
+        doc["error"] = error;
+        doc["not_attempted"] = Value::from(report.not_attempted.clone());
+    }
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::sample;
+
+    #[test]
+    fn sends_only_known_options_and_only_when_set() {
+        let none = MoveOptions::default();
+        assert!(none.to_dbus(Direction::Bind).is_empty());
+        let all = MoveOptions {
+            force: true,
+            vm: Some("win10".into()),
+            timeout_ms: Some(5000),
+        };
+        let bind = all.to_dbus(Direction::Bind);
+        let mut keys: Vec<&str> = bind.keys().copied().collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["force", "timeout_ms", "vm"]);
+        assert_eq!(bind["force"], Variant::Bool(true));
+        assert_eq!(bind["vm"], Variant::from("win10"));
+        assert_eq!(bind["timeout_ms"], Variant::U32(5000));
+        assert!(!all.to_dbus(Direction::Release).contains_key("force"));
+    }
+
+    #[test]
+    fn targets_match_in_any_address_form() {
+        assert!(same_target("rx580", "rx580"));
+        assert!(same_target("0000:01:00.0", "01:00.0"));
+        assert!(same_target("0000:0A:00.0", "0a:00.0"));
+        assert!(!same_target("0000:01:00.0", "01:00.1"));
+        assert!(!same_target("rx580", "usb3"));
+    }
+
+    fn report(failed: bool) -> Report {
+        Report {
+            direction: Direction::Bind,
+            done: vec![Moved {
+                target: "rx580".into(),
+                devices: vec!["/org/vfiod1/device/0000_01_00_0".into(), "/org/vfiod1/device/0000_01_00_1".into()],
+            }],
+            failed: failed.then(|| {
+                (
+                    "usb3".into(),
+                    Failure::from_dbus(&vfiod_dbus::Error::Protected("keyboard behind 0000:04:00.0".into()), false),
+                )
+            }),
+            not_attempted: if failed { vec!["nic".into()] } else { vec![] },
+        }
+    }
+
+    #[test]
+    fn human_report_names_devices_and_drivers() {
+        let o = sample();
+        let text = report_human(&report(false), Some(&o));
+        assert_eq!(
+            text,
+            "bound rx580:\n  0000:01:00.0  vfio-pci  Ellesmere\n  0000:01:00.1  vfio-pci  Ellesmere\n"
+        );
+        // Without the objects the addresses still show.
+        let text = report_human(&report(false), None);
+        assert_eq!(text, "bound rx580:\n  0000:01:00.0\n  0000:01:00.1\n");
+    }
+
+    #[test]
+    fn a_failure_says_what_was_done_and_what_was_not() {
+        let r = report(true);
+        assert_eq!(
+            partial_note(&r).unwrap(),
+            "bind usb3 failed; already bound: rx580; not attempted: nic"
+        );
+        let doc = report_json(&r, Some(&sample()));
+        assert_eq!(doc["action"], "bind");
+        assert_eq!(doc["done"][0]["target"], "rx580");
+        assert_eq!(doc["done"][0]["devices"][1]["driver"], "vfio-pci");
+        assert_eq!(doc["error"]["name"], "org.vfiod1.Error.Protected");
+        assert_eq!(doc["error"]["target"], "usb3");
+        assert_eq!(doc["not_attempted"], json!(["nic"]));
+        let ok = report_json(&report(false), None);
+        assert!(ok.get("error").is_none());
+        assert_eq!(ok["done"][0]["devices"][0], json!({"address": "0000:01:00.0"}));
+    }
+}
