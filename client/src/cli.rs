@@ -193,7 +193,10 @@ mod tests {
         assert_eq!(bind.vm.as_deref(), Some("win10"));
         assert_eq!(bind.timeout_ms, None);
 
-        let Action::Release(release) = parse(&["release", "usb3", "--timeout-ms", "5000"]).unwrap().action else {
+        let Action::Release(release) = parse(&["release", "usb3", "--timeout-ms", "5000"])
+            .unwrap()
+            .action
+        else {
             panic!("not release");
         };
         assert_eq!(release.targets, ["usb3"]);
@@ -204,13 +207,18 @@ mod tests {
         };
         assert_eq!(snap.root, PathBuf::from("/"));
 
-        let Action::LibvirtHook(hook) =
-            parse(&["libvirt-hook", "win10", "prepare", "begin", "-"]).unwrap().action
+        let Action::LibvirtHook(hook) = parse(&["libvirt-hook", "win10", "prepare", "begin", "-"])
+            .unwrap()
+            .action
         else {
             panic!("not libvirt-hook");
         };
         assert_eq!(
-            (hook.domain.as_str(), hook.operation.as_str(), hook.suboperation.as_str()),
+            (
+                hook.domain.as_str(),
+                hook.operation.as_str(),
+                hook.suboperation.as_str()
+            ),
             ("win10", "prepare", "begin")
         );
         assert_eq!(hook.extra.as_deref(), Some("-"));
@@ -244,21 +252,38 @@ mod tests {
     fn help_and_version_exit_0() {
         for args in [&["--help"][..], &["bind", "--help"], &["--version"]] {
             let err = parse(args).unwrap_err();
-            assert!(matches!(err.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion));
+            assert!(matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ));
             assert_eq!(err.exit_code(), 0);
         }
     }
 
     #[test]
     fn hidden_options_stay_out_of_help_but_parse() {
-        let help = command().find_subcommand_mut("snapshot").unwrap().render_long_help().to_string();
+        let help = command()
+            .find_subcommand_mut("snapshot")
+            .unwrap()
+            .render_long_help()
+            .to_string();
         assert!(!help.contains("--root"), "{help}");
-        let Action::Snapshot(snap) = parse(&["snapshot", "--root", "/tmp/x"]).unwrap().action else {
+        let Action::Snapshot(snap) = parse(&["snapshot", "--root", "/tmp/x"]).unwrap().action
+        else {
             panic!("not snapshot");
         };
         assert_eq!(snap.root, PathBuf::from("/tmp/x"));
-        let Action::LibvirtHook(hook) =
-            parse(&["libvirt-hook", "--config", "/x.toml", "vm", "release", "end", "-"]).unwrap().action
+        let Action::LibvirtHook(hook) = parse(&[
+            "libvirt-hook",
+            "--config",
+            "/x.toml",
+            "vm",
+            "release",
+            "end",
+            "-",
+        ])
+        .unwrap()
+        .action
         else {
             panic!("not libvirt-hook");
         };

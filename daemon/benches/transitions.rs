@@ -39,7 +39,9 @@ fn p99(samples: &mut [Duration]) -> Duration {
 /// The writes and reads a bare script would make: no checks, no threads.
 fn raw_round_trip(kernel: &SimKernel, pair: &[(PciAddress, &str)]) {
     for (address, host) in pair {
-        kernel.set_driver_override(address, Some("vfio-pci")).unwrap();
+        kernel
+            .set_driver_override(address, Some("vfio-pci"))
+            .unwrap();
         kernel.unbind(address, host).unwrap();
         kernel.probe(address).unwrap();
     }
@@ -101,8 +103,13 @@ fn main() {
     let raw_median = median(&mut raw_rounds);
     let overhead = engine_median.saturating_sub(raw_median);
     println!("state dir base: {}", base.display());
-    println!("rounds: {ROUNDS} (after 20 warm-up), rx580 pair = 2 devices, 1 plan + bind + release each");
-    println!("plan alone:                    median {:>9.1?}", median(&mut plan_only));
+    println!(
+        "rounds: {ROUNDS} (after 20 warm-up), rx580 pair = 2 devices, 1 plan + bind + release each"
+    );
+    println!(
+        "plan alone:                    median {:>9.1?}",
+        median(&mut plan_only)
+    );
     println!(
         "vfiod round trip:              median {:>9.1?}  p99 {:>9.1?}",
         engine_median,

@@ -20,7 +20,9 @@ pub struct Bouncer {
 impl Bouncer {
     /// On the real host: root and polkit.
     pub fn for_host() -> Bouncer {
-        Bouncer { machine_owner: None }
+        Bouncer {
+            machine_owner: None,
+        }
     }
 
     /// On a simulated machine: also the user who runs vfiod.
@@ -31,7 +33,11 @@ impl Bouncer {
     }
 
     /// Lets the caller of a moving method in, or says why not.
-    pub async fn authorize_move(&self, connection: &Connection, header: &Header<'_>) -> Result<(), Error> {
+    pub async fn authorize_move(
+        &self,
+        connection: &Connection,
+        header: &Header<'_>,
+    ) -> Result<(), Error> {
         let sender = header
             .sender()
             .ok_or_else(|| Error::AccessDenied("the call carries no sender".into()))?;
@@ -44,15 +50,22 @@ impl Bouncer {
             debug!(uid, sender = %sender, "authorized without polkit");
             return Ok(());
         }
-        let subject = Subject::new_for_message_header(header)
-            .map_err(|e| Error::AccessDenied(format!("cannot build a polkit subject for {sender}: {e}")))?;
+        let subject = Subject::new_for_message_header(header).map_err(|e| {
+            Error::AccessDenied(format!("cannot build a polkit subject for {sender}: {e}"))
+        })?;
         let authority = AuthorityProxy::builder(connection)
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await?;
         let details: HashMap<&str, &str> = HashMap::new();
         match authority
-            .check_authorization(&subject, MANAGE_ACTION, &details, CheckAuthorizationFlags::ALLOW_USER_INTERACTION, "")
+            .check_authorization(
+                &subject,
+                MANAGE_ACTION,
+                &details,
+                CheckAuthorizationFlags::ALLOW_USER_INTERACTION,
+                "",
+            )
             .await
         {
             Ok(result) if result.is_authorized => Ok(()),
@@ -64,7 +77,9 @@ impl Bouncer {
             ))),
             Err(e) => {
                 warn!(uid, error = %e, "polkit check failed");
-                Err(Error::AccessDenied(format!("polkit could not authorize uid {uid}: {e}")))
+                Err(Error::AccessDenied(format!(
+                    "polkit could not authorize uid {uid}: {e}"
+                )))
             }
         }
     }

@@ -49,35 +49,65 @@ pub fn check(engine: &Engine, target: &str) -> Result<Vec<Finding>, Error> {
     let targets = crate::plan::resolve_target(&engine.config(), &devices, target)?;
     let (set, _) = crate::plan::complete_set(&devices, &targets);
     for address in &set {
-        let Some(device) = devices.iter().find(|d| &d.address == address) else { continue };
-        let Some(group) = device.iommu_group else { continue };
+        let Some(device) = devices.iter().find(|d| &d.address == address) else {
+            continue;
+        };
+        let Some(group) = device.iommu_group else {
+            continue;
+        };
         let members: Vec<String> = devices
             .iter()
             .filter(|d| d.iommu_group == Some(group))
             .map(|d| {
-                let role = if d.is_bridge() { "bridge, may stay" } else { "endpoint" };
-                format!("{} {} on {} ({role})", d.address, d.name, d.driver.as_deref().unwrap_or("no driver"))
+                let role = if d.is_bridge() {
+                    "bridge, may stay"
+                } else {
+                    "endpoint"
+                };
+                format!(
+                    "{} {} on {} ({role})",
+                    d.address,
+                    d.name,
+                    d.driver.as_deref().unwrap_or("no driver")
+                )
             })
             .collect();
         findings.push(finding(
             "group",
             Severity::Ok,
-            format!("{address} is in IOMMU group {group}: {}", members.join("; ")),
+            format!(
+                "{address} is in IOMMU group {group}: {}",
+                members.join("; ")
+            ),
         ));
     }
-    findings.push(match engine.plan(target, Direction::Bind, &MoveOptions::default()) {
-        Ok(plan) => {
-            let moving: Vec<String> = plan.devices.iter().map(|d| d.address.to_string()).collect();
-            finding("bind", Severity::Ok, format!("a bind of {target} would move {}", moving.join(", ")))
-        }
-        Err(refusal @ (Error::Protected(_) | Error::GroupNotViable(_) | Error::DeviceBusy(_) | Error::NoIommu(_) | Error::Conflict(_))) => {
-            finding(
+    findings.push(
+        match engine.plan(target, Direction::Bind, &MoveOptions::default()) {
+            Ok(plan) => {
+                let moving: Vec<String> =
+                    plan.devices.iter().map(|d| d.address.to_string()).collect();
+                finding(
+                    "bind",
+                    Severity::Ok,
+                    format!("a bind of {target} would move {}", moving.join(", ")),
+                )
+            }
+            Err(
+                refusal @ (Error::Protected(_)
+                | Error::GroupNotViable(_)
+                | Error::DeviceBusy(_)
+                | Error::NoIommu(_)
+                | Error::Conflict(_)),
+            ) => finding(
                 "bind",
                 Severity::Fail,
-                format!("{} — fix each reason above, or choose another slot for the card", refusal.message()),
-            )
-        }
-        Err(other) => return Err(other),
-    });
+                format!(
+                    "{} — fix each reason above, or choose another slot for the card",
+                    refusal.message()
+                ),
+            ),
+            Err(other) => return Err(other),
+        },
+    );
     Ok(findings)
 }

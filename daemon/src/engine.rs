@@ -19,6 +19,13 @@ use crate::plan::{self, MoveOptions, Plan, kernel_error};
 /// plain words, e.g. "unbind amdgpu".
 pub type ProgressFn<'a> = &'a (dyn Fn(&PciAddress, &str) + Sync);
 
+/// One move in progress: what was asked, since when, and who listens.
+struct Run<'a> {
+    options: &'a MoveOptions,
+    started: Instant,
+    progress: ProgressFn<'a>,
+}
+
 /// What a device is doing besides sitting on its driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Activity {
@@ -48,7 +55,9 @@ enum LockKey {
 /// Why one step failed.
 #[derive(Debug)]
 enum StepFailure {
-    Timeout { after: Duration },
+    Timeout {
+        after: Duration,
+    },
     Kernel(KernelError),
     /// The write succeeded but the kernel did not do what it should have.
     Unexpected(String),
@@ -70,7 +79,10 @@ impl Failure {
         };
         match &self.cause {
             StepFailure::Timeout { after } => {
-                format!("{at}: no answer from the kernel after {} ms; the device is stuck", after.as_millis())
+                format!(
+                    "{at}: no answer from the kernel after {} ms; the device is stuck",
+                    after.as_millis()
+                )
             }
             StepFailure::Kernel(e) => format!("{at}: {e}"),
             StepFailure::Unexpected(what) => format!("{at}: {what}"),
@@ -113,7 +125,10 @@ impl Engine {
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn set_config(&self, config: Config) {
@@ -154,17 +169,32 @@ impl Engine {
     }
 
     /// Plans without moving anything: the set and every reason to refuse.
-    pub fn plan(&self, target: &str, direction: Direction, options: &MoveOptions) -> Result<Plan, Error> {
+    pub fn plan(
+        &self,
+        target: &str,
+        direction: Direction,
+        options: &MoveOptions,
+    ) -> Result<Plan, Error> {
         let config = self.config();
         let ledger = self.ledger();
         plan::plan(&*self.kernel, &config, &ledger, target, direction, options)
     }
 
-    pub fn bind(&self, target: &str, options: &MoveOptions, progress: ProgressFn) -> Result<Vec<PciAddress>, Error> {
+    pub fn bind(
+        &self,
+        target: &str,
+        options: &MoveOptions,
+        progress: ProgressFn,
+    ) -> Result<Vec<PciAddress>, Error> {
         self.transition(target, Direction::Bind, options, progress)
     }
 
-    pub fn release(&self, target: &str, options: &MoveOptions, progress: ProgressFn) -> Result<Vec<PciAddress>, Error> {
+    pub fn release(
+        &self,
+        target: &str,
+        options: &MoveOptions,
+        progress: ProgressFn,
+    ) -> Result<Vec<PciAddress>, Error> {
         self.transition(target, Direction::Release, options, progress)
     }
 
@@ -190,7 +220,11 @@ impl Engine {
             drop(held);
             keys = planned;
         };
-        if let Some(busy) = plan.devices.iter().find(|d| self.activity(&d.address).is_some()) {
+        if let Some(busy) = plan
+            .devices
+            .iter()
+            .find(|d| self.activity(&d.address).is_some())
+        {
             return Err(Error::DeviceBusy(format!(
                 "cannot {direction} {target}: {} is stuck in an earlier move that has not finished",
                 busy.address
@@ -199,9 +233,14 @@ impl Engine {
         let devices: Vec<String> = plan.addresses().iter().map(ToString::to_string).collect();
         info!(target, %direction, devices = %devices.join(" "), "move planned");
         self.set_activity(&plan.addresses(), Some(Activity::Moving));
+        let run = Run {
+            options,
+            started,
+            progress,
+        };
         let outcome = match direction {
-            Direction::Bind => self.execute_bind(&plan, options, started, progress),
-            Direction::Release => self.execute_release(&plan, options, started, progress),
+            Direction::Bind => self.execute_bind(&plan, &run),
+            Direction::Release => self.execute_release(&plan, &run),
         };
         self.clear_moving(&plan.addresses());
         match &outcome {
@@ -220,7 +259,10 @@ impl Engine {
         let devices = self.kernel.devices().map_err(kernel_error)?;
         let targets = plan::resolve_target(&self.config(), &devices, target)?;
         let (set, _) = plan::complete_set(&devices, &targets);
-        let members: Vec<PciDevice> = devices.into_iter().filter(|d| set.contains(&d.address)).collect();
+        let members: Vec<PciDevice> = devices
+            .into_iter()
+            .filter(|d| set.contains(&d.address))
+            .collect();
         Ok(lock_keys(&members))
     }
 
@@ -258,11 +300,11 @@ impl Engine {
         }
     }
 
-    fn write_limit(&self, options: &MoveOptions, started: Instant) -> Result<Duration, StepFailure> {
+    fn write_limit(&self, run: &Run) -> Result<Duration, StepFailure> {
         let per_write = Duration::from_millis(self.config().daemon.unbind_timeout_ms);
-        match options.timeout {
+        match run.options.timeout {
             None => Ok(per_write),
-            Some(total) => match total.checked_sub(started.elapsed()) {
+            Some(total) => match total.checked_sub(run.started.elapsed()) {
                 Some(left) if !left.is_zero() => Ok(per_write.min(left)),
                 _ => Err(StepFailure::Timeout { after: total }),
             },
@@ -318,8 +360,13 @@ impl Engine {
             None => {
                 guard.abandoned = true;
                 if let Some(device) = device {
-                    self.activities()
-                        .insert(device, Activity::Stuck(format!("{step} did not return within {} ms", limit.as_millis())));
+                    self.activities().insert(
+                        device,
+                        Activity::Stuck(format!(
+                            "{step} did not return within {} ms",
+                            limit.as_millis()
+                        )),
+                    );
                 }
                 error!(device = ?device, step, timeout_ms = limit.as_millis() as u64, "kernel write did not return; device marked stuck");
                 Err(StepFailure::Timeout { after: limit })
@@ -332,9 +379,7 @@ impl Engine {
         &self,
         device: PciAddress,
         step: &str,
-        options: &MoveOptions,
-        started: Instant,
-        progress: ProgressFn,
+        run: &Run,
         write: impl FnOnce(&dyn Kernel) -> KernelResult<()> + Send + 'static,
         verify: impl FnOnce(&dyn Kernel) -> Result<(), StepFailure>,
     ) -> Result<(), Failure> {
@@ -343,14 +388,15 @@ impl Engine {
             step: step.to_string(),
             cause,
         };
-        progress(&device, step);
+        (run.progress)(&device, step);
         info!(device = %device, step, "step");
-        let limit = self.write_limit(options, started).map_err(fail)?;
-        self.kernel_write(Some(device), step, limit, write).map_err(fail)?;
+        let limit = self.write_limit(run).map_err(fail)?;
+        self.kernel_write(Some(device), step, limit, write)
+            .map_err(fail)?;
         verify(&*self.kernel).map_err(fail)
     }
 
-    fn ensure_vfio_loaded(&self, options: &MoveOptions, started: Instant) -> Result<(), Failure> {
+    fn ensure_vfio_loaded(&self, run: &Run) -> Result<(), Failure> {
         let step = format!("load {VFIO_MODULE}");
         let fail = |cause| Failure {
             device: None,
@@ -358,7 +404,7 @@ impl Engine {
             cause,
         };
         info!(step = %step, "step");
-        let limit = self.write_limit(options, started).map_err(fail)?;
+        let limit = self.write_limit(run).map_err(fail)?;
         self.kernel_write(None, &step, limit, |k| k.load_module(VFIO_MODULE))
             .map_err(fail)?;
         if !self.kernel.driver_registered(VFIO_DRIVER) {
@@ -369,10 +415,10 @@ impl Engine {
         Ok(())
     }
 
-    fn execute_bind(&self, plan: &Plan, options: &MoveOptions, started: Instant, progress: ProgressFn) -> Result<(), Error> {
+    fn execute_bind(&self, plan: &Plan, run: &Run) -> Result<(), Error> {
         let context = format!("bind {}", plan.target);
         if plan.load_vfio {
-            self.ensure_vfio_loaded(options, started)
+            self.ensure_vfio_loaded(run)
                 .map_err(|f| f.into_error(&context, &["nothing was moved".into()]))?;
         }
         let mut touched: Vec<PciAddress> = Vec::new();
@@ -381,39 +427,39 @@ impl Engine {
                 continue;
             }
             touched.push(device.address);
-            if let Err(failure) = self.bind_one(device.address, options, started, progress) {
-                let aftermath = self.roll_back(&touched, &failure, Direction::Bind, progress);
+            if let Err(failure) = self.bind_one(device.address, run) {
+                let aftermath = self.roll_back(&touched, &failure, Direction::Bind, run.progress);
                 return Err(failure.into_error(&context, &aftermath));
             }
         }
         let mut ledger = self.ledger();
         for device in &plan.devices {
             ledger
-                .set_owner(device.address, options.vm.as_deref())
+                .set_owner(device.address, run.options.vm.as_deref())
                 .map_err(|e| Error::Kernel(format!("{context}: done, but {e}")))?;
         }
         Ok(())
     }
 
-    fn bind_one(&self, address: PciAddress, options: &MoveOptions, started: Instant, progress: ProgressFn) -> Result<(), Failure> {
+    fn bind_one(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
         let current = self.kernel.driver(&address).map_err(|e| Failure {
             device: Some(address),
             step: "read driver".into(),
             cause: StepFailure::Kernel(e),
         })?;
         if let Some(host) = current.as_deref().filter(|d| *d != VFIO_DRIVER) {
-            self.ledger().set_host_driver(address, host).map_err(|e| Failure {
-                device: Some(address),
-                step: "remember host driver".into(),
-                cause: StepFailure::Unexpected(e.to_string()),
-            })?;
+            self.ledger()
+                .set_host_driver(address, host)
+                .map_err(|e| Failure {
+                    device: Some(address),
+                    step: "remember host driver".into(),
+                    cause: StepFailure::Unexpected(e.to_string()),
+                })?;
         }
         self.step(
             address,
             &format!("set driver_override {VFIO_DRIVER}"),
-            options,
-            started,
-            progress,
+            run,
             move |k| k.set_driver_override(&address, Some(VFIO_DRIVER)),
             |k| expect_override(k, &address, Some(VFIO_DRIVER)),
         )?;
@@ -422,9 +468,7 @@ impl Engine {
             self.step(
                 address,
                 &format!("unbind {host}"),
-                options,
-                started,
-                progress,
+                run,
                 move |k| k.unbind(&address, &driver),
                 |k| expect_driver(k, &address, None),
             )?;
@@ -432,15 +476,13 @@ impl Engine {
         self.step(
             address,
             &format!("probe {VFIO_DRIVER}"),
-            options,
-            started,
-            progress,
+            run,
             move |k| k.probe(&address),
             |k| expect_driver(k, &address, Some(VFIO_DRIVER)),
         )
     }
 
-    fn execute_release(&self, plan: &Plan, options: &MoveOptions, started: Instant, progress: ProgressFn) -> Result<(), Error> {
+    fn execute_release(&self, plan: &Plan, run: &Run) -> Result<(), Error> {
         let context = format!("release {}", plan.target);
         let mut touched: Vec<PciAddress> = Vec::new();
         for device in &plan.devices {
@@ -448,8 +490,9 @@ impl Engine {
                 continue;
             }
             touched.push(device.address);
-            if let Err(failure) = self.release_one(device.address, options, started, progress) {
-                let aftermath = self.roll_back(&touched, &failure, Direction::Release, progress);
+            if let Err(failure) = self.release_one(device.address, run) {
+                let aftermath =
+                    self.roll_back(&touched, &failure, Direction::Release, run.progress);
                 return Err(failure.into_error(&context, &aftermath));
             }
         }
@@ -465,24 +508,18 @@ impl Engine {
     /// The host driver to return a device to: the remembered one when the
     /// kernel still has it, else whatever the kernel picks.
     fn return_driver(&self, address: &PciAddress) -> Option<String> {
-        self.host_driver(address).filter(|d| self.kernel.driver_registered(d))
+        self.host_driver(address)
+            .filter(|d| self.kernel.driver_registered(d))
     }
 
-    fn release_one(&self, address: PciAddress, options: &MoveOptions, started: Instant, progress: ProgressFn) -> Result<(), Failure> {
+    fn release_one(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
         let host = self.return_driver(&address);
-        self.to_host(address, host, options, started, progress)
+        self.to_host(address, host, run)
     }
 
     /// vfio-pci (or nothing) -> host driver. With a known host driver the
     /// override names it, so nothing else can grab the device on the way.
-    fn to_host(
-        &self,
-        address: PciAddress,
-        host: Option<String>,
-        options: &MoveOptions,
-        started: Instant,
-        progress: ProgressFn,
-    ) -> Result<(), Failure> {
+    fn to_host(&self, address: PciAddress, host: Option<String>, run: &Run) -> Result<(), Failure> {
         let name = host.clone();
         let step = match &host {
             Some(h) => format!("set driver_override {h}"),
@@ -491,9 +528,7 @@ impl Engine {
         self.step(
             address,
             &step,
-            options,
-            started,
-            progress,
+            run,
             move |k| k.set_driver_override(&address, name.as_deref()),
             |k| expect_override(k, &address, host.as_deref()),
         )?;
@@ -504,15 +539,13 @@ impl Engine {
         })?;
         if let Some(driver) = current.clone() {
             if Some(&driver) == host.as_ref() {
-                return self.clear_override_after(address, &host, options, started, progress);
+                return self.clear_override_after(address, &host, run);
             }
             let leaving = driver.clone();
             self.step(
                 address,
                 &format!("unbind {driver}"),
-                options,
-                started,
-                progress,
+                run,
                 move |k| k.unbind(&address, &leaving),
                 |k| expect_driver(k, &address, None),
             )?;
@@ -522,9 +555,7 @@ impl Engine {
         self.step(
             address,
             &step,
-            options,
-            started,
-            progress,
+            run,
             move |k| k.probe(&address),
             |k| match (read_driver(k, &address)?, wanted.as_deref()) {
                 (Some(got), Some(want)) if got == want => Ok(()),
@@ -536,16 +567,14 @@ impl Engine {
                 ))),
             },
         )?;
-        self.clear_override_after(address, &host, options, started, progress)
+        self.clear_override_after(address, &host, run)
     }
 
     fn clear_override_after(
         &self,
         address: PciAddress,
         host: &Option<String>,
-        options: &MoveOptions,
-        started: Instant,
-        progress: ProgressFn,
+        run: &Run,
     ) -> Result<(), Failure> {
         if host.is_none() {
             return Ok(());
@@ -553,16 +582,14 @@ impl Engine {
         self.step(
             address,
             "clear driver_override",
-            options,
-            started,
-            progress,
+            run,
             move |k| k.set_driver_override(&address, None),
             |k| expect_override(k, &address, None),
         )
     }
 
     /// host driver (or nothing) -> vfio-pci, used to undo a failed release.
-    fn to_vfio(&self, address: PciAddress, options: &MoveOptions, started: Instant, progress: ProgressFn) -> Result<(), Failure> {
+    fn to_vfio(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
         let current = read_driver(&*self.kernel, &address).map_err(|cause| Failure {
             device: Some(address),
             step: "read driver".into(),
@@ -574,9 +601,7 @@ impl Engine {
         self.step(
             address,
             &format!("set driver_override {VFIO_DRIVER}"),
-            options,
-            started,
-            progress,
+            run,
             move |k| k.set_driver_override(&address, Some(VFIO_DRIVER)),
             |k| expect_override(k, &address, Some(VFIO_DRIVER)),
         )?;
@@ -585,9 +610,7 @@ impl Engine {
             self.step(
                 address,
                 &format!("unbind {driver}"),
-                options,
-                started,
-                progress,
+                run,
                 move |k| k.unbind(&address, &leaving),
                 |k| expect_driver(k, &address, None),
             )?;
@@ -595,9 +618,7 @@ impl Engine {
         self.step(
             address,
             &format!("probe {VFIO_DRIVER}"),
-            options,
-            started,
-            progress,
+            run,
             move |k| k.probe(&address),
             |k| expect_driver(k, &address, Some(VFIO_DRIVER)),
         )
@@ -606,9 +627,20 @@ impl Engine {
     /// Undoes a failed move, newest device first. A device whose write hung
     /// is left alone (touching it would hang too). Returns what happened,
     /// in words, for the error message.
-    fn roll_back(&self, touched: &[PciAddress], failure: &Failure, direction: Direction, progress: ProgressFn) -> Vec<String> {
+    fn roll_back(
+        &self,
+        touched: &[PciAddress],
+        failure: &Failure,
+        direction: Direction,
+        progress: ProgressFn,
+    ) -> Vec<String> {
+        // Undoing gets its own clock: the move's deadline may be what failed.
         let options = MoveOptions::default();
-        let started = Instant::now();
+        let run = Run {
+            options: &options,
+            started: Instant::now(),
+            progress,
+        };
         let mut aftermath = Vec::new();
         for &address in touched.iter().rev() {
             if matches!(self.activity(&address), Some(Activity::Stuck(_))) {
@@ -621,8 +653,8 @@ impl Engine {
                 continue;
             }
             let undo = match direction {
-                Direction::Bind => self.to_host(address, self.return_driver(&address), &options, started, progress),
-                Direction::Release => self.to_vfio(address, &options, started, progress),
+                Direction::Bind => self.to_host(address, self.return_driver(&address), &run),
+                Direction::Release => self.to_vfio(address, &run),
             };
             let now = self.kernel.driver(&address).ok().flatten();
             match (undo, now) {
@@ -635,7 +667,9 @@ impl Engine {
                     match now {
                         Some(driver) => {
                             warn!(device = %address, driver = %driver, why = %why, "rollback incomplete");
-                            aftermath.push(format!("{address} could not be rolled back ({why}); it is on {driver}"));
+                            aftermath.push(format!(
+                                "{address} could not be rolled back ({why}); it is on {driver}"
+                            ));
                         }
                         None => {
                             error!(device = %address, why = %why, cause = %failure.describe(), "DEVICE LEFT WITHOUT A DRIVER");
@@ -683,13 +717,23 @@ fn lock_keys(devices: &[PciDevice]) -> Vec<LockKey> {
 }
 
 fn read_driver(kernel: &dyn Kernel, address: &PciAddress) -> Result<Option<String>, StepFailure> {
-    if kernel.device(address).map_err(StepFailure::Kernel)?.is_none() {
-        return Err(StepFailure::Unexpected("the device vanished from the bus".into()));
+    if kernel
+        .device(address)
+        .map_err(StepFailure::Kernel)?
+        .is_none()
+    {
+        return Err(StepFailure::Unexpected(
+            "the device vanished from the bus".into(),
+        ));
     }
     kernel.driver(address).map_err(StepFailure::Kernel)
 }
 
-fn expect_driver(kernel: &dyn Kernel, address: &PciAddress, want: Option<&str>) -> Result<(), StepFailure> {
+fn expect_driver(
+    kernel: &dyn Kernel,
+    address: &PciAddress,
+    want: Option<&str>,
+) -> Result<(), StepFailure> {
     let got = read_driver(kernel, address)?;
     if got.as_deref() == want {
         return Ok(());
@@ -699,12 +743,21 @@ fn expect_driver(kernel: &dyn Kernel, address: &PciAddress, want: Option<&str>) 
             "the write succeeded but {w} did not bind (driver: {}); the kernel refused it silently",
             got.as_deref().unwrap_or("none")
         ),
-        None => format!("still bound to {} after unbind", got.as_deref().unwrap_or("?")),
+        None => format!(
+            "still bound to {} after unbind",
+            got.as_deref().unwrap_or("?")
+        ),
     }))
 }
 
-fn expect_override(kernel: &dyn Kernel, address: &PciAddress, want: Option<&str>) -> Result<(), StepFailure> {
-    let got = kernel.driver_override(address).map_err(StepFailure::Kernel)?;
+fn expect_override(
+    kernel: &dyn Kernel,
+    address: &PciAddress,
+    want: Option<&str>,
+) -> Result<(), StepFailure> {
+    let got = kernel
+        .driver_override(address)
+        .map_err(StepFailure::Kernel)?;
     if got.as_deref() == want {
         return Ok(());
     }

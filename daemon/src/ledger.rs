@@ -70,15 +70,25 @@ impl Ledger {
         self.records.owners.get(address).map(String::as_str)
     }
 
-    pub fn set_host_driver(&mut self, address: PciAddress, driver: &str) -> Result<(), LedgerError> {
+    pub fn set_host_driver(
+        &mut self,
+        address: PciAddress,
+        driver: &str,
+    ) -> Result<(), LedgerError> {
         if self.host_driver(&address) == Some(driver) {
             return Ok(());
         }
-        self.records.host_drivers.insert(address, driver.to_string());
+        self.records
+            .host_drivers
+            .insert(address, driver.to_string());
         self.save()
     }
 
-    pub fn set_owner(&mut self, address: PciAddress, owner: Option<&str>) -> Result<(), LedgerError> {
+    pub fn set_owner(
+        &mut self,
+        address: PciAddress,
+        owner: Option<&str>,
+    ) -> Result<(), LedgerError> {
         if self.owner(&address) == owner {
             return Ok(());
         }
@@ -90,8 +100,11 @@ impl Ledger {
     }
 
     fn save(&self) -> Result<(), LedgerError> {
-        let Some(path) = &self.path else { return Ok(()) };
-        let bytes = serde_json::to_vec_pretty(&self.records).expect("ledger records always serialize");
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let bytes =
+            serde_json::to_vec_pretty(&self.records).expect("ledger records always serialize");
         write_atomically(path, &bytes, false).map_err(|e| LedgerError {
             path: path.clone(),
             reason: e.to_string(),

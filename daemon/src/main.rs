@@ -38,7 +38,10 @@ fn init_logging() {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "cannot start the async runtime");
@@ -57,13 +60,16 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
-    std::fs::create_dir_all(&state_dir).map_err(|e| format!("cannot create state dir {}: {e}", state_dir.display()))?;
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|e| format!("cannot create state dir {}: {e}", state_dir.display()))?;
     let config = Config::load(&args.config).map_err(|e| e.to_string())?;
     let ledger = Ledger::open(&state_dir).map_err(|e| e.to_string())?;
 
     // The uevent source exists before the first enumeration, so nothing
     // that happens in between is missed.
-    let (kernel, simulated, mut events): (Arc<dyn Kernel>, Option<Arc<SimKernel>>, _) = match &args.machine {
+    let (kernel, simulated, mut events): (Arc<dyn Kernel>, Option<Arc<SimKernel>>, _) = match &args
+        .machine
+    {
         Some(machine) => {
             let sim = Arc::new(SimKernel::open(machine, &state_dir).map_err(|e| e.to_string())?);
             let events = uevents::from_simulation(sim.subscribe());
@@ -71,7 +77,8 @@ async fn run(args: Args) -> Result<(), String> {
             (sim.clone(), Some(sim), events)
         }
         None => {
-            let events = uevents::from_udev().map_err(|e| format!("cannot open a udev monitor: {e}"))?;
+            let events =
+                uevents::from_udev().map_err(|e| format!("cannot open a udev monitor: {e}"))?;
             (Arc::new(SysfsKernel::host()), None, events)
         }
     };
@@ -99,7 +106,10 @@ async fn run(args: Args) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
     }
-    service.start(&connection).await.map_err(|e| format!("cannot serve org.vfiod1: {e}"))?;
+    service
+        .start(&connection)
+        .await
+        .map_err(|e| format!("cannot serve org.vfiod1: {e}"))?;
     bind_boot_profiles(&service, &connection).await;
 
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
@@ -129,7 +139,12 @@ async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-async fn reload(args: &Args, engine: &Engine, service: &Arc<Service>, connection: &zbus::Connection) {
+async fn reload(
+    args: &Args,
+    engine: &Engine,
+    service: &Arc<Service>,
+    connection: &zbus::Connection,
+) {
     let path = args.config.clone();
     match tokio::task::spawn_blocking(move || Config::load(&path)).await {
         Ok(Ok(config)) => {

@@ -6,9 +6,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use vfiod_dbus::Direction;
 use vfiod_dbus::Error;
 use vfiod_dbus::names::MAX_TARGET_LEN;
-use vfiod_dbus::Direction;
 use vfiod_pci::{Holder, PciAddress, PciDevice, UsbDevice};
 
 use crate::config::Config;
@@ -50,14 +50,38 @@ impl Plan {
 pub enum Reason {
     NoIommu,
     VfioUnavailable,
-    Bridge { device: Described },
-    Mounted { device: Described, mounts: Vec<String> },
-    Console { device: Described },
-    UsbInput { device: Described, inputs: Vec<UsbDevice> },
-    GroupMember { group: u32, member: Described, driver: String },
-    Holders { device: Described, holders: Vec<Holder> },
-    VfioGroupHeld { group: u32, holders: Vec<Holder> },
-    OwnedByOtherVm { device: Described, owner: String, vm: String },
+    Bridge {
+        device: Described,
+    },
+    Mounted {
+        device: Described,
+        mounts: Vec<String>,
+    },
+    Console {
+        device: Described,
+    },
+    UsbInput {
+        device: Described,
+        inputs: Vec<UsbDevice>,
+    },
+    GroupMember {
+        group: u32,
+        member: Described,
+        driver: String,
+    },
+    Holders {
+        device: Described,
+        holders: Vec<Holder>,
+    },
+    VfioGroupHeld {
+        group: u32,
+        holders: Vec<Holder>,
+    },
+    OwnedByOtherVm {
+        device: Described,
+        owner: String,
+        vm: String,
+    },
 }
 
 /// The error classes a refusal can carry, in the contract's priority order.
@@ -127,7 +151,10 @@ impl fmt::Display for Reason {
                 "no IOMMU is enabled (no IOMMU groups): turn on VT-d / AMD-Vi in the firmware and boot with intel_iommu=on or amd_iommu=on"
             ),
             Reason::VfioUnavailable => {
-                write!(f, "vfio-pci is not loaded and module {VFIO_MODULE} cannot be loaded")
+                write!(
+                    f,
+                    "vfio-pci is not loaded and module {VFIO_MODULE} cannot be loaded"
+                )
             }
             Reason::Bridge { device } => write!(f, "{device} is a bridge; bridges are never moved"),
             Reason::Mounted { device, mounts } => write!(
@@ -150,7 +177,11 @@ impl fmt::Display for Reason {
                     list.join(", ")
                 )
             }
-            Reason::GroupMember { group, member, driver } => write!(
+            Reason::GroupMember {
+                group,
+                member,
+                driver,
+            } => write!(
                 f,
                 "IOMMU group {group} is not viable: {member} stays on host driver {driver}"
             ),
@@ -208,7 +239,9 @@ pub(crate) fn kernel_error(e: KernelError) -> Error {
 /// Checks a target string's shape before anything looks it up.
 pub fn validate_target(target: &str) -> Result<(), Error> {
     if target.is_empty() {
-        return Err(Error::InvalidArgs("the target is empty: give a profile name or a PCI address".into()));
+        return Err(Error::InvalidArgs(
+            "the target is empty: give a profile name or a PCI address".into(),
+        ));
     }
     if target.len() > MAX_TARGET_LEN {
         return Err(Error::InvalidArgs(format!(
@@ -216,7 +249,9 @@ pub fn validate_target(target: &str) -> Result<(), Error> {
             target.len()
         )));
     }
-    let is_name = target.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let is_name = target
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if !is_name && !PciAddress::looks_like_address(target) {
         return Err(Error::InvalidArgs(format!(
             "{:?} is neither a profile name ([A-Za-z0-9_-]) nor a PCI address (0000:01:00.0 or 01:00.0)",
@@ -228,7 +263,11 @@ pub fn validate_target(target: &str) -> Result<(), Error> {
 
 /// The devices a target names: a profile if one has that name, else a PCI
 /// address on the bus (DESIGN §4).
-pub fn resolve_target(config: &Config, devices: &[PciDevice], target: &str) -> Result<Vec<PciAddress>, Error> {
+pub fn resolve_target(
+    config: &Config,
+    devices: &[PciDevice],
+    target: &str,
+) -> Result<Vec<PciAddress>, Error> {
     validate_target(target)?;
     if let Some(profile) = config.profile(target) {
         let mut found = BTreeSet::new();
@@ -254,29 +293,45 @@ pub fn resolve_target(config: &Config, devices: &[PciDevice], target: &str) -> R
         if found.is_empty() {
             return Err(Error::UnknownTarget(format!(
                 "profile {target} matches no device on the PCI bus (ids {})",
-                profile.ids.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                profile
+                    .ids
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         return Ok(found.into_iter().collect());
     }
     if PciAddress::looks_like_address(target) {
-        let address: PciAddress = target.parse().map_err(|e: vfiod_pci::AddressError| Error::InvalidArgs(e.to_string()))?;
+        let address: PciAddress = target
+            .parse()
+            .map_err(|e: vfiod_pci::AddressError| Error::InvalidArgs(e.to_string()))?;
         return if devices.iter().any(|d| d.address == address) {
             Ok(vec![address])
         } else {
-            Err(Error::UnknownTarget(format!("no PCI device {address} on this machine")))
+            Err(Error::UnknownTarget(format!(
+                "no PCI device {address} on this machine"
+            )))
         };
     }
-    Err(Error::UnknownTarget(format!("no profile named {target:?} and it is not a PCI address")))
+    Err(Error::UnknownTarget(format!(
+        "no profile named {target:?} and it is not a PCI address"
+    )))
 }
 
 /// The target's devices plus the other functions of each slot that share
 /// its IOMMU group. Bridges are never added.
-pub fn complete_set(devices: &[PciDevice], targets: &[PciAddress]) -> (Vec<PciAddress>, Vec<PciAddress>) {
+pub fn complete_set(
+    devices: &[PciDevice],
+    targets: &[PciAddress],
+) -> (Vec<PciAddress>, Vec<PciAddress>) {
     let mut set: BTreeSet<PciAddress> = targets.iter().copied().collect();
     let mut added = Vec::new();
     for t in targets {
-        let Some(target) = devices.iter().find(|d| &d.address == t) else { continue };
+        let Some(target) = devices.iter().find(|d| &d.address == t) else {
+            continue;
+        };
         for d in devices {
             if d.address.slot() == t.slot()
                 && d.iommu_group == target.iommu_group
@@ -302,8 +357,12 @@ pub fn plan(
     let devices = kernel.devices().map_err(kernel_error)?;
     let targets = resolve_target(config, &devices, target)?;
     let (set, completed_with) = complete_set(&devices, &targets);
-    let by_address: BTreeMap<PciAddress, &PciDevice> = devices.iter().map(|d| (d.address, d)).collect();
-    let members: Vec<PciDevice> = set.iter().filter_map(|a| by_address.get(a).map(|d| (*d).clone())).collect();
+    let by_address: BTreeMap<PciAddress, &PciDevice> =
+        devices.iter().map(|d| (d.address, d)).collect();
+    let members: Vec<PciDevice> = set
+        .iter()
+        .filter_map(|a| by_address.get(a).map(|d| (*d).clone()))
+        .collect();
 
     let reasons = match direction {
         Direction::Bind => bind_reasons(kernel, &devices, &members, ledger, options)?,
@@ -328,15 +387,19 @@ pub fn plan(
 }
 
 fn ownership_reasons(members: &[PciDevice], ledger: &Ledger, options: &MoveOptions) -> Vec<Reason> {
-    let Some(vm) = &options.vm else { return Vec::new() };
+    let Some(vm) = &options.vm else {
+        return Vec::new();
+    };
     members
         .iter()
         .filter_map(|d| match ledger.owner(&d.address) {
-            Some(owner) if owner != vm && d.is_bound_to(VFIO_DRIVER) => Some(Reason::OwnedByOtherVm {
-                device: d.into(),
-                owner: owner.to_string(),
-                vm: vm.clone(),
-            }),
+            Some(owner) if owner != vm && d.is_bound_to(VFIO_DRIVER) => {
+                Some(Reason::OwnedByOtherVm {
+                    device: d.into(),
+                    owner: owner.to_string(),
+                    vm: vm.clone(),
+                })
+            }
             _ => None,
         })
         .collect()
@@ -363,7 +426,10 @@ fn bind_reasons(
         }
         let mounts = kernel.mounts_behind(&d.address).map_err(kernel_error)?;
         if !mounts.is_empty() {
-            reasons.push(Reason::Mounted { device: d.into(), mounts });
+            reasons.push(Reason::Mounted {
+                device: d.into(),
+                mounts,
+            });
         }
         if !options.force && kernel.console_on(&d.address).map_err(kernel_error)? {
             reasons.push(Reason::Console { device: d.into() });
@@ -376,7 +442,10 @@ fn bind_reasons(
                 .filter(UsbDevice::is_input)
                 .collect();
             if !inputs.is_empty() {
-                reasons.push(Reason::UsbInput { device: d.into(), inputs });
+                reasons.push(Reason::UsbInput {
+                    device: d.into(),
+                    inputs,
+                });
             }
         }
     }
@@ -384,7 +453,10 @@ fn bind_reasons(
     let in_set: BTreeSet<PciAddress> = members.iter().map(|d| d.address).collect();
     let groups: BTreeSet<u32> = members.iter().filter_map(|d| d.iommu_group).collect();
     for group in groups {
-        for other in all.iter().filter(|o| o.iommu_group == Some(group) && !in_set.contains(&o.address)) {
+        for other in all
+            .iter()
+            .filter(|o| o.iommu_group == Some(group) && !in_set.contains(&o.address))
+        {
             if other.is_bridge() {
                 continue;
             }
@@ -400,14 +472,27 @@ fn bind_reasons(
         }
     }
     if !options.force {
-        let to_move: Vec<&PciDevice> = members.iter().filter(|d| !d.is_bound_to(VFIO_DRIVER)).collect();
-        let nodes: Vec<PathBuf> = to_move.iter().flat_map(|d| d.nodes.iter().cloned()).collect();
+        let to_move: Vec<&PciDevice> = members
+            .iter()
+            .filter(|d| !d.is_bound_to(VFIO_DRIVER))
+            .collect();
+        let nodes: Vec<PathBuf> = to_move
+            .iter()
+            .flat_map(|d| d.nodes.iter().cloned())
+            .collect();
         if !nodes.is_empty() {
             let holders = kernel.holders(&nodes).map_err(kernel_error)?;
             for d in to_move {
-                let mine: Vec<Holder> = holders.iter().filter(|h| d.nodes.contains(&h.node)).cloned().collect();
+                let mine: Vec<Holder> = holders
+                    .iter()
+                    .filter(|h| d.nodes.contains(&h.node))
+                    .cloned()
+                    .collect();
                 if !mine.is_empty() {
-                    reasons.push(Reason::Holders { device: d.into(), holders: mine });
+                    reasons.push(Reason::Holders {
+                        device: d.into(),
+                        holders: mine,
+                    });
                 }
             }
         }

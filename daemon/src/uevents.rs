@@ -32,7 +32,9 @@ pub fn from_simulation(events: mpsc::Receiver<Uevent>) -> UnboundedReceiver<Ueve
 /// event loop. Create it before enumerating devices, so nothing that
 /// happens in between is missed.
 pub fn from_udev() -> std::io::Result<UnboundedReceiver<Uevent>> {
-    let socket = udev::MonitorBuilder::new()?.match_subsystem("pci")?.listen()?;
+    let socket = udev::MonitorBuilder::new()?
+        .match_subsystem("pci")?
+        .listen()?;
     let (tx, rx) = unbounded_channel();
     // SAFETY: the monitor socket owns its fd, keeps it open for as long as
     // it lives, and the AsyncFd owns the socket.
@@ -52,7 +54,9 @@ async fn watch_udev(mut fd: AsyncFd<udev::MonitorSocket>, tx: UnboundedSender<Ue
         };
         // Drain every queued event before re-arming readiness.
         for event in ready.get_inner_mut().iter() {
-            let Some(uevent) = to_uevent(&event) else { continue };
+            let Some(uevent) = to_uevent(&event) else {
+                continue;
+            };
             debug!(device = %uevent.address, action = ?uevent.action, "uevent");
             if tx.send(uevent).is_err() {
                 return;

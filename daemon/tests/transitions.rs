@@ -41,9 +41,16 @@ fn rx580_moves_both_functions_and_group_1_becomes_viable() {
     assert_eq!(moved, addrs(&["0000:01:00.0", "0000:01:00.1"]));
     assert_eq!(rig.driver("01:00.0").as_deref(), Some("vfio-pci"));
     assert_eq!(rig.driver("01:00.1").as_deref(), Some("vfio-pci"));
-    assert_eq!(rig.driver("00:01.0").as_deref(), Some("pcieport"), "the root port stays");
+    assert_eq!(
+        rig.driver("00:01.0").as_deref(),
+        Some("pcieport"),
+        "the root port stays"
+    );
     assert!(rig.sim.group_viable(1));
-    assert_eq!(rig.engine.host_driver(&addr("01:00.0")).as_deref(), Some("amdgpu"));
+    assert_eq!(
+        rig.engine.host_driver(&addr("01:00.0")).as_deref(),
+        Some("amdgpu")
+    );
 
     let back = rig.release("rx580").unwrap();
     assert_eq!(back, moved);
@@ -60,7 +67,11 @@ fn usb3_by_id_moves_the_card_alone() {
     let moved = rig.bind("usb3").unwrap();
     assert_eq!(moved, addrs(&["0000:03:00.0"]));
     assert_eq!(rig.driver("03:00.0").as_deref(), Some("vfio-pci"));
-    assert_eq!(rig.driver("00:14.0").as_deref(), Some("xhci_hcd"), "the chipset controller stays");
+    assert_eq!(
+        rig.driver("00:14.0").as_deref(),
+        Some("xhci_hcd"),
+        "the chipset controller stays"
+    );
     assert!(rig.sim.group_viable(14));
     rig.release("usb3").unwrap();
     assert_eq!(rig.driver("03:00.0").as_deref(), Some("xhci_hcd"));
@@ -69,7 +80,11 @@ fn usb3_by_id_moves_the_card_alone() {
 fn refused(rig: &Rig, target: &str, options: MoveOptions) -> Error {
     let before = rig.kernel_view();
     let err = rig.bind_with(target, options).unwrap_err();
-    assert_eq!(rig.kernel_view(), before, "a refusal of {target} changed the machine");
+    assert_eq!(
+        rig.kernel_view(),
+        before,
+        "a refusal of {target} changed the machine"
+    );
     err
 }
 
@@ -79,7 +94,10 @@ fn chipset_xhci_is_refused_for_the_keyboard_and_mouse() {
     let err = refused(&rig, "00:14.0", MoveOptions::default());
     assert!(matches!(err, Error::Protected(_)), "{err:?}");
     let m = err.message();
-    assert!(m.contains("0000:00:14.0") && m.contains("USB keyboard") && m.contains("USB optical mouse"), "{m}");
+    assert!(
+        m.contains("0000:00:14.0") && m.contains("USB keyboard") && m.contains("USB optical mouse"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -88,7 +106,11 @@ fn sata_controller_is_refused_for_the_root_filesystem_even_with_force() {
     for options in [MoveOptions::default(), force()] {
         let err = refused(&rig, "00:1f.2", options);
         assert!(matches!(err, Error::Protected(_)), "{err:?}");
-        assert!(err.message().contains("/home") && err.message().contains("0000:00:1f.2"), "{}", err.message());
+        assert!(
+            err.message().contains("/home") && err.message().contains("0000:00:1f.2"),
+            "{}",
+            err.message()
+        );
     }
 }
 
@@ -101,7 +123,10 @@ fn boot_gpu_is_refused_for_the_console_and_force_takes_it() {
     // force: the user chose a single-GPU setup. The slot's audio comes along.
     let moved = rig.bind_with("06:00.0", force()).unwrap();
     assert_eq!(moved, addrs(&["0000:06:00.0", "0000:06:00.1"]));
-    assert!(rig.sim.group_viable(15), "the two bridges of group 15 may stay");
+    assert!(
+        rig.sim.group_viable(15),
+        "the two bridges of group 15 may stay"
+    );
     rig.release("06:00.0").unwrap();
     assert_eq!(rig.driver("06:00.0").as_deref(), Some("radeon"));
 }
@@ -109,7 +134,10 @@ fn boot_gpu_is_refused_for_the_console_and_force_takes_it() {
 #[test]
 fn one_function_of_a_slot_brings_the_others_of_its_group() {
     let rig = Rig::shipped("z77-rx580");
-    let plan = rig.engine.plan("01:00.0", Direction::Bind, &MoveOptions::default()).unwrap();
+    let plan = rig
+        .engine
+        .plan("01:00.0", Direction::Bind, &MoveOptions::default())
+        .unwrap();
     assert_eq!(plan.addresses(), addrs(&["0000:01:00.0", "0000:01:00.1"]));
     assert_eq!(plan.completed_with, addrs(&["0000:01:00.1"]));
     rig.bind("0000:01:00.0").unwrap();
@@ -165,8 +193,14 @@ fn a_group_shared_with_other_cards_is_not_viable_and_names_them() {
     let err = refused(&rig, "05:00.0", force());
     assert!(matches!(err, Error::GroupNotViable(_)), "{err:?}");
     let m = err.message();
-    assert!(m.contains("0000:05:01.0") && m.contains("snd_emu10k1"), "{m}");
-    assert!(!m.contains("0000:05:02.0"), "a driverless endpoint does not block: {m}");
+    assert!(
+        m.contains("0000:05:01.0") && m.contains("snd_emu10k1"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("0000:05:02.0"),
+        "a driverless endpoint does not block: {m}"
+    );
     assert!(!m.contains("0000:00:1e.0"), "the bridge may stay: {m}");
 }
 
@@ -182,7 +216,11 @@ fn every_reason_is_given_and_the_name_follows_the_priority() {
     });
     let err = refused(&rig, "00:1f.2", MoveOptions::default());
     assert!(matches!(err, Error::Protected(_)), "{err:?}");
-    assert!(err.message().contains("/home") && err.message().contains("smartd (pid 4321)"), "{}", err.message());
+    assert!(
+        err.message().contains("/home") && err.message().contains("smartd (pid 4321)"),
+        "{}",
+        err.message()
+    );
 }
 
 #[test]
@@ -190,7 +228,12 @@ fn processes_holding_the_device_make_it_busy_until_forced() {
     let rig = Rig::shipped("z77-rx580");
     let err = refused(&rig, "00:02.0", MoveOptions::default());
     assert!(matches!(err, Error::DeviceBusy(_)), "{err:?}");
-    assert!(err.message().contains("Xorg (pid 912) holds /dev/dri/card0"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains("Xorg (pid 912) holds /dev/dri/card0"),
+        "{}",
+        err.message()
+    );
     rig.bind_with("00:02.0", force()).unwrap();
     assert_eq!(rig.driver("00:02.0").as_deref(), Some("vfio-pci"));
 }
@@ -206,7 +249,10 @@ fn a_holder_that_appears_later_is_seen() {
         })
         .unwrap();
     let err = refused(&rig, "rx580", MoveOptions::default());
-    assert!(matches!(err, Error::DeviceBusy(_)) && err.message().contains("pipewire (pid 2000)"), "{err:?}");
+    assert!(
+        matches!(err, Error::DeviceBusy(_)) && err.message().contains("pipewire (pid 2000)"),
+        "{err:?}"
+    );
     rig.sim.remove_holder(2000).unwrap();
     rig.bind("rx580").unwrap();
 }
@@ -224,7 +270,11 @@ fn no_iommu_is_refused_and_nothing_moves() {
     for options in [MoveOptions::default(), force()] {
         let err = refused(&rig, &target, options);
         assert!(matches!(err, Error::NoIommu(_)), "{err:?}");
-        assert!(err.message().contains("intel_iommu=on"), "{}", err.message());
+        assert!(
+            err.message().contains("intel_iommu=on"),
+            "{}",
+            err.message()
+        );
     }
 }
 
@@ -232,7 +282,10 @@ fn no_iommu_is_refused_and_nothing_moves() {
 fn missing_vfio_module_is_refused() {
     let rig = Rig::z77_with(|t| {
         t.replace("\"vfio\", \"vfio_iommu_type1\", \"vfio_pci\", ", "")
-            .replace("iommu = \"intel\"", "iommu = \"intel\"\nmissing = [\"vfio_pci\"]")
+            .replace(
+                "iommu = \"intel\"",
+                "iommu = \"intel\"\nmissing = [\"vfio_pci\"]",
+            )
     });
     let err = refused(&rig, "rx580", MoveOptions::default());
     assert!(matches!(err, Error::NoIommu(_)), "{err:?}");
@@ -252,14 +305,18 @@ fn bridges_are_never_moved() {
     let rig = Rig::shipped("z77-rx580");
     for options in [MoveOptions::default(), force()] {
         let err = refused(&rig, "00:01.0", options);
-        assert!(matches!(err, Error::Protected(_)) && err.message().contains("bridge"), "{err:?}");
+        assert!(
+            matches!(err, Error::Protected(_)) && err.message().contains("bridge"),
+            "{err:?}"
+        );
     }
 }
 
 #[test]
 fn bad_targets_are_clear_errors_and_change_nothing() {
     let rig = Rig::shipped("z77-rx580");
-    let cases: &[(&str, fn(&Error) -> bool)] = &[
+    type Expect = fn(&Error) -> bool;
+    let cases: &[(&str, Expect)] = &[
         ("", |e| matches!(e, Error::InvalidArgs(_))),
         ("nosuchprofile", |e| matches!(e, Error::UnknownTarget(_))),
         ("09:00.0", |e| matches!(e, Error::UnknownTarget(_))),
@@ -270,7 +327,10 @@ fn bad_targets_are_clear_errors_and_change_nothing() {
         ("rx 580", |e| matches!(e, Error::InvalidArgs(_))),
     ];
     let long = "a".repeat(4096);
-    for (target, expected) in cases.iter().copied().chain([(long.as_str(), (|e: &Error| matches!(e, Error::InvalidArgs(_))) as fn(&Error) -> bool)]) {
+    for (target, expected) in cases.iter().copied().chain([(
+        long.as_str(),
+        (|e: &Error| matches!(e, Error::InvalidArgs(_))) as Expect,
+    )]) {
         let err = refused(&rig, target, MoveOptions::default());
         assert!(expected(&err), "{target:?}: {err:?}");
         assert!(!err.message().is_empty());
@@ -283,8 +343,14 @@ fn bad_targets_are_clear_errors_and_change_nothing() {
 #[test]
 fn hex_case_and_short_forms_name_the_same_device() {
     let rig = Rig::from_text(&SHARED_GROUP.replace("05:0", "0a:0"), Default::default());
-    let lower = rig.engine.plan("0a:00.0", Direction::Bind, &force()).unwrap_err();
-    let upper = rig.engine.plan("0000:0A:00.0", Direction::Bind, &force()).unwrap_err();
+    let lower = rig
+        .engine
+        .plan("0a:00.0", Direction::Bind, &force())
+        .unwrap_err();
+    let upper = rig
+        .engine
+        .plan("0000:0A:00.0", Direction::Bind, &force())
+        .unwrap_err();
     let reasons = |e: &Error| e.message().split_once(": ").unwrap().1.to_string();
     assert_eq!(reasons(&lower), reasons(&upper));
     assert!(reasons(&lower).contains("0000:0a:01.0"));
@@ -294,7 +360,8 @@ fn hex_case_and_short_forms_name_the_same_device() {
 
 #[test]
 fn a_hung_unbind_times_out_marks_the_device_stuck_and_blocks_nothing_else() {
-    let rig = Rig::z77_with(|t| with_fault(t, "0000:01:00.1", "unbind = \"hang\"")).with_timeout_ms(300);
+    let rig =
+        Rig::z77_with(|t| with_fault(t, "0000:01:00.1", "unbind = \"hang\"")).with_timeout_ms(300);
     std::thread::scope(|s| {
         let mover = s.spawn(|| {
             let started = Instant::now();
@@ -305,16 +372,30 @@ fn a_hung_unbind_times_out_marks_the_device_stuck_and_blocks_nothing_else() {
         let read = Instant::now();
         let devices = rig.devices();
         let _ = rig.engine.device_state(&devices[0]);
-        assert!(read.elapsed() < Duration::from_millis(50), "a read took {:?}", read.elapsed());
-        rig.bind("usb3").expect("an unrelated group moves during the hang");
+        assert!(
+            read.elapsed() < Duration::from_millis(50),
+            "a read took {:?}",
+            read.elapsed()
+        );
+        rig.bind("usb3")
+            .expect("an unrelated group moves during the hang");
 
         let (result, took) = mover.join().unwrap();
         let err = result.unwrap_err();
         assert!(matches!(err, Error::Timeout(_)), "{err:?}");
         assert!(took < Duration::from_secs(3), "took {took:?}");
-        assert!(err.message().contains("0000:01:00.1") && err.message().contains("unbind snd_hda_intel"), "{}", err.message());
+        assert!(
+            err.message().contains("0000:01:00.1")
+                && err.message().contains("unbind snd_hda_intel"),
+            "{}",
+            err.message()
+        );
     });
-    let stuck = rig.devices().into_iter().find(|d| d.address == addr("01:00.1")).unwrap();
+    let stuck = rig
+        .devices()
+        .into_iter()
+        .find(|d| d.address == addr("01:00.1"))
+        .unwrap();
     assert_eq!(rig.engine.device_state(&stuck), DeviceState::Stuck);
     // The GPU went back to amdgpu; nothing is driverless.
     assert_eq!(rig.driver("01:00.0").as_deref(), Some("amdgpu"));
@@ -340,7 +421,11 @@ fn a_failed_vfio_probe_is_caught_and_rolled_back() {
     let rig = Rig::z77_with(|t| with_fault(t, "0000:01:00.1", "probe = \"fail\""));
     let err = rig.bind("rx580").unwrap_err();
     assert!(matches!(err, Error::Kernel(_)), "{err:?}");
-    assert!(err.message().contains("vfio-pci did not bind"), "{}", err.message());
+    assert!(
+        err.message().contains("vfio-pci did not bind"),
+        "{}",
+        err.message()
+    );
     assert_eq!(rig.driver("01:00.0").as_deref(), Some("amdgpu"));
     assert_eq!(rig.driver("01:00.1").as_deref(), Some("snd_hda_intel"));
     assert_eq!(rig.overrides("01:00.1"), None);
@@ -352,7 +437,11 @@ fn a_host_driver_that_will_not_come_back_leaves_the_set_on_vfio_not_driverless()
     rig.bind("rx580").unwrap();
     let err = rig.release("rx580").unwrap_err();
     assert!(matches!(err, Error::Kernel(_)), "{err:?}");
-    assert!(err.message().contains("did not come back"), "{}", err.message());
+    assert!(
+        err.message().contains("did not come back"),
+        "{}",
+        err.message()
+    );
     assert_eq!(rig.driver("01:00.0").as_deref(), Some("vfio-pci"));
     assert_eq!(rig.driver("01:00.1").as_deref(), Some("vfio-pci"));
     assert!(rig.sim.group_viable(1));
@@ -363,7 +452,11 @@ fn a_device_that_vanishes_on_unbind_is_reported() {
     let rig = Rig::z77_with(|t| with_fault(t, "0000:03:00.0", "vanish = \"unbind\""));
     let err = rig.bind("usb3").unwrap_err();
     assert!(matches!(err, Error::Kernel(_)), "{err:?}");
-    assert!(err.message().contains("0000:03:00.0") && err.message().contains("gone"), "{}", err.message());
+    assert!(
+        err.message().contains("0000:03:00.0") && err.message().contains("gone"),
+        "{}",
+        err.message()
+    );
     assert!(rig.devices().iter().all(|d| d.address != addr("03:00.0")));
 }
 
@@ -377,7 +470,11 @@ fn timeout_ms_bounds_the_whole_move() {
     };
     let err = rig.bind_with("rx580", options).unwrap_err();
     assert!(matches!(err, Error::Timeout(_)), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 // ---- ownership, memory, restarts ----
@@ -388,9 +485,15 @@ fn a_vm_cannot_take_or_release_what_another_vm_owns() {
     rig.bind_with("rx580", vm("win10")).unwrap();
     assert_eq!(rig.engine.owner(&addr("01:00.0")).as_deref(), Some("win10"));
     let before = rig.kernel_view();
-    assert!(matches!(rig.bind_with("rx580", vm("linux")), Err(Error::Conflict(_))));
+    assert!(matches!(
+        rig.bind_with("rx580", vm("linux")),
+        Err(Error::Conflict(_))
+    ));
     let err = rig.release_with("rx580", vm("linux")).unwrap_err();
-    assert!(matches!(err, Error::Conflict(_)) && err.message().contains("win10"), "{err:?}");
+    assert!(
+        matches!(err, Error::Conflict(_)) && err.message().contains("win10"),
+        "{err:?}"
+    );
     assert_eq!(rig.kernel_view(), before);
     rig.release_with("rx580", vm("win10")).unwrap();
     assert_eq!(rig.engine.owner(&addr("01:00.0")), None);
@@ -411,7 +514,12 @@ fn release_refuses_while_a_vm_holds_the_group_even_with_force() {
     for options in [MoveOptions::default(), force()] {
         let err = rig.release_with("rx580", options).unwrap_err();
         assert!(matches!(err, Error::DeviceBusy(_)), "{err:?}");
-        assert!(err.message().contains("qemu-system-x86 (pid 7777) holds /dev/vfio/1"), "{}", err.message());
+        assert!(
+            err.message()
+                .contains("qemu-system-x86 (pid 7777) holds /dev/vfio/1"),
+            "{}",
+            err.message()
+        );
     }
     assert_eq!(rig.kernel_view(), before);
 }
@@ -424,7 +532,11 @@ fn a_device_that_booted_on_vfio_goes_to_its_natural_driver() {
             "driver = \"vfio-pci\"\nhost_driver = \"xhci_hcd\"\ngroup = 14",
         )
     });
-    assert_eq!(rig.engine.host_driver(&addr("03:00.0")), None, "nothing remembered");
+    assert_eq!(
+        rig.engine.host_driver(&addr("03:00.0")),
+        None,
+        "nothing remembered"
+    );
     rig.release("usb3").unwrap();
     assert_eq!(rig.driver("03:00.0").as_deref(), Some("xhci_hcd"));
 }
@@ -436,7 +548,10 @@ fn state_and_memory_survive_a_restart() {
     let rig = rig.restart();
     assert_eq!(rig.driver("01:00.0").as_deref(), Some("vfio-pci"));
     assert_eq!(rig.engine.owner(&addr("01:00.1")).as_deref(), Some("win10"));
-    assert_eq!(rig.engine.host_driver(&addr("01:00.1")).as_deref(), Some("snd_hda_intel"));
+    assert_eq!(
+        rig.engine.host_driver(&addr("01:00.1")).as_deref(),
+        Some("snd_hda_intel")
+    );
     rig.release("rx580").unwrap();
     assert_eq!(rig.driver("01:00.1").as_deref(), Some("snd_hda_intel"));
 }
@@ -445,12 +560,20 @@ fn state_and_memory_survive_a_restart() {
 fn a_driver_changed_behind_our_back_is_what_the_engine_sees() {
     let rig = Rig::shipped("z77-rx580");
     rig.sim.set_driver(&addr("03:00.0"), None).unwrap();
-    let dev = rig.devices().into_iter().find(|d| d.address == addr("03:00.0")).unwrap();
+    let dev = rig
+        .devices()
+        .into_iter()
+        .find(|d| d.address == addr("03:00.0"))
+        .unwrap();
     assert_eq!(rig.engine.device_state(&dev), DeviceState::Unbound);
     // Binding a driverless device works and remembers no host driver.
     rig.bind("usb3").unwrap();
     rig.release("usb3").unwrap();
-    assert_eq!(rig.driver("03:00.0").as_deref(), Some("xhci_hcd"), "the natural choice");
+    assert_eq!(
+        rig.driver("03:00.0").as_deref(),
+        Some("xhci_hcd"),
+        "the natural choice"
+    );
 }
 
 #[test]
@@ -458,7 +581,9 @@ fn progress_names_each_step() {
     let rig = Rig::shipped("z77-rx580");
     let steps = std::sync::Mutex::new(Vec::new());
     rig.engine
-        .bind("rx580", &MoveOptions::default(), &|d, s| steps.lock().unwrap().push(format!("{d} {s}")))
+        .bind("rx580", &MoveOptions::default(), &|d, s| {
+            steps.lock().unwrap().push(format!("{d} {s}"))
+        })
         .unwrap();
     let steps = steps.into_inner().unwrap();
     assert_eq!(

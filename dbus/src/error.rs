@@ -121,7 +121,9 @@ impl From<zbus::Error> for Error {
             zbus::Error::MethodError(name, message, _) => {
                 Error::from_dbus(name.as_str(), message.as_deref().unwrap_or(""))
             }
-            zbus::Error::FDO(e) => Error::from_dbus(e.name().as_str(), e.description().unwrap_or("")),
+            zbus::Error::FDO(e) => {
+                Error::from_dbus(e.name().as_str(), e.description().unwrap_or(""))
+            }
             other => Error::Bus {
                 name: "org.freedesktop.DBus.Error.Failed".into(),
                 message: other.to_string(),

@@ -31,9 +31,15 @@ pub trait Manager {
     #[zbus(signal)]
     fn transition_started(&self, target: String, direction: String) -> zbus::Result<()>;
     #[zbus(signal)]
-    fn transition_progress(&self, target: String, device: String, step: String) -> zbus::Result<()>;
+    fn transition_progress(&self, target: String, device: String, step: String)
+    -> zbus::Result<()>;
     #[zbus(signal)]
-    fn transition_finished(&self, target: String, direction: String, error: String) -> zbus::Result<()>;
+    fn transition_finished(
+        &self,
+        target: String,
+        direction: String,
+        error: String,
+    ) -> zbus::Result<()>;
 }
 
 #[proxy(interface = "org.vfiod1.Device", default_service = "org.vfiod1")]

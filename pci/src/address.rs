@@ -78,10 +78,16 @@ impl FromStr for PciAddress {
             input: input.chars().take(64).collect(),
             reason,
         };
-        let (rest, function) = input.rsplit_once('.').ok_or_else(|| fail("no '.' before the function"))?;
+        let (rest, function) = input
+            .rsplit_once('.')
+            .ok_or_else(|| fail("no '.' before the function"))?;
         let parts: Vec<&str> = rest.split(':').collect();
         let (domain, bus, device) = match parts.as_slice() {
-            [d, b, s] => (hex_field(d, 4, "the domain must be 4 hex digits").map_err(fail)?, *b, *s),
+            [d, b, s] => (
+                hex_field(d, 4, "the domain must be 4 hex digits").map_err(fail)?,
+                *b,
+                *s,
+            ),
             [b, s] => (0, *b, *s),
             _ => return Err(fail("expected [domain:]bus:device.function")),
         };
@@ -119,7 +125,11 @@ impl fmt::Display for PciAddress {
 
 impl fmt::Display for Slot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}", self.domain, self.bus, self.device)
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}",
+            self.domain, self.bus, self.device
+        )
     }
 }
 
@@ -154,12 +164,28 @@ mod tests {
     #[test]
     fn refuses_everything_else() {
         for bad in [
-            "", "1:00.0", "01:0.0", "01:00", "01:00.8", "01:20.0", "0000:01:00.00", "00000:01:00.0",
-            "zz:00.0", "01:00.0 ", " 01:00.0", "0000:01:00.-1", "01:00:00.0:0", "01.00.0", "+1:00.0",
+            "",
+            "1:00.0",
+            "01:0.0",
+            "01:00",
+            "01:00.8",
+            "01:20.0",
+            "0000:01:00.00",
+            "00000:01:00.0",
+            "zz:00.0",
+            "01:00.0 ",
+            " 01:00.0",
+            "0000:01:00.-1",
+            "01:00:00.0:0",
+            "01.00.0",
+            "+1:00.0",
             "0000:01:00.٣",
         ] {
             let err = bad.parse::<PciAddress>().unwrap_err();
-            assert!(err.to_string().contains("invalid PCI address"), "{bad}: {err}");
+            assert!(
+                err.to_string().contains("invalid PCI address"),
+                "{bad}: {err}"
+            );
         }
     }
 

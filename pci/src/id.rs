@@ -80,7 +80,9 @@ impl FromStr for PciClass {
         if hex.len() != 6 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(fail());
         }
-        u32::from_str_radix(hex, 16).map(PciClass).map_err(|_| fail())
+        u32::from_str_radix(hex, 16)
+            .map(PciClass)
+            .map_err(|_| fail())
     }
 }
 

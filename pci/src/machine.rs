@@ -230,36 +230,77 @@ impl MachineFile {
         let mut seen = BTreeSet::new();
         for d in &self.devices {
             if !seen.insert(d.address) {
-                return Err(fail(d, "address", d.address.to_string(), "listed twice".into()));
+                return Err(fail(
+                    d,
+                    "address",
+                    d.address.to_string(),
+                    "listed twice".into(),
+                ));
             }
         }
         for d in &self.devices {
             match (self.machine.iommu, d.group) {
                 (IommuKind::None, Some(g)) => {
-                    return Err(fail(d, "group", g.to_string(), "iommu = \"none\" has no groups".into()));
+                    return Err(fail(
+                        d,
+                        "group",
+                        g.to_string(),
+                        "iommu = \"none\" has no groups".into(),
+                    ));
                 }
                 (IommuKind::Intel | IommuKind::Amd, None) => {
-                    return Err(fail(d, "group", String::new(), "every device needs a group when there is an IOMMU".into()));
+                    return Err(fail(
+                        d,
+                        "group",
+                        String::new(),
+                        "every device needs a group when there is an IOMMU".into(),
+                    ));
                 }
                 _ => {}
             }
             if let Some(p) = d.parent {
                 match self.device(&p) {
-                    None => return Err(fail(d, "parent", p.to_string(), "no such device in this file".into())),
+                    None => {
+                        return Err(fail(
+                            d,
+                            "parent",
+                            p.to_string(),
+                            "no such device in this file".into(),
+                        ));
+                    }
                     Some(b) if !b.class.is_bridge() => {
-                        return Err(fail(d, "parent", p.to_string(), format!("{p} is not a bridge (class {})", b.class)));
+                        return Err(fail(
+                            d,
+                            "parent",
+                            p.to_string(),
+                            format!("{p} is not a bridge (class {})", b.class),
+                        ));
                     }
                     _ => {}
                 }
                 if p == d.address {
-                    return Err(fail(d, "parent", p.to_string(), "a device cannot be its own parent".into()));
+                    return Err(fail(
+                        d,
+                        "parent",
+                        p.to_string(),
+                        "a device cannot be its own parent".into(),
+                    ));
                 }
             }
             for (field, value) in [("driver", &d.driver), ("host_driver", &d.host_driver)] {
-                if let Some(v) = value {
-                    if v.is_empty() || v.len() > 64 || !v.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)) {
-                        return Err(fail(d, field, v.clone(), "a driver name is 1-64 characters of [A-Za-z0-9_-]".into()));
-                    }
+                if let Some(v) = value
+                    && (v.is_empty()
+                        || v.len() > 64
+                        || !v
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)))
+                {
+                    return Err(fail(
+                        d,
+                        field,
+                        v.clone(),
+                        "a driver name is 1-64 characters of [A-Za-z0-9_-]".into(),
+                    ));
                 }
             }
             if d.host_driver.is_some() && d.driver.as_deref() != Some("vfio-pci") {
@@ -272,23 +313,41 @@ impl MachineFile {
             }
             for node in &d.nodes {
                 if !node.is_absolute() {
-                    return Err(fail(d, "nodes", node.display().to_string(), "device nodes are absolute paths".into()));
+                    return Err(fail(
+                        d,
+                        "nodes",
+                        node.display().to_string(),
+                        "device nodes are absolute paths".into(),
+                    ));
                 }
             }
             for h in &d.holders {
                 if !d.nodes.contains(&h.node) && !h.node.starts_with("/dev/vfio") {
-                    return Err(fail(d, "holders", h.node.display().to_string(), "a holder's node must be one of the device's nodes".into()));
+                    return Err(fail(
+                        d,
+                        "holders",
+                        h.node.display().to_string(),
+                        "a holder's node must be one of the device's nodes".into(),
+                    ));
                 }
             }
             for u in &d.usb {
                 if u.class.len() != 2 || !u.class.chars().all(|c| c.is_ascii_hexdigit()) {
-                    return Err(fail(d, "usb.class", u.class.clone(), "two hex digits, e.g. \"03\" for HID".into()));
+                    return Err(fail(
+                        d,
+                        "usb.class",
+                        u.class.clone(),
+                        "two hex digits, e.g. \"03\" for HID".into(),
+                    ));
                 }
             }
         }
         // A group with no members is impossible; parents must form no cycle.
-        let parents: BTreeMap<PciAddress, PciAddress> =
-            self.devices.iter().filter_map(|d| d.parent.map(|p| (d.address, p))).collect();
+        let parents: BTreeMap<PciAddress, PciAddress> = self
+            .devices
+            .iter()
+            .filter_map(|d| d.parent.map(|p| (d.address, p)))
+            .collect();
         for d in &self.devices {
             let mut at = d.address;
             for _ in 0..=self.devices.len() {
@@ -297,7 +356,12 @@ impl MachineFile {
                     None => break,
                 }
                 if at == d.address {
-                    return Err(fail(d, "parent", at.to_string(), "the parent chain loops".into()));
+                    return Err(fail(
+                        d,
+                        "parent",
+                        at.to_string(),
+                        "the parent chain loops".into(),
+                    ));
                 }
             }
         }
@@ -310,7 +374,11 @@ mod tests {
     use super::*;
 
     fn z77() -> String {
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../machines/z77-rx580.toml")).unwrap()
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../machines/z77-rx580.toml"
+        ))
+        .unwrap()
     }
 
     #[test]
@@ -325,30 +393,54 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_name_the_line() {
         let bad = z77().replace("boot_vga = true", "boot_vga = true\ncolour = \"red\"");
-        let err = MachineFile::parse(&bad, Path::new("m.toml")).unwrap_err().to_string();
-        assert!(err.contains("m.toml") && err.contains("colour") && err.contains("line"), "{err}");
+        let err = MachineFile::parse(&bad, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m.toml") && err.contains("colour") && err.contains("line"),
+            "{err}"
+        );
 
         let bad = z77().replace("address = \"0000:03:00.0\"", "address = \"0000:03:00.9\"");
-        let err = MachineFile::parse(&bad, Path::new("m.toml")).unwrap_err().to_string();
-        assert!(err.contains("0000:03:00.9") && err.contains("line"), "{err}");
+        let err = MachineFile::parse(&bad, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("0000:03:00.9") && err.contains("line"),
+            "{err}"
+        );
 
         let bad = z77().replace("iommu = \"intel\"", "iommu = \"arm\"");
-        let err = MachineFile::parse(&bad, Path::new("m.toml")).unwrap_err().to_string();
+        let err = MachineFile::parse(&bad, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("iommu") && err.contains("arm"), "{err}");
     }
 
     #[test]
     fn semantic_errors_name_device_field_and_value() {
         let bad = z77().replace("parent = \"0000:00:1c.4\"", "parent = \"0000:09:00.0\"");
-        let err = MachineFile::parse(&bad, Path::new("m.toml")).unwrap_err().to_string();
-        assert!(err.contains("0000:03:00.0") && err.contains("parent") && err.contains("0000:09:00.0"), "{err}");
+        let err = MachineFile::parse(&bad, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("0000:03:00.0") && err.contains("parent") && err.contains("0000:09:00.0"),
+            "{err}"
+        );
 
         let bad = z77().replace("group = 14\n", "");
-        let err = MachineFile::parse(&bad, Path::new("m.toml")).unwrap_err().to_string();
-        assert!(err.contains("0000:03:00.0") && err.contains("group"), "{err}");
+        let err = MachineFile::parse(&bad, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("0000:03:00.0") && err.contains("group"),
+            "{err}"
+        );
 
         let bad = z77().replace("address = \"0000:00:1f.3\"", "address = \"0000:00:1f.2\"");
-        let err = MachineFile::parse(&bad, Path::new("m.toml")).unwrap_err().to_string();
+        let err = MachineFile::parse(&bad, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listed twice"), "{err}");
     }
 }

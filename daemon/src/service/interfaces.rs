@@ -64,7 +64,11 @@ impl ManagerInterface {
     }
 
     #[zbus(signal)]
-    pub async fn transition_started(emitter: &SignalEmitter<'_>, target: &str, direction: &str) -> zbus::Result<()>;
+    pub async fn transition_started(
+        emitter: &SignalEmitter<'_>,
+        target: &str,
+        direction: &str,
+    ) -> zbus::Result<()>;
 
     #[zbus(signal)]
     pub async fn transition_progress(
@@ -92,7 +96,9 @@ impl DeviceInterface {
     /// A device object outlives its entry only between a removal and the
     /// object's unregistering; it then reads as empty.
     fn read<T: Default>(&self, f: impl FnOnce(&DeviceProps) -> T) -> T {
-        self.service.with_device(&self.address, f).unwrap_or_default()
+        self.service
+            .with_device(&self.address, f)
+            .unwrap_or_default()
     }
 }
 
@@ -128,7 +134,9 @@ impl DeviceInterface {
     }
     #[zbus(property)]
     fn iommu_group(&self) -> i32 {
-        self.service.with_device(&self.address, |d| d.iommu_group).unwrap_or(-1)
+        self.service
+            .with_device(&self.address, |d| d.iommu_group)
+            .unwrap_or(-1)
     }
     #[zbus(property)]
     fn state(&self) -> String {
@@ -175,7 +183,13 @@ impl ProfileInterface {
         #[zbus(connection)] connection: &Connection,
     ) -> Result<Vec<OwnedObjectPath>, Error> {
         self.service
-            .move_request(connection, &header, &self.name, Direction::Release, &options)
+            .move_request(
+                connection,
+                &header,
+                &self.name,
+                Direction::Release,
+                &options,
+            )
             .await
     }
 

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tracing::{info, warn};
-use vfiod_dbus::names::{BUS_NAME, DEVICE_INTERFACE, MANAGER_INTERFACE, MANAGER_PATH, PROFILE_INTERFACE};
+use vfiod_dbus::names::{
+    BUS_NAME, DEVICE_INTERFACE, MANAGER_INTERFACE, MANAGER_PATH, PROFILE_INTERFACE,
+};
 use vfiod_dbus::{Direction, Error, names};
 use vfiod_pci::PciAddress;
 use zbus::message::Header;
@@ -34,11 +36,13 @@ pub use options::parse_move_options;
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn device_object_path(address: &PciAddress) -> OwnedObjectPath {
-    OwnedObjectPath::try_from(names::device_path(&address.path_component())).expect("device paths are valid object paths")
+    OwnedObjectPath::try_from(names::device_path(&address.path_component()))
+        .expect("device paths are valid object paths")
 }
 
 pub fn profile_object_path(name: &str) -> OwnedObjectPath {
-    OwnedObjectPath::try_from(names::profile_path(name)).expect("escaped profile paths are valid object paths")
+    OwnedObjectPath::try_from(names::profile_path(name))
+        .expect("escaped profile paths are valid object paths")
 }
 
 pub struct Service {
@@ -90,20 +94,36 @@ impl Service {
         self.published.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn with_device<T>(&self, address: &PciAddress, f: impl FnOnce(&DeviceProps) -> T) -> Option<T> {
+    pub(crate) fn with_device<T>(
+        &self,
+        address: &PciAddress,
+        f: impl FnOnce(&DeviceProps) -> T,
+    ) -> Option<T> {
         self.snapshot().devices.get(address).map(f)
     }
 
-    pub(crate) fn with_profile<T>(&self, name: &str, f: impl FnOnce(&ProfileProps) -> T) -> Option<T> {
+    pub(crate) fn with_profile<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&ProfileProps) -> T,
+    ) -> Option<T> {
         self.snapshot().profiles.get(name).map(f)
     }
 
     pub(crate) fn device_paths(&self) -> Vec<OwnedObjectPath> {
-        self.snapshot().devices.keys().map(device_object_path).collect()
+        self.snapshot()
+            .devices
+            .keys()
+            .map(device_object_path)
+            .collect()
     }
 
     pub(crate) fn profile_paths(&self) -> Vec<OwnedObjectPath> {
-        self.snapshot().profiles.keys().map(|n| profile_object_path(n)).collect()
+        self.snapshot()
+            .profiles
+            .keys()
+            .map(|n| profile_object_path(n))
+            .collect()
     }
 
     /// Re-reads the kernel and publishes what changed: objects added and
@@ -111,26 +131,44 @@ impl Service {
     pub async fn refresh(self: &Arc<Self>, connection: &Connection) -> Result<(), Error> {
         let _one_at_a_time = self.refreshing.lock().await;
         let engine = self.engine.clone();
-        let errors = self.last_errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let errors = self
+            .last_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let taking = tokio::task::spawn_blocking(move || Snapshot::take(&engine, &errors));
         let fresh = match tokio::time::timeout(SNAPSHOT_TIMEOUT, taking).await {
-            Ok(joined) => joined.map_err(|e| Error::Kernel(format!("snapshot task failed: {e}")))??,
+            Ok(joined) => {
+                joined.map_err(|e| Error::Kernel(format!("snapshot task failed: {e}")))??
+            }
             Err(_) => {
-                warn!("reading the devices took over {SNAPSHOT_TIMEOUT:?}; keeping the last published state");
+                warn!(
+                    "reading the devices took over {SNAPSHOT_TIMEOUT:?}; keeping the last published state"
+                );
                 return Ok(());
             }
         };
-        let old = std::mem::replace(&mut *self.published.write().unwrap_or_else(|e| e.into_inner()), fresh.clone());
+        let old = std::mem::replace(
+            &mut *self.published.write().unwrap_or_else(|e| e.into_inner()),
+            fresh.clone(),
+        );
         self.publish_changes(connection, &old, &fresh).await
     }
 
-    async fn publish_changes(self: &Arc<Self>, connection: &Connection, old: &Snapshot, fresh: &Snapshot) -> Result<(), Error> {
+    async fn publish_changes(
+        self: &Arc<Self>,
+        connection: &Connection,
+        old: &Snapshot,
+        fresh: &Snapshot,
+    ) -> Result<(), Error> {
         let server = connection.object_server();
         for (address, props) in &fresh.devices {
             let path = device_object_path(address);
             match old.devices.get(address) {
                 Some(before) if before == props => {}
-                Some(before) => emit_changes(connection, &path, DEVICE_INTERFACE, props.changes(before)).await?,
+                Some(before) => {
+                    emit_changes(connection, &path, DEVICE_INTERFACE, props.changes(before)).await?
+                }
                 None => {
                     server
                         .at(
@@ -144,8 +182,14 @@ impl Service {
                 }
             }
         }
-        for address in old.devices.keys().filter(|a| !fresh.devices.contains_key(a)) {
-            server.remove::<DeviceInterface, _>(&device_object_path(address)).await?;
+        for address in old
+            .devices
+            .keys()
+            .filter(|a| !fresh.devices.contains_key(a))
+        {
+            server
+                .remove::<DeviceInterface, _>(&device_object_path(address))
+                .await?;
         }
         for (name, props) in &fresh.profiles {
             let path = profile_object_path(name);
@@ -154,7 +198,8 @@ impl Service {
                 Some(before) => {
                     let (mut changed, devices_changed) = props.changes(before);
                     if devices_changed {
-                        let paths: Vec<OwnedObjectPath> = props.devices.iter().map(device_object_path).collect();
+                        let paths: Vec<OwnedObjectPath> =
+                            props.devices.iter().map(device_object_path).collect();
                         changed.insert("Devices", Variant::from(paths));
                     }
                     emit_changes(connection, &path, PROFILE_INTERFACE, changed).await?;
@@ -172,16 +217,27 @@ impl Service {
                 }
             }
         }
-        for name in old.profiles.keys().filter(|n| !fresh.profiles.contains_key(*n)) {
-            server.remove::<ProfileInterface, _>(&profile_object_path(name)).await?;
+        for name in old
+            .profiles
+            .keys()
+            .filter(|n| !fresh.profiles.contains_key(*n))
+        {
+            server
+                .remove::<ProfileInterface, _>(&profile_object_path(name))
+                .await?;
         }
         let mut manager_changes = HashMap::new();
         if !old.devices.keys().eq(fresh.devices.keys()) {
-            let paths: Vec<OwnedObjectPath> = fresh.devices.keys().map(device_object_path).collect();
+            let paths: Vec<OwnedObjectPath> =
+                fresh.devices.keys().map(device_object_path).collect();
             manager_changes.insert("Devices", Variant::from(paths));
         }
         if !old.profiles.keys().eq(fresh.profiles.keys()) {
-            let paths: Vec<OwnedObjectPath> = fresh.profiles.keys().map(|n| profile_object_path(n)).collect();
+            let paths: Vec<OwnedObjectPath> = fresh
+                .profiles
+                .keys()
+                .map(|n| profile_object_path(n))
+                .collect();
             manager_changes.insert("Profiles", Variant::from(paths));
         }
         let manager = OwnedObjectPath::try_from(MANAGER_PATH).expect("valid path");
@@ -201,7 +257,8 @@ impl Service {
         validate_target(target)?;
         let options = parse_move_options(options)?;
         self.bouncer.authorize_move(connection, header).await?;
-        self.transition(connection, target, direction, options).await
+        self.transition(connection, target, direction, options)
+            .await
     }
 
     /// Runs one move off the event loop and narrates it on the bus.
@@ -215,7 +272,8 @@ impl Service {
         let manager = SignalEmitter::new(connection, MANAGER_PATH)?;
         ManagerInterface::transition_started(&manager, target, direction.as_str()).await?;
 
-        let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<(PciAddress, String)>();
+        let (progress_tx, mut progress_rx) =
+            tokio::sync::mpsc::unbounded_channel::<(PciAddress, String)>();
         let engine = self.engine.clone();
         let job_target = target.to_string();
         let job = tokio::task::spawn_blocking(move || {
@@ -229,16 +287,19 @@ impl Service {
         });
         let mut first_step = true;
         while let Some((device, step)) = progress_rx.recv().await {
-            ManagerInterface::transition_progress(&manager, target, &device.to_string(), &step).await?;
+            ManagerInterface::transition_progress(&manager, target, &device.to_string(), &step)
+                .await?;
             if first_step {
                 // Publish `moving` as soon as the move really starts.
                 first_step = false;
                 let _ = self.refresh(connection).await;
             }
         }
-        let outcome = job
-            .await
-            .unwrap_or_else(|e| Err(Error::Kernel(format!("the move of {target} failed inside vfiod: {e}"))));
+        let outcome = job.await.unwrap_or_else(|e| {
+            Err(Error::Kernel(format!(
+                "the move of {target} failed inside vfiod: {e}"
+            )))
+        });
 
         if self.engine.config().profile(target).is_some() {
             let mut errors = self.last_errors.lock().unwrap_or_else(|e| e.into_inner());
@@ -250,8 +311,13 @@ impl Service {
         if let Err(e) = self.refresh(connection).await {
             warn!(error = %e, "refresh after a move failed");
         }
-        let error_field = outcome.as_ref().err().map(Error::to_signal_field).unwrap_or_default();
-        ManagerInterface::transition_finished(&manager, target, direction.as_str(), &error_field).await?;
+        let error_field = outcome
+            .as_ref()
+            .err()
+            .map(Error::to_signal_field)
+            .unwrap_or_default();
+        ManagerInterface::transition_finished(&manager, target, direction.as_str(), &error_field)
+            .await?;
         outcome.map(|devices| devices.iter().map(device_object_path).collect())
     }
 
@@ -282,6 +348,7 @@ async fn emit_changes(
     }
     let emitter = SignalEmitter::new(connection, path.clone())?;
     let interface = InterfaceName::from_static_str_unchecked(interface);
-    zbus::fdo::Properties::properties_changed(&emitter, interface, changed, Cow::Borrowed(&[])).await?;
+    zbus::fdo::Properties::properties_changed(&emitter, interface, changed, Cow::Borrowed(&[]))
+        .await?;
     Ok(())
 }

@@ -100,7 +100,9 @@ fn profile_state(members: &[&DeviceProps]) -> ProfileState {
     let all = |s: DeviceState| !states.is_empty() && states.iter().all(|x| *x == s.as_str());
     if states.contains(&DeviceState::Moving.as_str()) {
         ProfileState::Moving
-    } else if states.contains(&DeviceState::Stuck.as_str()) || states.contains(&DeviceState::Unbound.as_str()) {
+    } else if states.contains(&DeviceState::Stuck.as_str())
+        || states.contains(&DeviceState::Unbound.as_str())
+    {
         ProfileState::Error
     } else if all(DeviceState::Vfio) {
         ProfileState::Vfio
@@ -113,10 +115,18 @@ fn profile_state(members: &[&DeviceProps]) -> ProfileState {
 
 impl Snapshot {
     /// Reads the kernel and the engine. Blocking: run it off the event loop.
-    pub fn take(engine: &Engine, last_errors: &BTreeMap<String, String>) -> Result<Snapshot, vfiod_dbus::Error> {
-        let devices = engine.kernel().devices().map_err(crate::plan::kernel_error)?;
-        let device_props: BTreeMap<PciAddress, DeviceProps> =
-            devices.iter().map(|d| (d.address, DeviceProps::of(engine, d))).collect();
+    pub fn take(
+        engine: &Engine,
+        last_errors: &BTreeMap<String, String>,
+    ) -> Result<Snapshot, vfiod_dbus::Error> {
+        let devices = engine
+            .kernel()
+            .devices()
+            .map_err(crate::plan::kernel_error)?;
+        let device_props: BTreeMap<PciAddress, DeviceProps> = devices
+            .iter()
+            .map(|d| (d.address, DeviceProps::of(engine, d)))
+            .collect();
         let config = engine.config();
         let mut profiles = BTreeMap::new();
         for (name, profile) in &config.profiles {
@@ -125,8 +135,13 @@ impl Snapshot {
                 .filter(|d| profile.matches(&d.address, &d.id))
                 .map(|d| d.address)
                 .collect();
-            let props: Vec<&DeviceProps> = members.iter().filter_map(|a| device_props.get(a)).collect();
-            let mut owners: Vec<&str> = props.iter().map(|d| d.owner.as_str()).filter(|o| !o.is_empty()).collect();
+            let props: Vec<&DeviceProps> =
+                members.iter().filter_map(|a| device_props.get(a)).collect();
+            let mut owners: Vec<&str> = props
+                .iter()
+                .map(|d| d.owner.as_str())
+                .filter(|o| !o.is_empty())
+                .collect();
             owners.dedup();
             let last_error = last_errors.get(name).cloned().unwrap_or_default();
             let mut state = profile_state(&props);

@@ -20,16 +20,21 @@ pub fn parse_move_options(options: &HashMap<String, OwnedVariant>) -> Result<Mov
             ))
         };
         match key.as_str() {
-            "force" => parsed.force = bool::try_from(value).map_err(|_| wrong_type("a boolean (b)"))?,
+            "force" => {
+                parsed.force = bool::try_from(value).map_err(|_| wrong_type("a boolean (b)"))?
+            }
             "vm" => {
                 let vm = <&str>::try_from(value).map_err(|_| wrong_type("a string (s)"))?;
                 validate_vm_name(vm)?;
                 parsed.vm = Some(vm.to_string());
             }
             "timeout_ms" => {
-                let ms = u32::try_from(value).map_err(|_| wrong_type("an unsigned 32-bit integer (u)"))?;
+                let ms = u32::try_from(value)
+                    .map_err(|_| wrong_type("an unsigned 32-bit integer (u)"))?;
                 if ms == 0 {
-                    return Err(Error::InvalidArgs("option \"timeout_ms\" must be more than 0".into()));
+                    return Err(Error::InvalidArgs(
+                        "option \"timeout_ms\" must be more than 0".into(),
+                    ));
                 }
                 parsed.timeout = Some(Duration::from_millis(ms.into()));
             }

@@ -22,7 +22,9 @@ pub struct SimulatorInterface {
 }
 
 fn parse_address(address: &str) -> Result<PciAddress, Error> {
-    address.parse().map_err(|e: vfiod_pci::AddressError| Error::InvalidArgs(e.to_string()))
+    address
+        .parse()
+        .map_err(|e: vfiod_pci::AddressError| Error::InvalidArgs(e.to_string()))
 }
 
 impl SimulatorInterface {
@@ -53,7 +55,8 @@ impl SimulatorInterface {
         let address = parse_address(&address)?;
         self.run(connection, &header, move |k| {
             let driver = (!driver.is_empty()).then_some(driver.as_str());
-            k.set_driver(&address, driver).map_err(|e| Error::Kernel(e.to_string()))
+            k.set_driver(&address, driver)
+                .map_err(|e| Error::Kernel(e.to_string()))
         })
         .await
     }
@@ -102,7 +105,8 @@ impl SimulatorInterface {
     ) -> Result<(), Error> {
         let address = parse_address(&address)?;
         self.run(connection, &header, move |k| {
-            k.remove_device(&address).map_err(|e| Error::Kernel(e.to_string()))
+            k.remove_device(&address)
+                .map_err(|e| Error::Kernel(e.to_string()))
         })
         .await
     }
@@ -116,7 +120,8 @@ impl SimulatorInterface {
     ) -> Result<(), Error> {
         let address = parse_address(&address)?;
         self.run(connection, &header, move |k| {
-            k.restore_device(&address).map_err(|e| Error::Kernel(e.to_string()))
+            k.restore_device(&address)
+                .map_err(|e| Error::Kernel(e.to_string()))
         })
         .await
     }

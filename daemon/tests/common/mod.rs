@@ -49,8 +49,13 @@ pub fn z77_config() -> Config {
 impl Rig {
     /// A machine from `machines/NAME.toml` and its shipped config.
     pub fn shipped(name: &str) -> Rig {
-        let config = Config::load(&machines_dir().join(format!("{name}.vfiod.toml"))).unwrap_or_default();
-        Rig::at(machines_dir().join(format!("{name}.toml")), config, TempDir::new())
+        let config =
+            Config::load(&machines_dir().join(format!("{name}.vfiod.toml"))).unwrap_or_default();
+        Rig::at(
+            machines_dir().join(format!("{name}.toml")),
+            config,
+            TempDir::new(),
+        )
     }
 
     /// The z77 machine edited by `edit`, e.g. to add a fault.
@@ -99,7 +104,8 @@ impl Rig {
     }
 
     pub fn bind(&self, target: &str) -> Result<Vec<PciAddress>, Error> {
-        self.engine.bind(target, &MoveOptions::default(), &|_, _| {})
+        self.engine
+            .bind(target, &MoveOptions::default(), &|_, _| {})
     }
 
     pub fn bind_with(&self, target: &str, options: MoveOptions) -> Result<Vec<PciAddress>, Error> {
@@ -107,10 +113,15 @@ impl Rig {
     }
 
     pub fn release(&self, target: &str) -> Result<Vec<PciAddress>, Error> {
-        self.engine.release(target, &MoveOptions::default(), &|_, _| {})
+        self.engine
+            .release(target, &MoveOptions::default(), &|_, _| {})
     }
 
-    pub fn release_with(&self, target: &str, options: MoveOptions) -> Result<Vec<PciAddress>, Error> {
+    pub fn release_with(
+        &self,
+        target: &str,
+        options: MoveOptions,
+    ) -> Result<Vec<PciAddress>, Error> {
         self.engine.release(target, &options, &|_, _| {})
     }
 

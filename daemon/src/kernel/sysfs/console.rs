@@ -31,7 +31,8 @@ const VTCONSOLES: &str = "sys/class/vtconsole";
 const FRAMEBUFFERS: &str = "sys/class/graphics";
 const PLATFORM_DEVICES: &str = "sys/bus/platform/devices";
 /// Platform devices the kernel creates for the framebuffer the firmware set up.
-const FIRMWARE_FRAMEBUFFERS: [&str; 3] = ["efi-framebuffer", "vesa-framebuffer", "simple-framebuffer"];
+const FIRMWARE_FRAMEBUFFERS: [&str; 3] =
+    ["efi-framebuffer", "vesa-framebuffer", "simple-framebuffer"];
 
 pub(super) fn console_on(tree: &Rooted, function_dir: &Path, boot_vga: bool) -> KernelResult<bool> {
     let consoles = bound_consoles(tree)?;
@@ -59,7 +60,9 @@ fn bound_consoles(tree: &Rooted) -> KernelResult<BoundConsoles> {
         let Some(dir) = tree.resolve_optional(&Path::new(VTCONSOLES).join(entry))? else {
             continue;
         };
-        let is_bound = tree.read_optional(&dir.join("bind"))?.is_some_and(|bind| bind.trim() == "1");
+        let is_bound = tree
+            .read_optional(&dir.join("bind"))?
+            .is_some_and(|bind| bind.trim() == "1");
         let name = tree.read_optional(&dir.join("name"))?.unwrap_or_default();
         if is_bound && name.contains("frame buffer device") {
             bound.framebuffer = true;
@@ -87,7 +90,10 @@ fn primary_framebuffer_device(tree: &Rooted) -> KernelResult<Option<PathBuf>> {
 fn live_firmware_framebuffer(tree: &Rooted) -> KernelResult<bool> {
     for entry in tree.list_optional(Path::new(PLATFORM_DEVICES))? {
         let name = entry.to_string_lossy();
-        if !FIRMWARE_FRAMEBUFFERS.iter().any(|prefix| name.starts_with(prefix)) {
+        if !FIRMWARE_FRAMEBUFFERS
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+        {
             continue;
         }
         let Some(dir) = tree.resolve_optional(&Path::new(PLATFORM_DEVICES).join(&entry))? else {

@@ -16,7 +16,12 @@ pub const RESET_METHOD_UNKNOWN: &str = "unknown";
 
 /// Reads everything about the function in `dir` (root-relative, links
 /// resolved, e.g. `sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0`).
-pub(super) fn read(tree: &Rooted, ids: &PciIds, address: PciAddress, dir: &Path) -> KernelResult<PciDevice> {
+pub(super) fn read(
+    tree: &Rooted,
+    ids: &PciIds,
+    address: PciAddress,
+    dir: &Path,
+) -> KernelResult<PciDevice> {
     let attr = |name: &str| dir.join(name);
     let id = PciId {
         vendor: read_hex_u16(tree, &attr("vendor"))?,
@@ -125,10 +130,15 @@ fn uevent_node(tree: &Rooted, dir: &Path) -> KernelResult<Option<PathBuf>> {
     let uevent = match tree.read_optional(&path) {
         Ok(Some(uevent)) => uevent,
         Ok(None) => return Ok(None),
-        Err(crate::kernel::KernelError::Io { source, .. }) if subtree::vanished(&source) => return Ok(None),
+        Err(crate::kernel::KernelError::Io { source, .. }) if subtree::vanished(&source) => {
+            return Ok(None);
+        }
         Err(err) => return Err(err),
     };
-    let Some(devname) = uevent.lines().find_map(|line| line.strip_prefix("DEVNAME=")) else {
+    let Some(devname) = uevent
+        .lines()
+        .find_map(|line| line.strip_prefix("DEVNAME="))
+    else {
         return Ok(None);
     };
     let devname = Path::new(devname.trim());
@@ -136,7 +146,10 @@ fn uevent_node(tree: &Rooted, dir: &Path) -> KernelResult<Option<PathBuf>> {
         .components()
         .all(|component| matches!(component, std::path::Component::Normal(_)));
     if !plain || devname.as_os_str().is_empty() {
-        return Err(tree.malformed(&path, format!("DEVNAME {} is not a path below /dev", devname.display())));
+        return Err(tree.malformed(
+            &path,
+            format!("DEVNAME {} is not a path below /dev", devname.display()),
+        ));
     }
     Ok(Some(Path::new("/dev").join(devname)))
 }
@@ -157,5 +170,10 @@ fn parse_hex_u16(tree: &Rooted, path: &Path, text: &str) -> KernelResult<u16> {
     text.strip_prefix("0x")
         .filter(|hex| hex.len() == 4 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
         .and_then(|hex| u16::from_str_radix(hex, 16).ok())
-        .ok_or_else(|| tree.malformed(path, format!("expected 0x and 4 hex digits, found {text:?}")))
+        .ok_or_else(|| {
+            tree.malformed(
+                path,
+                format!("expected 0x and 4 hex digits, found {text:?}"),
+            )
+        })
 }

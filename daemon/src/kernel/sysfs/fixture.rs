@@ -69,7 +69,8 @@ impl Fixture {
     /// Writes a file, creating its directory.
     pub(crate) fn write(&self, rel: impl AsRef<Path>, contents: &str) {
         let path = self.path(rel);
-        fs::create_dir_all(path.parent().expect("a file has a directory")).expect("mkdir in fixture");
+        fs::create_dir_all(path.parent().expect("a file has a directory"))
+            .expect("mkdir in fixture");
         fs::write(&path, contents).expect("write in fixture");
     }
 
@@ -79,7 +80,8 @@ impl Fixture {
             .create(true)
             .open(self.path(rel))
             .expect("open in fixture");
-        file.write_all(contents.as_bytes()).expect("append in fixture");
+        file.write_all(contents.as_bytes())
+            .expect("append in fixture");
     }
 
     pub(crate) fn read(&self, rel: impl AsRef<Path>) -> String {
@@ -111,7 +113,8 @@ impl Fixture {
     /// A link whose target is exactly `target` (absolute ones included).
     pub(crate) fn raw_link(&self, rel: impl AsRef<Path>, target: impl AsRef<Path>) {
         let path = self.path(rel);
-        fs::create_dir_all(path.parent().expect("a link has a directory")).expect("mkdir in fixture");
+        fs::create_dir_all(path.parent().expect("a link has a directory"))
+            .expect("mkdir in fixture");
         if fs::symlink_metadata(&path).is_ok() {
             fs::remove_file(&path).expect("replace link in fixture");
         }
@@ -140,7 +143,9 @@ impl Fixture {
         let entry = self.path(format!("sys/bus/pci/devices/{address}"));
         let real = fs::canonicalize(&entry).expect("no such PCI function in fixture");
         let root = fs::canonicalize(&self.root).expect("fixture root");
-        real.strip_prefix(root).expect("function inside fixture").to_path_buf()
+        real.strip_prefix(root)
+            .expect("function inside fixture")
+            .to_path_buf()
     }
 
     /// `sys/bus/pci/drivers/DRIVER` with its `bind` and `unbind` files.
@@ -163,7 +168,10 @@ impl Fixture {
     pub(crate) fn unbind(&self, address: &str) {
         let driver_link = self.function_dir(address).join("driver");
         let driver = fs::read_link(self.path(&driver_link)).expect("function has a driver");
-        let driver = driver.file_name().expect("driver link has a name").to_owned();
+        let driver = driver
+            .file_name()
+            .expect("driver link has a name")
+            .to_owned();
         self.remove(&driver_link);
         self.remove(Path::new("sys/bus/pci/drivers").join(driver).join(address));
     }
@@ -171,7 +179,13 @@ impl Fixture {
     /// A device with a node below `parent_dir` (`drm/card0` named
     /// `dri/card0`, number `226:0`): its `dev`, its `uevent` with DEVNAME,
     /// and its `sys/dev/char` link. Returns its directory.
-    pub(crate) fn char_device(&self, parent_dir: impl AsRef<Path>, sub_dir: &str, devname: &str, number: &str) -> PathBuf {
+    pub(crate) fn char_device(
+        &self,
+        parent_dir: impl AsRef<Path>,
+        sub_dir: &str,
+        devname: &str,
+        number: &str,
+    ) -> PathBuf {
         let dir = parent_dir.as_ref().join(sub_dir);
         self.device_files(&dir, devname, number);
         self.link(format!("sys/dev/char/{number}"), &dir);
@@ -183,7 +197,11 @@ impl Fixture {
     /// with its `sys/dev/block` link. Returns `dir`.
     pub(crate) fn disk(&self, dir: impl AsRef<Path>, number: &str) -> PathBuf {
         let dir = dir.as_ref().to_path_buf();
-        let name = dir.file_name().expect("a disk has a name").to_string_lossy().into_owned();
+        let name = dir
+            .file_name()
+            .expect("a disk has a name")
+            .to_string_lossy()
+            .into_owned();
         self.device_files(&dir, &name, number);
         self.mkdir(dir.join("slaves"));
         self.mkdir(dir.join("holders"));
@@ -192,7 +210,12 @@ impl Fixture {
     }
 
     /// A partition (`sda2`) of the disk in `disk_dir`. Returns its directory.
-    pub(crate) fn partition(&self, disk_dir: impl AsRef<Path>, name: &str, number: &str) -> PathBuf {
+    pub(crate) fn partition(
+        &self,
+        disk_dir: impl AsRef<Path>,
+        name: &str,
+        number: &str,
+    ) -> PathBuf {
         let dir = disk_dir.as_ref().join(name);
         self.device_files(&dir, name, number);
         self.write(dir.join("partition"), "2\n");
@@ -213,7 +236,9 @@ impl Fixture {
     /// The first minor number of `major` without a link in `numbers_dir`.
     fn next_minor(&self, numbers_dir: &str, major: u32) -> u32 {
         (0..)
-            .find(|minor| fs::symlink_metadata(self.path(format!("{numbers_dir}/{major}:{minor}"))).is_err())
+            .find(|minor| {
+                fs::symlink_metadata(self.path(format!("{numbers_dir}/{major}:{minor}"))).is_err()
+            })
             .expect("a free minor")
     }
 
@@ -245,13 +270,25 @@ impl Fixture {
         self.write(dir.join("idProduct"), &format!("{device}\n"));
         self.write(dir.join("bDeviceClass"), &format!("{device_class}\n"));
         self.write(dir.join("product"), &format!("{product}\n"));
-        let bus = port.trim_start_matches("usb").split('-').next().unwrap_or("1");
+        let bus = port
+            .trim_start_matches("usb")
+            .split('-')
+            .next()
+            .unwrap_or("1");
         let minor = self.next_minor("sys/dev/char", 189);
-        self.char_device(parent_dir.as_ref(), port, &format!("bus/usb/{bus:0>3}/{:03}", minor + 1), &format!("189:{minor}"));
+        self.char_device(
+            parent_dir.as_ref(),
+            port,
+            &format!("bus/usb/{bus:0>3}/{:03}", minor + 1),
+            &format!("189:{minor}"),
+        );
         for (number, class) in interface_classes.iter().enumerate() {
             let interface = dir.join(format!("{port}:1.{number}"));
             self.write(interface.join("bInterfaceClass"), &format!("{class}\n"));
-            self.write(interface.join("bInterfaceNumber"), &format!("{number:02x}\n"));
+            self.write(
+                interface.join("bInterfaceNumber"),
+                &format!("{number:02x}\n"),
+            );
         }
         dir
     }
@@ -262,7 +299,9 @@ impl Fixture {
         let id = self.read("proc/self/mountinfo").lines().count() + 20;
         self.append(
             "proc/self/mountinfo",
-            &format!("{id} 1 {number} / {mount_point} rw,relatime shared:{id} - {fstype} {source} rw\n"),
+            &format!(
+                "{id} 1 {number} / {mount_point} rw,relatime shared:{id} - {fstype} {source} rw\n"
+            ),
         );
     }
 
@@ -288,7 +327,12 @@ impl Fixture {
     pub(crate) fn framebuffer(&self, number: u32, device_dir: impl AsRef<Path>) {
         let device_dir = device_dir.as_ref();
         let name = format!("fb{number}");
-        let dir = self.char_device(device_dir, &format!("graphics/{name}"), &name, &format!("29:{number}"));
+        let dir = self.char_device(
+            device_dir,
+            &format!("graphics/{name}"),
+            &name,
+            &format!("29:{number}"),
+        );
         self.link(dir.join("device"), device_dir);
         self.link(format!("sys/class/graphics/{name}"), &dir);
     }
@@ -296,7 +340,10 @@ impl Fixture {
     /// A platform device (`efi-framebuffer.0`). Returns its directory.
     pub(crate) fn platform_device(&self, name: &str) -> PathBuf {
         let dir = PathBuf::from(format!("sys/devices/platform/{name}"));
-        self.write(dir.join("uevent"), &format!("DRIVER={}\n", name.split('.').next().unwrap_or(name)));
+        self.write(
+            dir.join("uevent"),
+            &format!("DRIVER={}\n", name.split('.').next().unwrap_or(name)),
+        );
         self.link(format!("sys/bus/platform/devices/{name}"), &dir);
         dir
     }
@@ -327,7 +374,12 @@ impl Fixture {
 fn scratch_dir() -> PathBuf {
     if std::env::var_os("TMPDIR").is_none() {
         let shm = Path::new("/dev/shm");
-        if nix::unistd::access(shm, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK).is_ok() {
+        if nix::unistd::access(
+            shm,
+            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+        )
+        .is_ok()
+        {
             return shm.to_path_buf();
         }
     }
@@ -436,7 +488,8 @@ impl PciFunction<'_> {
         let (vendor, device) = self.id.split_once(':').expect("vvvv:dddd");
         fx.write(dir.join("vendor"), &format!("0x{vendor}\n"));
         fx.write(dir.join("device"), &format!("0x{device}\n"));
-        if let Some((vendor, device)) = self.subsystem.as_deref().and_then(|id| id.split_once(':')) {
+        if let Some((vendor, device)) = self.subsystem.as_deref().and_then(|id| id.split_once(':'))
+        {
             fx.write(dir.join("subsystem_vendor"), &format!("0x{vendor}\n"));
             fx.write(dir.join("subsystem_device"), &format!("0x{device}\n"));
         }
@@ -445,7 +498,10 @@ impl PciFunction<'_> {
         fx.write(dir.join("driver_override"), &format!("{driver_override}\n"));
         fx.write(
             dir.join("uevent"),
-            &format!("PCI_ID={}\nPCI_SLOT_NAME={address}\n", self.id.to_uppercase()),
+            &format!(
+                "PCI_ID={}\nPCI_SLOT_NAME={address}\n",
+                self.id.to_uppercase()
+            ),
         );
         fx.write(dir.join("power/control"), "on\n");
         if let Some(boot_vga) = self.boot_vga {

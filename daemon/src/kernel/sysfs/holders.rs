@@ -19,9 +19,14 @@ pub(super) fn holders(tree: &Rooted, nodes: &[PathBuf]) -> KernelResult<Vec<Hold
     }
     let proc_dir = Path::new("proc");
     // An unreadable /proc is an error: "no holders" would be a guess.
-    let entries = fs::read_dir(tree.host_path(proc_dir)).map_err(|err| tree.io_error("list", proc_dir, err))?;
+    let entries = fs::read_dir(tree.host_path(proc_dir))
+        .map_err(|err| tree.io_error("list", proc_dir, err))?;
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
             continue;
         };
         let process_dir = proc_dir.join(pid.to_string());

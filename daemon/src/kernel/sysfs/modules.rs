@@ -84,7 +84,9 @@ fn canonical(module: &str) -> String {
 
 /// `uname -r` of the kernel whose proc is under the root.
 fn running_release(tree: &Rooted) -> Option<PathBuf> {
-    let text = tree.read_resolved_optional(Path::new(KERNEL_RELEASE)).ok()??;
+    let text = tree
+        .read_resolved_optional(Path::new(KERNEL_RELEASE))
+        .ok()??;
     let release = text.trim();
     let plain = !release.is_empty() && release != ".." && release != "." && !release.contains('/');
     plain.then(|| PathBuf::from(release))
@@ -121,7 +123,10 @@ mod tests {
     fn loading_into_a_fixture_is_refused_without_running_anything() {
         let tree = Rooted::new(PathBuf::from("/nonexistent/fixture"));
         let err = load_module(&tree, "vfio_pci").unwrap_err().to_string();
-        assert!(err.contains("vfio_pci") && err.contains("fixture tree"), "{err}");
+        assert!(
+            err.contains("vfio_pci") && err.contains("fixture tree"),
+            "{err}"
+        );
         let err = load_module(&tree, "-r").unwrap_err().to_string();
         assert!(err.contains("not a module name"), "{err}");
     }

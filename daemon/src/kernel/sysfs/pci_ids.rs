@@ -55,7 +55,10 @@ impl PciIds {
     /// empty when the database does not know it.
     pub(super) fn device_name(&self, id: PciId) -> String {
         let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
-        known.entry(id).or_insert_with(|| self.find_device(id)).clone()
+        known
+            .entry(id)
+            .or_insert_with(|| self.find_device(id))
+            .clone()
     }
 
     fn find_device(&self, id: PciId) -> String {
@@ -110,20 +113,33 @@ C 03  Display controller
     #[test]
     fn names_devices_of_every_vendor() {
         let db = PciIds::parse(SNIPPET.to_owned());
-        assert_eq!(db.device_name(id("1002:67df")), "Ellesmere [Radeon RX 470/480/570/570X/580/580X/590]");
-        assert_eq!(db.device_name(id("1002:aaf0")), "Ellesmere HDMI Audio [Radeon RX 470/480 / 570/580/590]");
+        assert_eq!(
+            db.device_name(id("1002:67df")),
+            "Ellesmere [Radeon RX 470/480/570/570X/580/580X/590]"
+        );
+        assert_eq!(
+            db.device_name(id("1002:aaf0")),
+            "Ellesmere HDMI Audio [Radeon RX 470/480 / 570/580/590]"
+        );
         assert_eq!(
             db.device_name(id("8086:1e31")),
             "7 Series/C210 Series Chipset Family USB xHCI Host Controller"
         );
         // Asked twice: answered from memory, the same.
-        assert_eq!(db.device_name(id("8086:1e31")), db.device_name(id("8086:1e31")));
+        assert_eq!(
+            db.device_name(id("8086:1e31")),
+            db.device_name(id("8086:1e31"))
+        );
     }
 
     #[test]
     fn unknown_devices_subsystems_and_classes_have_no_name() {
         let db = PciIds::parse(SNIPPET.to_owned());
-        assert_eq!(db.device_name(id("1002:1043")), "", "a subsystem line is not a device");
+        assert_eq!(
+            db.device_name(id("1002:1043")),
+            "",
+            "a subsystem line is not a device"
+        );
         assert_eq!(db.device_name(id("8086:ffff")), "");
         assert_eq!(db.device_name(id("1234:0000")), "");
         assert_eq!(PciIds::default().device_name(id("1002:67df")), "");

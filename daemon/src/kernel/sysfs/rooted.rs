@@ -122,7 +122,12 @@ impl Rooted {
         let name = target
             .file_name()
             .and_then(|name| name.to_str())
-            .ok_or_else(|| self.malformed(rel, format!("link to {} has no usable name", target.display())))?;
+            .ok_or_else(|| {
+                self.malformed(
+                    rel,
+                    format!("link to {} has no usable name", target.display()),
+                )
+            })?;
         Ok(Some(name.to_owned()))
     }
 
@@ -145,9 +150,16 @@ impl Rooted {
     ///
     /// One call, not `write_all`: a sysfs store sees each write(2) as one
     /// command, so a retried remainder would be a second, garbled command.
-    pub(super) fn write_once(&self, op: &'static str, rel: &Path, contents: &str) -> KernelResult<()> {
+    pub(super) fn write_once(
+        &self,
+        op: &'static str,
+        rel: &Path,
+        contents: &str,
+    ) -> KernelResult<()> {
         // Resolve first so a link in a fixture cannot aim the write outside the root.
-        let target = self.resolve(rel).map_err(|err| self.io_error(op, rel, err))?;
+        let target = self
+            .resolve(rel)
+            .map_err(|err| self.io_error(op, rel, err))?;
         // O_TRUNC as a shell's `>` does: sysfs ignores it, a fixture needs it.
         let mut file = OpenOptions::new()
             .write(true)

@@ -108,7 +108,11 @@ pub(super) fn unescape(field: &str) -> String {
         let octal = bytes
             .get(at + 1..at + 4)
             .filter(|digits| bytes[at] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)))
-            .map(|digits| digits.iter().fold(0u32, |value, d| value * 8 + u32::from(d - b'0')))
+            .map(|digits| {
+                digits
+                    .iter()
+                    .fold(0u32, |value, d| value * 8 + u32::from(d - b'0'))
+            })
             .and_then(|value| u8::try_from(value).ok());
         match octal {
             Some(byte) => {
@@ -136,7 +140,10 @@ fn block_dir_by_node(tree: &Rooted, node: &str) -> KernelResult<Option<PathBuf>>
         return Ok(None);
     }
     let node = Path::new(node);
-    let metadata = match tree.resolve(node).and_then(|resolved| fs::metadata(tree.host_path(&resolved))) {
+    let metadata = match tree
+        .resolve(node)
+        .and_then(|resolved| fs::metadata(tree.host_path(&resolved)))
+    {
         Ok(metadata) => metadata,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(tree.io_error("stat", node, err)),
@@ -198,7 +205,11 @@ fn lower_devices(tree: &Rooted, dir: &Path) -> KernelResult<Vec<PathBuf>> {
     };
     let mut links: Vec<PathBuf> = Vec::new();
     let slaves = whole_disk.join("slaves");
-    links.extend(tree.list_optional(&slaves)?.into_iter().map(|name| slaves.join(name)));
+    links.extend(
+        tree.list_optional(&slaves)?
+            .into_iter()
+            .map(|name| slaves.join(name)),
+    );
     if let Some(subsystem) = whole_disk.parent()
         && subsystem
             .file_name()
@@ -254,8 +265,13 @@ mod tests {
 
     #[test]
     fn refuses_malformed_mountinfo_with_the_line() {
-        for bad in ["29 1 8:2", "29 1 sda / / rw - ext4 /dev/sda2 rw", "29 1 8:2 / / rw ext4 /dev/sda2"] {
-            let err = parse_mountinfo(&format!("22 27 0:21 / /proc rw - proc proc rw\n{bad}\n")).unwrap_err();
+        for bad in [
+            "29 1 8:2",
+            "29 1 sda / / rw - ext4 /dev/sda2 rw",
+            "29 1 8:2 / / rw ext4 /dev/sda2",
+        ] {
+            let err = parse_mountinfo(&format!("22 27 0:21 / /proc rw - proc proc rw\n{bad}\n"))
+                .unwrap_err();
             assert!(err.starts_with("line 2:"), "{bad}: {err}");
         }
     }

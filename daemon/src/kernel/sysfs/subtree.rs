@@ -54,7 +54,9 @@ pub(super) fn walk(
                 Err(err) => return Err(tree.io_error("list", &dir, err)),
             };
             // sysfs fills in d_type, so this costs no stat.
-            let Ok(file_type) = entry.file_type() else { continue };
+            let Ok(file_type) = entry.file_type() else {
+                continue;
+            };
             let name = entry.file_name();
             if file_type.is_dir() {
                 if name != "power" && !is_pci_function(&name) {
@@ -73,7 +75,8 @@ pub(super) fn walk(
 }
 
 fn is_pci_function(name: &OsString) -> bool {
-    name.to_str().is_some_and(|name| name.parse::<PciAddress>().is_ok())
+    name.to_str()
+        .is_some_and(|name| name.parse::<PciAddress>().is_ok())
 }
 
 /// What reading a file of a device that just went away fails with.

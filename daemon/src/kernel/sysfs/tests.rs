@@ -45,8 +45,17 @@ fn paths(nodes: &[&str]) -> Vec<PathBuf> {
 fn desktop() -> Fixture {
     let fx = Fixture::new();
     fx.pci_ids(PCI_IDS);
-    fx.pci("0000:00:00.0").id("8086:0150").class("0x060000").group(0).add();
-    fx.pci(ROOT_PORT).id("8086:0151").class("0x060400").driver("pcieport").group(1).add();
+    fx.pci("0000:00:00.0")
+        .id("8086:0150")
+        .class("0x060000")
+        .group(0)
+        .add();
+    fx.pci(ROOT_PORT)
+        .id("8086:0151")
+        .class("0x060400")
+        .driver("pcieport")
+        .group(1)
+        .add();
 
     let gpu = fx
         .pci(GPU)
@@ -92,27 +101,82 @@ fn desktop() -> Fixture {
     fx.vtconsole(0, "(S) dummy device", false);
     fx.vtconsole(1, "(M) frame buffer device", true);
 
-    let xhci = fx.pci(XHCI).id("8086:1e31").class("0x0c0330").driver("xhci_hcd").group(3).add();
-    let usb1 = fx.usb_device(&xhci, "usb1", "1d6b:0002", "xHCI Host Controller", "09", &["09"]);
-    let keyboard = fx.usb_device(&usb1, "1-1", "046d:c31c", "USB Keyboard", "00", &["03", "03"]);
+    let xhci = fx
+        .pci(XHCI)
+        .id("8086:1e31")
+        .class("0x0c0330")
+        .driver("xhci_hcd")
+        .group(3)
+        .add();
+    let usb1 = fx.usb_device(
+        &xhci,
+        "usb1",
+        "1d6b:0002",
+        "xHCI Host Controller",
+        "09",
+        &["09"],
+    );
+    let keyboard = fx.usb_device(
+        &usb1,
+        "1-1",
+        "046d:c31c",
+        "USB Keyboard",
+        "00",
+        &["03", "03"],
+    );
     let hid = keyboard.join("1-1:1.0/0003:046D:C31C.0001/input/input5");
     fx.char_device(&hid, "event5", "input/event5", "13:69");
     let hub = fx.usb_device(&usb1, "1-2", "05e3:0610", "USB2.0 Hub", "09", &["09"]);
     fx.usb_device(&hub, "1-2.1", "0bc2:2322", "Expansion", "00", &["08"]);
     // A mouse whose first interface is vendor-specific.
-    fx.usb_device(&usb1, "1-3", "1532:0084", "Razer DeathAdder", "00", &["ff", "03"]);
-    fx.usb_device(&xhci, "usb2", "1d6b:0003", "xHCI Host Controller", "09", &["09"]);
+    fx.usb_device(
+        &usb1,
+        "1-3",
+        "1532:0084",
+        "Razer DeathAdder",
+        "00",
+        &["ff", "03"],
+    );
+    fx.usb_device(
+        &xhci,
+        "usb2",
+        "1d6b:0003",
+        "xHCI Host Controller",
+        "09",
+        &["09"],
+    );
 
-    let sata = fx.pci(SATA).id("8086:1e02").class("0x010601").driver("ahci").group(5).add();
+    let sata = fx
+        .pci(SATA)
+        .id("8086:1e02")
+        .class("0x010601")
+        .driver("ahci")
+        .group(5)
+        .add();
     let sda = fx.disk(sata.join("ata1/host0/target0:0:0/0:0:0:0/block/sda"), "8:0");
     fx.partition(&sda, "sda1", "8:1");
     fx.partition(&sda, "sda2", "8:2");
-    let sdb = fx.disk(sata.join("ata2/host1/target1:0:0/1:0:0:0/block/sdb"), "8:16");
+    let sdb = fx.disk(
+        sata.join("ata2/host1/target1:0:0/1:0:0:0/block/sdb"),
+        "8:16",
+    );
     let sdb1 = fx.partition(&sdb, "sdb1", "8:17");
     fx.dm_disk("dm-0", "253:0", &[&sdb1]);
 
-    fx.pci(NVME_PORT).id("8086:1e18").class("0x060400").driver("pcieport").group(6).add();
-    let nvme = fx.pci(NVME).behind(NVME_PORT).id("144d:a808").class("0x010802").driver("nvme").group(7).add();
+    fx.pci(NVME_PORT)
+        .id("8086:1e18")
+        .class("0x060400")
+        .driver("pcieport")
+        .group(6)
+        .add();
+    let nvme = fx
+        .pci(NVME)
+        .behind(NVME_PORT)
+        .id("144d:a808")
+        .class("0x010802")
+        .driver("nvme")
+        .group(7)
+        .add();
     let controller = fx.char_device(&nvme, "nvme/nvme0", "nvme0", "241:0");
     let subsystem = PathBuf::from("sys/devices/virtual/nvme-subsystem/nvme-subsys0");
     fx.link(subsystem.join("nvme0"), &controller);
@@ -137,8 +201,21 @@ fn desktop() -> Fixture {
     fx.mount("8:2", "/var/lib/bind", "ext4", "/dev/sda2");
 
     fx.process(1, "systemd", &["/dev/null", "/proc/1/mountinfo"]);
-    fx.process(1234, "Xorg", &["/dev/null", "/dev/dri/card0", "/dev/dri/card0", "socket:[4242]"]);
-    fx.process(2000, "pipewire", &["/dev/snd/controlC1", "/dev/snd/pcmC1D3p"]);
+    fx.process(
+        1234,
+        "Xorg",
+        &[
+            "/dev/null",
+            "/dev/dri/card0",
+            "/dev/dri/card0",
+            "socket:[4242]",
+        ],
+    );
+    fx.process(
+        2000,
+        "pipewire",
+        &["/dev/snd/controlC1", "/dev/snd/pcmC1D3p"],
+    );
     fx.process(4321, "qemu-system-x86", &["/dev/vfio/vfio", "/dev/vfio/8"]);
     fx
 }
@@ -147,7 +224,10 @@ fn desktop() -> Fixture {
 fn reads_every_attribute_of_a_function() {
     let fx = desktop();
     let kernel = fx.kernel();
-    let gpu = kernel.device(&addr(GPU)).unwrap().expect("the GPU is on the bus");
+    let gpu = kernel
+        .device(&addr(GPU))
+        .unwrap()
+        .expect("the GPU is on the bus");
     assert_eq!(
         gpu,
         PciDevice {
@@ -175,13 +255,31 @@ fn lists_every_function_in_address_order() {
     assert_eq!(
         addresses,
         [
-            "0000:00:00.0", ROOT_PORT, IGPU, XHCI, NVME_PORT, SATA, GPU, GPU_AUDIO, NVME, USB_CARD
+            "0000:00:00.0",
+            ROOT_PORT,
+            IGPU,
+            XHCI,
+            NVME_PORT,
+            SATA,
+            GPU,
+            GPU_AUDIO,
+            NVME,
+            USB_CARD
         ]
     );
-    let audio = devices.iter().find(|d| d.address == addr(GPU_AUDIO)).unwrap();
-    assert_eq!(audio.name, "Ellesmere HDMI Audio [Radeon RX 470/480 / 570/580/590]");
+    let audio = devices
+        .iter()
+        .find(|d| d.address == addr(GPU_AUDIO))
+        .unwrap();
+    assert_eq!(
+        audio.name,
+        "Ellesmere HDMI Audio [Radeon RX 470/480 / 570/580/590]"
+    );
     assert_eq!(audio.reset_methods, ["flr", "bus"]);
-    assert_eq!(audio.nodes, paths(&["/dev/snd/controlC1", "/dev/snd/pcmC1D3p"]));
+    assert_eq!(
+        audio.nodes,
+        paths(&["/dev/snd/controlC1", "/dev/snd/pcmC1D3p"])
+    );
     assert_eq!(audio.boot_vga, false, "no boot_vga file");
 }
 
@@ -226,12 +324,28 @@ fn finds_nodes_deep_below_a_controller() {
     let fx = desktop();
     let kernel = fx.kernel();
     let xhci = kernel.device(&addr(XHCI)).unwrap().unwrap();
-    assert!(xhci.nodes.contains(&PathBuf::from("/dev/input/event5")), "{:?}", xhci.nodes);
-    assert!(xhci.nodes.iter().any(|node| node.starts_with("/dev/bus/usb/001")), "{:?}", xhci.nodes);
+    assert!(
+        xhci.nodes.contains(&PathBuf::from("/dev/input/event5")),
+        "{:?}",
+        xhci.nodes
+    );
+    assert!(
+        xhci.nodes
+            .iter()
+            .any(|node| node.starts_with("/dev/bus/usb/001")),
+        "{:?}",
+        xhci.nodes
+    );
     let sata = kernel.device(&addr(SATA)).unwrap().unwrap();
     assert_eq!(
         sata.nodes,
-        paths(&["/dev/sda", "/dev/sda1", "/dev/sda2", "/dev/sdb", "/dev/sdb1"])
+        paths(&[
+            "/dev/sda",
+            "/dev/sda1",
+            "/dev/sda2",
+            "/dev/sdb",
+            "/dev/sdb1"
+        ])
     );
 }
 
@@ -247,7 +361,10 @@ fn driver_and_override_are_read_again_each_time() {
     fx.write(fx.function_dir(GPU).join("driver_override"), "vfio-pci\n");
     fx.bind(GPU, "vfio-pci");
     assert_eq!(kernel.driver(&gpu).unwrap().as_deref(), Some("vfio-pci"));
-    assert_eq!(kernel.driver_override(&gpu).unwrap().as_deref(), Some("vfio-pci"));
+    assert_eq!(
+        kernel.driver_override(&gpu).unwrap().as_deref(),
+        Some("vfio-pci")
+    );
     fx.write(fx.function_dir(GPU).join("driver_override"), "(null)\n");
     assert_eq!(kernel.driver_override(&gpu).unwrap(), None);
 }
@@ -264,15 +381,26 @@ fn a_function_that_is_not_on_the_bus() {
         kernel.mounts_behind(&absent).unwrap_err(),
         kernel.usb_behind(&absent).unwrap_err(),
         kernel.console_on(&absent).unwrap_err(),
-        kernel.set_driver_override(&absent, Some("vfio-pci")).unwrap_err(),
+        kernel
+            .set_driver_override(&absent, Some("vfio-pci"))
+            .unwrap_err(),
     ] {
-        assert!(matches!(err, KernelError::NoDevice(a) if a == absent), "{err}");
+        assert!(
+            matches!(err, KernelError::NoDevice(a) if a == absent),
+            "{err}"
+        );
     }
 
     // Unplugged: the bus link dangles for a moment, then goes.
     fx.remove(fx.function_dir(USB_CARD));
     assert_eq!(kernel.device(&addr(USB_CARD)).unwrap(), None);
-    assert!(!kernel.devices().unwrap().iter().any(|d| d.address == addr(USB_CARD)));
+    assert!(
+        !kernel
+            .devices()
+            .unwrap()
+            .iter()
+            .any(|d| d.address == addr(USB_CARD))
+    );
 }
 
 #[test]
@@ -283,7 +411,11 @@ fn malformed_attributes_are_errors_naming_the_file() {
         ("subsystem_vendor", "0x1da2e\n", "subsystem_vendor"),
         ("class", "0x0300\n", "class"),
         ("boot_vga", "2\n", "boot_vga"),
-        ("drm/card1/uevent", "MAJOR=226\nDEVNAME=../etc/passwd\n", "uevent"),
+        (
+            "drm/card1/uevent",
+            "MAJOR=226\nDEVNAME=../etc/passwd\n",
+            "uevent",
+        ),
         ("drm/card1/uevent", "DEVNAME=\n", "uevent"),
         ("iommu_group", "", "iommu_group"),
     ];
@@ -297,9 +429,15 @@ fn malformed_attributes_are_errors_naming_the_file() {
         }
         let kernel = fx.kernel();
         let err = kernel.device(&addr(GPU)).unwrap_err();
-        assert!(matches!(err, KernelError::Malformed { .. }), "{file}: {err}");
+        assert!(
+            matches!(err, KernelError::Malformed { .. }),
+            "{file}: {err}"
+        );
         assert!(err.to_string().contains(named), "{file}: {err}");
-        assert!(err.to_string().contains(&fx.root().display().to_string()), "{file}: {err}");
+        assert!(
+            err.to_string().contains(&fx.root().display().to_string()),
+            "{file}: {err}"
+        );
         assert!(kernel.devices().is_err(), "{file}");
     }
 }
@@ -309,7 +447,10 @@ fn a_bus_entry_that_is_not_an_address_is_malformed() {
     let fx = desktop();
     fx.link("sys/bus/pci/devices/gpu", fx.function_dir(GPU));
     let err = fx.kernel().devices().unwrap_err();
-    assert!(matches!(err, KernelError::Malformed { ref path, .. } if path.ends_with("devices/gpu")), "{err}");
+    assert!(
+        matches!(err, KernelError::Malformed { ref path, .. } if path.ends_with("devices/gpu")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -353,13 +494,22 @@ fn drivers_and_modules() {
          kernel/drivers/vfio/vfio_iommu_type1.ko.xz: kernel/drivers/vfio/vfio.ko.zst\n\
          kernel/drivers/gpu/drm/amd/amdgpu/amdgpu.ko:\n",
     );
-    fx.module_list("modules.builtin", "kernel/drivers/pci/pcie/portdrv.ko\nkernel/drivers/usb/host/xhci-pci.ko\n");
+    fx.module_list(
+        "modules.builtin",
+        "kernel/drivers/pci/pcie/portdrv.ko\nkernel/drivers/usb/host/xhci-pci.ko\n",
+    );
     assert!(kernel.module_available("vfio"));
     assert!(kernel.module_available("vfio-iommu-type1"));
     assert!(kernel.module_available("amdgpu"));
     assert!(kernel.module_available("xhci_pci"), "built in");
-    assert!(!kernel.module_available("vfio_iommu"), "a prefix is not a module");
-    assert!(!kernel.module_available("iommufd"), "a dependency's path is not a listed module");
+    assert!(
+        !kernel.module_available("vfio_iommu"),
+        "a prefix is not a module"
+    );
+    assert!(
+        !kernel.module_available("iommufd"),
+        "a dependency's path is not a listed module"
+    );
     assert!(!kernel.module_available("../vfio"));
 
     // Another kernel's lists say nothing about this one.
@@ -371,7 +521,10 @@ fn drivers_and_modules() {
 #[test]
 fn loading_a_module_into_a_fixture_is_refused() {
     let fx = Fixture::new();
-    let err = fx.kernel().load_module(crate::kernel::VFIO_MODULE).unwrap_err();
+    let err = fx
+        .kernel()
+        .load_module(crate::kernel::VFIO_MODULE)
+        .unwrap_err();
     assert!(matches!(err, KernelError::Module { .. }), "{err}");
     assert!(err.to_string().contains("fixture"), "{err}");
 }
@@ -386,7 +539,10 @@ fn holders_are_the_processes_with_a_node_open() {
         node: node.into(),
     };
     let igpu = kernel.device(&addr(IGPU)).unwrap().unwrap();
-    assert_eq!(kernel.holders(&igpu.nodes).unwrap(), [holder(1234, "Xorg", "/dev/dri/card0")]);
+    assert_eq!(
+        kernel.holders(&igpu.nodes).unwrap(),
+        [holder(1234, "Xorg", "/dev/dri/card0")]
+    );
 
     let audio = kernel.device(&addr(GPU_AUDIO)).unwrap().unwrap();
     assert_eq!(
@@ -405,7 +561,10 @@ fn holders_are_the_processes_with_a_node_open() {
     fx.remove("proc/77/comm");
     fx.write("proc/self/fd/0", "");
     fx.mkdir("proc/88");
-    assert_eq!(kernel.holders(&igpu.nodes).unwrap(), [holder(1234, "Xorg", "/dev/dri/card0")]);
+    assert_eq!(
+        kernel.holders(&igpu.nodes).unwrap(),
+        [holder(1234, "Xorg", "/dev/dri/card0")]
+    );
 }
 
 #[test]
@@ -435,19 +594,34 @@ fn mounts_behind_a_controller_include_stacked_and_nvme_disks() {
         ["/", "/boot/efi", "/mnt/my data", "/var/lib/bind"]
     );
     assert_eq!(kernel.mounts_behind(&addr(NVME)).unwrap(), ["/home"]);
-    assert_eq!(kernel.mounts_behind(&addr(NVME_PORT)).unwrap(), ["/home"], "behind its bridge too");
-    assert_eq!(kernel.mounts_behind(&addr(GPU)).unwrap(), Vec::<String>::new());
-    assert_eq!(kernel.mounts_behind(&addr(XHCI)).unwrap(), Vec::<String>::new());
+    assert_eq!(
+        kernel.mounts_behind(&addr(NVME_PORT)).unwrap(),
+        ["/home"],
+        "behind its bridge too"
+    );
+    assert_eq!(
+        kernel.mounts_behind(&addr(GPU)).unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        kernel.mounts_behind(&addr(XHCI)).unwrap(),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
 fn a_mount_on_a_usb_disk_is_behind_its_controller() {
     let fx = desktop();
-    let usb_disk = fx.function_dir(XHCI).join("usb1/1-2/1-2.1/1-2.1:1.0/host6/target6:0:0/6:0:0:0");
+    let usb_disk = fx
+        .function_dir(XHCI)
+        .join("usb1/1-2/1-2.1/1-2.1:1.0/host6/target6:0:0/6:0:0:0");
     let sdc = fx.disk(usb_disk.join("block/sdc"), "8:32");
     fx.partition(&sdc, "sdc1", "8:33");
     fx.mount("8:33", "/media/backup", "ext4", "/dev/sdc1");
-    assert_eq!(fx.kernel().mounts_behind(&addr(XHCI)).unwrap(), ["/media/backup"]);
+    assert_eq!(
+        fx.kernel().mounts_behind(&addr(XHCI)).unwrap(),
+        ["/media/backup"]
+    );
 }
 
 #[test]
@@ -456,7 +630,10 @@ fn unreadable_mountinfo_is_an_error_not_an_empty_list() {
     fx.append("proc/self/mountinfo", "garbage\n");
     let err = fx.kernel().mounts_behind(&addr(SATA)).unwrap_err();
     assert!(matches!(err, KernelError::Malformed { .. }), "{err}");
-    assert!(err.to_string().contains("mountinfo") && err.to_string().contains("line 8"), "{err}");
+    assert!(
+        err.to_string().contains("mountinfo") && err.to_string().contains("line 8"),
+        "{err}"
+    );
     fx.remove("proc/self/mountinfo");
     let err = fx.kernel().mounts_behind(&addr(SATA)).unwrap_err();
     assert!(matches!(err, KernelError::Io { .. }), "{err}");
@@ -468,11 +645,20 @@ fn unreadable_mountinfo_is_an_error_not_an_empty_list() {
 fn btrfs_and_swap_are_found_through_their_device_nodes() {
     use nix::sys::stat::{Mode, SFlag, makedev, mknod};
     let fx = desktop();
-    let sda = fx.function_dir(SATA).join("ata1/host0/target0:0:0/0:0:0:0/block/sda");
+    let sda = fx
+        .function_dir(SATA)
+        .join("ata1/host0/target0:0:0/0:0:0:0/block/sda");
     fx.partition(&sda, "sda3", "8:3");
     let made = [("dev/sda1", 1), ("dev/sda3", 3)]
         .iter()
-        .map(|(node, minor)| mknod(&fx.path(node), SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), makedev(8, *minor)))
+        .map(|(node, minor)| {
+            mknod(
+                &fx.path(node),
+                SFlag::S_IFBLK,
+                Mode::from_bits_truncate(0o600),
+                makedev(8, *minor),
+            )
+        })
         .collect::<Result<Vec<_>, _>>();
     if let Err(err) = made {
         eprintln!("skipped: cannot make device nodes here ({err})");
@@ -486,8 +672,14 @@ fn btrfs_and_swap_are_found_through_their_device_nodes() {
          /dev/sda3                               partition\t8388604\t\t0\t\t-2\n\
          /swapfile                               file\t\t1048572\t\t0\t\t-3\n",
     );
-    assert_eq!(fx.kernel().mounts_behind(&addr(SATA)).unwrap(), ["/data", "[swap] /dev/sda3"]);
-    assert_eq!(fx.kernel().mounts_behind(&addr(NVME)).unwrap(), Vec::<String>::new());
+    assert_eq!(
+        fx.kernel().mounts_behind(&addr(SATA)).unwrap(),
+        ["/data", "[swap] /dev/sda3"]
+    );
+    assert_eq!(
+        fx.kernel().mounts_behind(&addr(NVME)).unwrap(),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -517,11 +709,18 @@ fn usb_devices_behind_a_controller() {
 
 #[test]
 fn malformed_usb_attributes_are_errors() {
-    for (file, contents) in [("idVendor", "46d\n"), ("bDeviceClass", "3\n"), ("1-1:1.0/bInterfaceClass", "0x03\n")] {
+    for (file, contents) in [
+        ("idVendor", "46d\n"),
+        ("bDeviceClass", "3\n"),
+        ("1-1:1.0/bInterfaceClass", "0x03\n"),
+    ] {
         let fx = desktop();
         fx.write(fx.function_dir(XHCI).join("usb1/1-1").join(file), contents);
         let err = fx.kernel().usb_behind(&addr(XHCI)).unwrap_err();
-        assert!(matches!(err, KernelError::Malformed { ref path, .. } if path.ends_with(file)), "{file}: {err}");
+        assert!(
+            matches!(err, KernelError::Malformed { ref path, .. } if path.ends_with(file)),
+            "{file}: {err}"
+        );
     }
 }
 
@@ -530,14 +729,20 @@ fn fbcon_on_the_primary_framebuffer_holds_its_device() {
     let fx = desktop();
     let kernel = fx.kernel();
     assert!(kernel.console_on(&addr(IGPU)).unwrap());
-    assert!(!kernel.console_on(&addr(GPU)).unwrap(), "fb1: fbcon draws on fb0");
+    assert!(
+        !kernel.console_on(&addr(GPU)).unwrap(),
+        "fb1: fbcon draws on fb0"
+    );
     assert!(!kernel.console_on(&addr(XHCI)).unwrap());
     assert!(!kernel.console_on(&addr(ROOT_PORT)).unwrap());
 
     // i915 gone: fbcon moves to what is left.
     fx.remove("sys/class/graphics/fb0");
     assert!(kernel.console_on(&addr(GPU)).unwrap());
-    assert!(!kernel.console_on(&addr(IGPU)).unwrap(), "boot VGA, but no firmware framebuffer");
+    assert!(
+        !kernel.console_on(&addr(IGPU)).unwrap(),
+        "boot VGA, but no firmware framebuffer"
+    );
 }
 
 #[test]
@@ -555,10 +760,16 @@ fn a_live_firmware_framebuffer_holds_the_boot_vga() {
     fx.vtconsole(1, "(M) frame buffer device", false);
     let efifb = fx.platform_device("efi-framebuffer.0");
     let kernel = fx.kernel();
-    assert!(!kernel.console_on(&addr(IGPU)).unwrap(), "a leftover with no framebuffer");
+    assert!(
+        !kernel.console_on(&addr(IGPU)).unwrap(),
+        "a leftover with no framebuffer"
+    );
     fx.remove("sys/class/graphics/fb0");
     fx.framebuffer(0, &efifb);
-    assert!(kernel.console_on(&addr(IGPU)).unwrap(), "efifb scans out of the boot VGA");
+    assert!(
+        kernel.console_on(&addr(IGPU)).unwrap(),
+        "efifb scans out of the boot VGA"
+    );
     assert!(!kernel.console_on(&addr(GPU)).unwrap());
 
     let fx = desktop();
@@ -606,7 +817,10 @@ fn failed_writes_keep_the_os_error() {
     match &err {
         KernelError::Io { op, path, source } => {
             assert_eq!(*op, "unbind");
-            assert!(path.ends_with("sys/bus/pci/drivers/nouveau/unbind"), "{path}");
+            assert!(
+                path.ends_with("sys/bus/pci/drivers/nouveau/unbind"),
+                "{path}"
+            );
             assert_eq!(source.raw_os_error(), Some(nix::libc::ENOENT));
         }
         other => panic!("{other}"),
@@ -617,21 +831,38 @@ fn failed_writes_keep_the_os_error() {
     fx.remove("sys/bus/pci/drivers_probe");
     fx.mkdir("sys/bus/pci/drivers_probe");
     let err = kernel.probe(&addr(GPU)).unwrap_err();
-    assert!(matches!(&err, KernelError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::EISDIR)), "{err}");
+    assert!(
+        matches!(&err, KernelError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::EISDIR)),
+        "{err}"
+    );
 
     for bad in ["", "../amdgpu", "vfio-pci\nnouveau", "a b"] {
         assert!(kernel.unbind(&addr(GPU), bad).is_err(), "{bad:?}");
-        assert!(kernel.set_driver_override(&addr(GPU), Some(bad)).is_err(), "{bad:?}");
+        assert!(
+            kernel.set_driver_override(&addr(GPU), Some(bad)).is_err(),
+            "{bad:?}"
+        );
     }
-    assert_eq!(fx.read(fx.function_dir(GPU).join("driver_override")), "(null)\n", "nothing written");
+    assert_eq!(
+        fx.read(fx.function_dir(GPU).join("driver_override")),
+        "(null)\n",
+        "nothing written"
+    );
 }
 
 #[test]
 fn links_never_lead_out_of_the_root() {
     let fx = desktop();
     // An address no real machine has, so even a bug could not touch /sys.
-    let dir = fx.pci("00ff:05:00.0").id("1002:67df").class("0x030000").add();
-    fx.raw_link("sys/bus/pci/devices/00ff:05:00.0", Path::new("/").join(&dir));
+    let dir = fx
+        .pci("00ff:05:00.0")
+        .id("1002:67df")
+        .class("0x030000")
+        .add();
+    fx.raw_link(
+        "sys/bus/pci/devices/00ff:05:00.0",
+        Path::new("/").join(&dir),
+    );
     fx.raw_link(
         dir.join("iommu_group"),
         "../../../../../../../../../../../../sys/kernel/iommu_groups/9",
@@ -641,20 +872,28 @@ fn links_never_lead_out_of_the_root() {
     assert_eq!(device.id, id("1002:67df"));
     assert_eq!(device.iommu_group, Some(9));
 
-    kernel.set_driver_override(&addr("00ff:05:00.0"), Some("vfio-pci")).unwrap();
+    kernel
+        .set_driver_override(&addr("00ff:05:00.0"), Some("vfio-pci"))
+        .unwrap();
     assert_eq!(fx.read(dir.join("driver_override")), "vfio-pci");
 
     // A framebuffer whose device link climbs past the root still lands inside.
     fx.raw_link(
         "sys/class/graphics/fb0/device",
-        format!("../../../../../../../../../../{}", fx.function_dir(GPU).display()),
+        format!(
+            "../../../../../../../../../../{}",
+            fx.function_dir(GPU).display()
+        ),
     );
     assert!(kernel.console_on(&addr(GPU)).unwrap());
 
     // A loop is an error, not a hang.
     fx.raw_link("sys/bus/pci/devices/0000:0a:00.0", "0000:0a:00.0");
     let err = kernel.device(&addr("0000:0a:00.0")).unwrap_err();
-    assert!(matches!(&err, KernelError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::ELOOP)), "{err}");
+    assert!(
+        matches!(&err, KernelError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::ELOOP)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -662,7 +901,13 @@ fn reads_a_bus_of_thirty_functions_quickly() {
     let fx = desktop();
     for device in 0..20 {
         let address = format!("0000:10:{device:02x}.0");
-        let dir = fx.pci(&address).id("8086:0162").class("0x030000").driver("i915").group(20 + device).add();
+        let dir = fx
+            .pci(&address)
+            .id("8086:0162")
+            .class("0x030000")
+            .driver("i915")
+            .group(20 + device)
+            .add();
         fx.char_device(&dir, "drm/card9", "dri/card9", "226:9");
     }
     let kernel = fx.kernel();

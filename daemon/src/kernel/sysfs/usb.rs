@@ -40,7 +40,8 @@ pub(super) fn devices_behind(tree: &Rooted, controller_dir: &Path) -> KernelResu
                     .or_default()
                     .insert(name.to_owned(), class);
             }
-        } else if dir.has_file("idVendor") && dir.has_file("idProduct") && !name.starts_with("usb") {
+        } else if dir.has_file("idVendor") && dir.has_file("idProduct") && !name.starts_with("usb")
+        {
             devices.insert(dir.path.to_path_buf(), read_device(tree, dir.path, name)?);
         }
         Ok(())
