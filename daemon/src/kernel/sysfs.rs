@@ -134,15 +134,17 @@ fn invalid_driver(op: &'static str, driver: &str) -> KernelError {
 
 impl Kernel for SysfsKernel {
     fn devices(&self) -> KernelResult<Vec<PciDevice>> {
-        let bus = Path::new(PCI_DEVICES);
+        // No PCI bus (some VMs and boards): no functions.
+        let Some(bus) = self.tree.resolve_optional(Path::new(PCI_DEVICES))? else {
+            return Ok(Vec::new());
+        };
         let mut devices = Vec::new();
-        for name in self.tree.list_optional(bus)? {
-            let entry = bus.join(&name);
+        for name in self.tree.list_optional(&bus)? {
             let address: PciAddress = name
                 .to_str()
                 .and_then(|name| name.parse().ok())
-                .ok_or_else(|| self.tree.malformed(&entry, "not a PCI address"))?;
-            let Some(dir) = self.tree.resolve_optional(&entry)? else {
+                .ok_or_else(|| self.tree.malformed(&bus.join(&name), "not a PCI address"))?;
+            let Some(dir) = self.tree.resolve_optional_in(&bus, Path::new(&name))? else {
                 continue;
             };
             devices.extend(self.read_function(address, &dir)?);

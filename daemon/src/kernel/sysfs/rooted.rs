@@ -5,8 +5,8 @@
 //! write, out into the machine's real /sys.
 
 use std::ffi::OsString;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use crate::kernel::{KernelError, KernelResult};
@@ -37,10 +37,17 @@ impl Rooted {
     /// `rel` with every link followed, as a root-relative path free of
     /// links. Fails like `open` would (NotFound for a missing component).
     pub(super) fn resolve(&self, rel: &Path) -> io::Result<PathBuf> {
+        self.resolve_in(Path::new(""), rel)
+    }
+
+    /// [`Rooted::resolve`] of `base/rel`, where `base` is resolved already:
+    /// resolving `sys/bus/pci/devices` once spares its four components
+    /// a stat for every device.
+    pub(super) fn resolve_in(&self, base: &Path, rel: &Path) -> io::Result<PathBuf> {
         // Components still to walk, the next one last.
         let mut pending: Vec<OsString> = Vec::new();
         push_components(&mut pending, rel);
-        let mut resolved = PathBuf::new();
+        let mut resolved = base.to_path_buf();
         let mut links_followed = 0;
         while let Some(component) = pending.pop() {
             if component == "." {
@@ -71,10 +78,15 @@ impl Rooted {
 
     /// [`Rooted::resolve`], with `None` when `rel` is absent or a dangling link.
     pub(super) fn resolve_optional(&self, rel: &Path) -> KernelResult<Option<PathBuf>> {
-        match self.resolve(rel) {
+        self.resolve_optional_in(Path::new(""), rel)
+    }
+
+    /// [`Rooted::resolve_in`], with `None` when absent or a dangling link.
+    pub(super) fn resolve_optional_in(&self, base: &Path, rel: &Path) -> KernelResult<Option<PathBuf>> {
+        match self.resolve_in(base, rel) {
             Ok(resolved) => Ok(Some(resolved)),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(err) => Err(self.io_error("resolve", rel, err)),
+            Err(err) => Err(self.io_error("resolve", &base.join(rel), err)),
         }
     }
 
@@ -83,21 +95,27 @@ impl Rooted {
         self.resolve(rel).is_ok()
     }
 
-    /// A small text file, whole; `None` when it does not exist.
+    /// A small text file (a sysfs attribute: a page at most), whole;
+    /// `None` when it does not exist.
     pub(super) fn read_optional(&self, rel: &Path) -> KernelResult<Option<String>> {
-        match fs::read(self.host_path(rel)) {
+        match read_small(&self.host_path(rel)) {
             Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(err) => Err(self.io_error("read", rel, err)),
         }
     }
 
-    /// [`Rooted::read_optional`] after resolving `rel`, for files outside
-    /// sysfs reached through links (`/lib` → `usr/lib`, `proc/self`).
+    /// A file of any size after resolving `rel`, for files outside sysfs
+    /// reached through links (`/lib` → `usr/lib`, `proc/self`); `None`
+    /// when it does not exist.
     pub(super) fn read_resolved_optional(&self, rel: &Path) -> KernelResult<Option<String>> {
-        match self.resolve_optional(rel)? {
-            Some(resolved) => self.read_optional(&resolved),
-            None => Ok(None),
+        let Some(resolved) = self.resolve_optional(rel)? else {
+            return Ok(None);
+        };
+        match fs::read(self.root.join(&resolved)) {
+            Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(self.io_error("read", rel, err)),
         }
     }
 
@@ -187,6 +205,22 @@ impl Rooted {
         KernelError::Malformed {
             path: self.host_path(rel).display().to_string(),
             reason: reason.into(),
+        }
+    }
+}
+
+/// Reads a whole small file with plain read(2)s: `fs::read` first asks
+/// for the size (a statx and an lseek), which sysfs can't answer anyway.
+fn read_small(path: &Path) -> io::Result<Vec<u8>> {
+    let mut file = File::open(path)?;
+    let mut bytes = Vec::with_capacity(128);
+    let mut chunk = [0u8; 4096];
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => return Ok(bytes),
+            Ok(count) => bytes.extend_from_slice(&chunk[..count]),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
         }
     }
 }

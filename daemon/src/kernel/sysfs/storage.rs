@@ -18,6 +18,8 @@ use crate::kernel::KernelResult;
 
 const MOUNTINFO: &str = "proc/self/mountinfo";
 const SWAPS: &str = "proc/swaps";
+/// `MAJ:MIN` links to every block device.
+const BLOCK_NUMBERS: &str = "sys/dev/block";
 /// How deep block devices may stack (dm on md on a partition...).
 const MAX_STACK_DEPTH: usize = 16;
 
@@ -38,9 +40,13 @@ pub(super) fn mounts_behind(tree: &Rooted, function_dir: &Path) -> KernelResult<
     let mountinfo_path = Path::new(MOUNTINFO);
     let text = tree.read_resolved(mountinfo_path)?;
     let mounts = parse_mountinfo(&text).map_err(|reason| tree.malformed(mountinfo_path, reason))?;
+    let Some(block_numbers) = tree.resolve_optional(Path::new(BLOCK_NUMBERS))? else {
+        // No block devices at all.
+        return Ok(Vec::new());
+    };
     let mut behind = Vec::new();
     for mount in mounts {
-        let block_dir = match block_dir_by_number(tree, &mount.device_number)? {
+        let block_dir = match tree.resolve_optional_in(&block_numbers, Path::new(&mount.device_number))? {
             Some(dir) => Some(dir),
             // btrfs shows an anonymous 0:N; its source names the real disk.
             None => block_dir_by_node(tree, &mount.source)?,
@@ -130,7 +136,7 @@ pub(super) fn unescape(field: &str) -> String {
 
 /// `sys/dev/block/MAJ:MIN` resolved; `None` when it is not a block device.
 fn block_dir_by_number(tree: &Rooted, device_number: &str) -> KernelResult<Option<PathBuf>> {
-    tree.resolve_optional(&Path::new("sys/dev/block").join(device_number))
+    tree.resolve_optional(&Path::new(BLOCK_NUMBERS).join(device_number))
 }
 
 /// The sysfs directory of a block device node such as `/dev/sda2` or

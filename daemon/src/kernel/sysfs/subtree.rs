@@ -12,6 +12,10 @@ use vfiod_pci::PciAddress;
 use super::rooted::Rooted;
 use crate::kernel::KernelResult;
 
+/// Directories of attributes that every function has and that never hold
+/// a device: skipping them saves a read_dir each.
+const ATTRIBUTE_GROUPS: [&str; 2] = ["power", "msi_irqs"];
+
 /// One directory of the walk.
 pub(super) struct SubtreeDir<'a> {
     /// Root-relative.
@@ -30,8 +34,7 @@ impl SubtreeDir<'_> {
 ///
 /// Links are not followed (sysfs links point back up and across the tree),
 /// child PCI functions are left out (they are devices of their own), and so
-/// are `power` directories (attributes, never devices: skipping them saves a
-/// read_dir per device). A directory that vanishes mid-walk, as a driver's
+/// are [`ATTRIBUTE_GROUPS`]. A directory that vanishes mid-walk, as a driver's
 /// children do while it unbinds, is skipped.
 pub(super) fn walk(
     tree: &Rooted,
@@ -59,7 +62,7 @@ pub(super) fn walk(
             };
             let name = entry.file_name();
             if file_type.is_dir() {
-                if name != "power" && !is_pci_function(&name) {
+                if !ATTRIBUTE_GROUPS.iter().any(|group| name == *group) && !is_pci_function(&name) {
                     pending.push(dir.join(name));
                 }
             } else if file_type.is_file() {
