@@ -1,9 +1,14 @@
 //! The connection to vfiod: the system bus, uncached proxies and the one
 //! call that reads every object.
 
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
 use vfiod_dbus::names::{BUS_NAME, MANAGER_PATH};
 use vfiod_dbus::proxy::ManagerProxy;
 use zbus::Connection;
+use zbus::export::futures_core::Stream;
 use zbus::fdo::ObjectManagerProxy;
 use zbus::proxy::CacheProperties;
 
@@ -17,7 +22,9 @@ pub struct Bus {
 impl Bus {
     /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` if set).
     pub async fn connect() -> Result<Bus, Failure> {
-        let conn = Connection::system().await.map_err(|e| Failure::no_bus(&e))?;
+        let conn = Connection::system()
+            .await
+            .map_err(|e| Failure::no_bus(&e))?;
         Ok(Bus { conn })
     }
 
@@ -50,7 +57,10 @@ impl Bus {
             .build()
             .await
             .map_err(|e| self.failure(e))?;
-        let objects = manager.get_managed_objects().await.map_err(|e| self.failure(e))?;
+        let objects = manager
+            .get_managed_objects()
+            .await
+            .map_err(|e| self.failure(e))?;
         Ok(Objects::from_managed(objects))
     }
 
@@ -58,5 +68,19 @@ impl Bus {
     pub async fn version(&self) -> Result<String, Failure> {
         let manager = self.manager().await?;
         manager.version().await.map_err(|e| self.failure(e))
+    }
+}
+
+/// The next item of a signal stream (zbus streams are futures-core
+/// streams; this saves a dependency on futures-util for one method).
+pub async fn next<S: Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
+    poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
+}
+
+/// An item the stream already holds, without waiting for one.
+pub fn next_queued<S: Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
+    match Pin::new(stream).poll_next(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(item) => item,
+        Poll::Pending => None,
     }
 }

@@ -146,7 +146,10 @@ mod tests {
 
     #[test]
     fn access_denied_exits_4() {
-        assert_eq!(exit_of(Error::AccessDenied("polkit said no".into())), Exit::Denied);
+        assert_eq!(
+            exit_of(Error::AccessDenied("polkit said no".into())),
+            Exit::Denied
+        );
         let from_bus = Error::from_dbus(ACCESS_DENIED, "Rejected send message");
         assert_eq!(exit_of(from_bus), Exit::Denied);
     }
@@ -159,26 +162,38 @@ mod tests {
             "org.freedesktop.DBus.Error.NoReply",
             "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
         ] {
-            let f = Failure::from_dbus(&Error::from_dbus(name, "The name org.vfiod1 was not provided"), false);
+            let f = Failure::from_dbus(
+                &Error::from_dbus(name, "The name org.vfiod1 was not provided"),
+                false,
+            );
             assert_eq!(f.exit, Exit::Unreachable, "{name}");
         }
         // A transport error during a call: vfiod_dbus folds it into Failed.
-        let transport: Error = zbus::Error::InputOutput(std::io::Error::from(std::io::ErrorKind::BrokenPipe).into()).into();
+        let transport: Error =
+            zbus::Error::InputOutput(std::io::Error::from(std::io::ErrorKind::BrokenPipe).into())
+                .into();
         assert_eq!(Failure::from_dbus(&transport, true).exit, Exit::Unreachable);
-        let io = zbus::Error::InputOutput(std::io::Error::from(std::io::ErrorKind::NotFound).into());
+        let io =
+            zbus::Error::InputOutput(std::io::Error::from(std::io::ErrorKind::NotFound).into());
         assert_eq!(Failure::no_bus(&io).exit, Exit::Unreachable);
     }
 
     #[test]
     fn shows_the_last_component_of_the_name() {
-        let f = Failure::from_dbus(&Error::Protected("cannot bind 00:14.0: keyboard".into()), false);
+        let f = Failure::from_dbus(
+            &Error::Protected("cannot bind 00:14.0: keyboard".into()),
+            false,
+        );
         assert_eq!(f.to_string(), "Protected: cannot bind 00:14.0: keyboard");
         assert_eq!(f.name, "org.vfiod1.Error.Protected");
         assert_eq!(
             f.to_json(),
             serde_json::json!({"name": "org.vfiod1.Error.Protected", "message": "cannot bind 00:14.0: keyboard"})
         );
-        assert_eq!(Failure::usage("InvalidXml", "x").to_string(), "InvalidXml: x");
+        assert_eq!(
+            Failure::usage("InvalidXml", "x").to_string(),
+            "InvalidXml: x"
+        );
         assert_eq!(Failure::usage("InvalidXml", "x").exit, Exit::Usage);
     }
 }

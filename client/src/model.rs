@@ -110,7 +110,8 @@ impl Objects {
             let path = path.as_str().to_owned();
             // Intermediate nodes (/org/vfiod1/device) come with no interface.
             if let Some(props) = interfaces.remove(DEVICE_INTERFACE) {
-                out.devices.push(DeviceView::from_properties(path.clone(), props));
+                out.devices
+                    .push(DeviceView::from_properties(path.clone(), props));
             }
             if let Some(props) = interfaces.remove(PROFILE_INTERFACE) {
                 out.profiles.push(ProfileView::from_properties(path, props));
@@ -127,7 +128,9 @@ impl Objects {
     }
 
     pub fn device(&self, address: &PciAddress) -> Option<&DeviceView> {
-        self.devices.iter().find(|d| d.pci_address().as_ref() == Some(address))
+        self.devices
+            .iter()
+            .find(|d| d.pci_address().as_ref() == Some(address))
     }
 
     pub fn profile(&self, name: &str) -> Option<&ProfileView> {
@@ -136,13 +139,20 @@ impl Objects {
 
     /// The profile a device belongs to (at most one, DESIGN §6).
     pub fn profile_of(&self, device: &DeviceView) -> Option<&ProfileView> {
-        self.profiles.iter().find(|p| p.devices.contains(&device.path))
+        self.profiles
+            .iter()
+            .find(|p| p.devices.contains(&device.path))
     }
 
     /// A profile's devices, in address order; paths vfiod did not list as
     /// devices are skipped.
-    pub fn devices_of<'a>(&'a self, profile: &'a ProfileView) -> impl Iterator<Item = &'a DeviceView> {
-        self.devices.iter().filter(|d| profile.devices.contains(&d.path))
+    pub fn devices_of<'a>(
+        &'a self,
+        profile: &'a ProfileView,
+    ) -> impl Iterator<Item = &'a DeviceView> {
+        self.devices
+            .iter()
+            .filter(|d| profile.devices.contains(&d.path))
     }
 }
 
@@ -186,7 +196,10 @@ pub mod tests {
     pub fn profile_props(name: &str, devices: &[&str], state: &str) -> Properties {
         let mut p = Properties::new();
         p.insert("Name".into(), variant(name));
-        let paths: Vec<zbus::ObjectPath<'_>> = devices.iter().map(|d| zbus::ObjectPath::try_from(*d).unwrap()).collect();
+        let paths: Vec<zbus::ObjectPath<'_>> = devices
+            .iter()
+            .map(|d| zbus::ObjectPath::try_from(*d).unwrap())
+            .collect();
         p.insert("Devices".into(), variant(paths));
         p.insert("State".into(), variant(state));
         p.insert("Owner".into(), variant(""));
@@ -202,8 +215,16 @@ pub mod tests {
                 .or_default()
                 .insert(iface.try_into().unwrap(), props);
         };
-        add("/org/vfiod1/device/0000_01_00_1", DEVICE_INTERFACE, device_props("0000:01:00.1", "vfio-pci", "vfio", "win10"));
-        add("/org/vfiod1/device/0000_01_00_0", DEVICE_INTERFACE, device_props("0000:01:00.0", "vfio-pci", "vfio", "win10"));
+        add(
+            "/org/vfiod1/device/0000_01_00_1",
+            DEVICE_INTERFACE,
+            device_props("0000:01:00.1", "vfio-pci", "vfio", "win10"),
+        );
+        add(
+            "/org/vfiod1/device/0000_01_00_0",
+            DEVICE_INTERFACE,
+            device_props("0000:01:00.0", "vfio-pci", "vfio", "win10"),
+        );
         let mut usb = device_props("0000:04:00.0", "xhci_hcd", "host", "");
         usb.insert("IommuGroup".into(), variant(-1i32));
         usb.remove("BootVga");
@@ -211,9 +232,17 @@ pub mod tests {
         add(
             "/org/vfiod1/profile/rx580",
             PROFILE_INTERFACE,
-            profile_props("rx580", &["/org/vfiod1/device/0000_01_00_0", "/org/vfiod1/device/0000_01_00_1"], "vfio"),
+            profile_props(
+                "rx580",
+                &[
+                    "/org/vfiod1/device/0000_01_00_0",
+                    "/org/vfiod1/device/0000_01_00_1",
+                ],
+                "vfio",
+            ),
         );
-        m.entry(OwnedObjectPath::try_from("/org/vfiod1/device").unwrap()).or_default();
+        m.entry(OwnedObjectPath::try_from("/org/vfiod1/device").unwrap())
+            .or_default();
         Objects::from_managed(m)
     }
 
@@ -224,7 +253,10 @@ pub mod tests {
         assert_eq!(addresses, ["0000:01:00.0", "0000:01:00.1", "0000:04:00.0"]);
         assert_eq!(o.profiles.len(), 1);
         let gpu = &o.devices[0];
-        assert_eq!((gpu.vendor_id, gpu.device_id, gpu.class), (0x1002, 0x67df, 0x030000));
+        assert_eq!(
+            (gpu.vendor_id, gpu.device_id, gpu.class),
+            (0x1002, 0x67df, 0x030000)
+        );
         assert_eq!(gpu.id(), "1002:67df");
         assert_eq!(o.profile_of(gpu).map(|p| p.name.as_str()), Some("rx580"));
         let usb = o.device(&"04:00.0".parse().unwrap()).unwrap();
@@ -237,7 +269,10 @@ pub mod tests {
 
     #[test]
     fn addresses_from_paths() {
-        assert_eq!(address_from_path("/org/vfiod1/device/0000_01_00_1").as_deref(), Some("0000:01:00.1"));
+        assert_eq!(
+            address_from_path("/org/vfiod1/device/0000_01_00_1").as_deref(),
+            Some("0000:01:00.1")
+        );
         assert_eq!(address_from_path("/org/vfiod1/device/bogus"), None);
         assert_eq!(address_from_path("/org/vfiod1/device/0000_01_00_9"), None);
     }

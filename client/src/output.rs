@@ -48,9 +48,10 @@ impl Output {
     /// an error: what was to be done is done.
     pub fn print(&self, text: &str) -> Result<(), Failure> {
         match self.write_stdout(text) {
-            Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
-                Err(Failure::local("Output", format!("cannot write to stdout: {e}")))
-            }
+            Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(Failure::local(
+                "Output",
+                format!("cannot write to stdout: {e}"),
+            )),
             _ => Ok(()),
         }
     }
@@ -89,9 +90,14 @@ impl Output {
     pub fn fail(&self, failure: &Failure) {
         self.note(&format!("vfioctl: {failure}"));
         if self.json {
-            // The exit status already says it failed; a closed stdout adds nothing.
-            let _ = self.print_json(&json!({ "error": failure.to_json() }));
+            self.error_json(failure);
         }
+    }
+
+    /// `{"error": {"name": ..., "message": ...}}` on stdout.
+    pub fn error_json(&self, failure: &Failure) {
+        // The exit status already says it failed; a closed stdout adds nothing.
+        let _ = self.print_json(&json!({ "error": failure.to_json() }));
     }
 }
 
@@ -123,14 +129,24 @@ pub fn or_dash(s: &str) -> &str {
 }
 
 fn or_null(s: &str) -> Value {
-    if s.is_empty() { Value::Null } else { Value::from(s) }
+    if s.is_empty() {
+        Value::Null
+    } else {
+        Value::from(s)
+    }
 }
 
 /// Rows as columns separated by two spaces; the last column is not padded.
 pub fn table(rows: &[Vec<String>], indent: &str) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {
@@ -150,7 +166,9 @@ pub fn table(rows: &[Vec<String>], indent: &str) -> String {
 
 /// Stable keys; absent strings are null, hex ids are strings as lspci shows them.
 pub fn device_json(device: &DeviceView, objects: Option<&Objects>) -> Value {
-    let profile = objects.and_then(|o| o.profile_of(device)).map(|p| p.name.as_str());
+    let profile = objects
+        .and_then(|o| o.profile_of(device))
+        .map(|p| p.name.as_str());
     json!({
         "address": device.address,
         "vendor_id": format!("{:04x}", device.vendor_id),

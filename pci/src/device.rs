@@ -15,8 +15,6 @@ pub struct PciDevice {
     pub name: String,
     /// The bound driver, from the `driver` link.
     pub driver: Option<String>,
-    /// `driver_override`; `None` when it reads `(null)`.
-    pub driver_override: Option<String>,
     pub iommu_group: Option<u32>,
     /// The upstream bridge, when the device sits behind one.
     pub parent: Option<PciAddress>,

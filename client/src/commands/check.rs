@@ -28,7 +28,11 @@ pub async fn run(bus: &Bus, out: &Output, target: Option<&str>) -> Result<Exit, 
         .await
         .map_err(|e| bus.failure(e))?
         .into_iter()
-        .map(|(id, severity, message)| Finding { id, severity, message })
+        .map(|(id, severity, message)| Finding {
+            id,
+            severity,
+            message,
+        })
         .collect();
     if out.json {
         // A Vec of plain structs always serializes.
@@ -47,7 +51,9 @@ pub async fn run(bus: &Bus, out: &Output, target: Option<&str>) -> Result<Exit, 
 
 /// Continuation lines of a message line up under its first line.
 fn indent_message(message: &str, width: usize) -> String {
-    message.trim_end().replace('\n', &format!("\n{}", " ".repeat(width)))
+    message
+        .trim_end()
+        .replace('\n', &format!("\n{}", " ".repeat(width)))
 }
 
 /// For programs: one finding per line in the daemon's order,
@@ -55,7 +61,13 @@ fn indent_message(message: &str, width: usize) -> String {
 fn plain(findings: &[Finding]) -> String {
     let rows: Vec<Vec<String>> = findings
         .iter()
-        .map(|f| vec![f.severity.clone(), f.id.clone(), f.message.trim_end().replace('\n', " ")])
+        .map(|f| {
+            vec![
+                f.severity.clone(),
+                f.id.clone(),
+                f.message.trim_end().replace('\n', " "),
+            ]
+        })
         .collect();
     table(&rows, "")
 }
@@ -77,13 +89,17 @@ fn grouped(findings: &[Finding], color: bool) -> String {
     others.sort_unstable();
     others.dedup();
 
-    let id_width = findings.iter().map(|f| f.id.chars().count()).max().unwrap_or(0);
+    let id_width = findings
+        .iter()
+        .map(|f| f.id.chars().count())
+        .max()
+        .unwrap_or(0);
     let mut text = String::new();
     let mut counts = Vec::new();
     let all = sections
         .iter()
         .map(|(s, title, c)| (*s, (*title).to_owned(), Some(*c)))
-        .chain(others.iter().map(|s| (*s, s.to_owned(), None)));
+        .chain(others.iter().map(|s| (*s, (*s).to_owned(), None)));
     for (severity, title, c) in all {
         let members: Vec<&Finding> = findings.iter().filter(|f| f.severity == severity).collect();
         if members.is_empty() {
@@ -120,7 +136,11 @@ mod tests {
         [
             ("kvm", "ok", "/dev/kvm is there"),
             ("iommu", "fail", "no IOMMU groups: enable intel_iommu=on"),
-            ("group.1", "warn", "group 1 also holds 0000:00:01.0 (a bridge)\nbridges may stay"),
+            (
+                "group.1",
+                "warn",
+                "group 1 also holds 0000:00:01.0 (a bridge)\nbridges may stay",
+            ),
             ("future", "note", "something new"),
         ]
         .into_iter()
@@ -135,7 +155,10 @@ mod tests {
     #[test]
     fn plain_is_one_line_each_in_order() {
         let text = plain(&findings()[..2]);
-        assert_eq!(text, "ok    kvm    /dev/kvm is there\nfail  iommu  no IOMMU groups: enable intel_iommu=on\n");
+        assert_eq!(
+            text,
+            "ok    kvm    /dev/kvm is there\nfail  iommu  no IOMMU groups: enable intel_iommu=on\n"
+        );
     }
 
     #[test]
@@ -147,7 +170,10 @@ mod tests {
         let note = text.find("note (1):").unwrap();
         assert!(fail < warn && warn < ok && ok < note, "{text}");
         assert!(text.contains("  fail  iommu    no IOMMU groups"), "{text}");
-        assert!(text.contains("\n                   bridges may stay\n"), "{text}");
+        assert!(
+            text.contains("\n                 bridges may stay\n"),
+            "{text}"
+        );
         assert!(text.ends_with("1 fail, 1 warn, 1 ok, 1 note\n"), "{text}");
         assert!(!text.contains('\x1b'));
         assert!(grouped(&findings(), true).contains("\x1b[1;31mfail\x1b[0m"));
@@ -157,7 +183,10 @@ mod tests {
     #[test]
     fn json_is_an_array_of_objects() {
         let doc = serde_json::to_value(findings()).unwrap();
-        assert_eq!(doc[1], serde_json::json!({"id": "iommu", "severity": "fail", "message": "no IOMMU groups: enable intel_iommu=on"}));
+        assert_eq!(
+            doc[1],
+            serde_json::json!({"id": "iommu", "severity": "fail", "message": "no IOMMU groups: enable intel_iommu=on"})
+        );
         assert!(findings().iter().any(Finding::is_failure));
     }
 }

@@ -1,18 +1,16 @@
 //! `bind` and `release`: Manager.Bind/Release, one target after another,
 //! with live progress on a terminal.
 
-use std::future::{Future, poll_fn};
-use std::pin::{Pin, pin};
-use std::task::{Context, Poll, Waker};
+use std::future::Future;
+use std::pin::pin;
 
 use serde_json::{Value, json};
 use vfiod_dbus::Direction;
 use vfiod_dbus::proxy::{ManagerProxy, Options, TransitionProgress, TransitionProgressStream};
 use vfiod_pci::PciAddress;
 use zbus::Variant;
-use zbus::export::futures_core::Stream;
 
-use crate::bus::Bus;
+use crate::bus::{self, Bus};
 use crate::error::{Exit, Failure};
 use crate::model::{Objects, address_from_path};
 use crate::output::{self, Output, or_dash};
@@ -58,7 +56,12 @@ impl<'b> Mover<'b> {
     pub async fn new(bus: &'b Bus, out: &Output) -> Result<Mover<'b>, Failure> {
         let manager = bus.manager().await?;
         let progress = if out.stderr_tty {
-            Some(manager.receive_transition_progress().await.map_err(|e| bus.failure(e))?)
+            Some(
+                manager
+                    .receive_transition_progress()
+                    .await
+                    .map_err(|e| bus.failure(e))?,
+            )
         } else {
             None
         };
@@ -107,14 +110,13 @@ async fn with_progress<T>(
     loop {
         tokio::select! {
             biased;
-            signal = poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)), if open => match signal {
+            signal = bus::next(stream), if open => match signal {
                 Some(signal) => show_progress(&signal, target, out),
                 None => open = false,
             },
             result = &mut call => {
                 // Signals sent before the reply are queued already: show them.
-                let mut cx = Context::from_waker(Waker::noop());
-                while let Poll::Ready(Some(signal)) = Pin::new(&mut *stream).poll_next(&mut cx) {
+                while let Some(signal) = bus::next_queued(stream) {
                     show_progress(&signal, target, out);
                 }
                 return result;
@@ -149,14 +151,46 @@ pub struct Moved {
     pub devices: Vec<String>,
 }
 
+/// The error of a release for a VM that does not own the target.
+pub const CONFLICT: &str = "org.vfiod1.Error.Conflict";
+
 /// What a bind or release command did.
 #[derive(Debug)]
 pub struct Report {
     pub direction: Direction,
     pub done: Vec<Moved>,
-    /// The target that failed and why.
+    /// The target that failed and stopped the command, and why.
     pub failed: Option<(String, Failure)>,
     pub not_attempted: Vec<String>,
+    /// Bound by this call, then released again after a failure (the hook).
+    pub rolled_back: Vec<String>,
+    /// Not moved, for a reason that stopped nothing else (the hook's
+    /// release: Conflict means another VM owns it).
+    pub skipped: Vec<(String, Failure)>,
+}
+
+impl Report {
+    pub fn new(direction: Direction) -> Report {
+        Report {
+            direction,
+            done: Vec::new(),
+            failed: None,
+            not_attempted: Vec::new(),
+            rolled_back: Vec::new(),
+            skipped: Vec::new(),
+        }
+    }
+
+    /// The worst exit status; leaving another VM's device alone is right.
+    pub fn exit(&self) -> Exit {
+        let failed = self.failed.iter().map(|(_, f)| f.exit);
+        let skipped = self
+            .skipped
+            .iter()
+            .filter(|(_, f)| f.name != CONFLICT)
+            .map(|(_, f)| f.exit);
+        failed.chain(skipped).max().unwrap_or(Exit::Done)
+    }
 }
 
 pub async fn run(
@@ -167,12 +201,7 @@ pub async fn run(
     options: &MoveOptions,
 ) -> Result<Exit, Failure> {
     let mut mover = Mover::new(bus, out).await?;
-    let mut report = Report {
-        direction,
-        done: Vec::new(),
-        failed: None,
-        not_attempted: Vec::new(),
-    };
+    let mut report = Report::new(direction);
     for (i, target) in targets.iter().enumerate() {
         match mover.move_one(direction, target, options).await {
             Ok(devices) => report.done.push(Moved {
@@ -194,12 +223,16 @@ pub async fn run(
         bus.objects().await.ok()
     };
     show_report(&report, objects.as_ref(), out)?;
-    Ok(report.failed.as_ref().map_or(Exit::Done, |(_, f)| f.exit))
+    Ok(report.exit())
 }
 
 /// Prints the report: results on stdout, the failure on stderr (and in
 /// the JSON document, which stays one document).
-pub fn show_report(report: &Report, objects: Option<&Objects>, out: &Output) -> Result<(), Failure> {
+pub fn show_report(
+    report: &Report,
+    objects: Option<&Objects>,
+    out: &Output,
+) -> Result<(), Failure> {
     if let Some((_, failure)) = &report.failed {
         out.note(&format!("vfioctl: {failure}"));
         if let Some(note) = partial_note(report) {
@@ -220,20 +253,33 @@ fn past_tense(direction: Direction) -> &'static str {
     }
 }
 
-/// After a failure: which target failed, what was done before it and
-/// what was not tried.
+/// After a failure: which target failed, what was done before it (and
+/// undone again), and what was not tried.
 fn partial_note(report: &Report) -> Option<String> {
     let (target, _) = report.failed.as_ref()?;
-    if report.done.is_empty() && report.not_attempted.is_empty() {
+    if report.done.is_empty() && report.not_attempted.is_empty() && report.rolled_back.is_empty() {
         return None;
     }
     let mut note = format!("{} {target} failed", report.direction);
     if !report.done.is_empty() {
         let done: Vec<&str> = report.done.iter().map(|m| m.target.as_str()).collect();
-        note.push_str(&format!("; already {}: {}", past_tense(report.direction), done.join(", ")));
+        note.push_str(&format!(
+            "; already {}: {}",
+            past_tense(report.direction),
+            done.join(", ")
+        ));
+    }
+    if !report.rolled_back.is_empty() {
+        note.push_str(&format!(
+            "; bound, then released again: {}",
+            report.rolled_back.join(", ")
+        ));
     }
     if !report.not_attempted.is_empty() {
-        note.push_str(&format!("; not attempted: {}", report.not_attempted.join(", ")));
+        note.push_str(&format!(
+            "; not attempted: {}",
+            report.not_attempted.join(", ")
+        ));
     }
     Some(note)
 }
@@ -241,12 +287,20 @@ fn partial_note(report: &Report) -> Option<String> {
 fn report_human(report: &Report, objects: Option<&Objects>) -> String {
     let mut text = String::new();
     for moved in &report.done {
-        text.push_str(&format!("{} {}:\n", past_tense(report.direction), moved.target));
+        text.push_str(&format!(
+            "{} {}:\n",
+            past_tense(report.direction),
+            moved.target
+        ));
         let rows: Vec<Vec<String>> = moved
             .devices
             .iter()
             .map(|path| match objects.and_then(|o| o.device_at(path)) {
-                Some(d) => vec![d.address.clone(), or_dash(&d.driver).to_owned(), d.name.clone()],
+                Some(d) => vec![
+                    d.address.clone(),
+                    or_dash(&d.driver).to_owned(),
+                    d.name.clone(),
+                ],
                 None => vec![address_from_path(path).unwrap_or_else(|| path.clone())],
             })
             .collect();
@@ -277,6 +331,21 @@ fn report_json(report: &Report, objects: Option<&Objects>) -> Value {
         error["target"] = Value::from(target.as_str());
         doc["error"] = error;
         doc["not_attempted"] = Value::from(report.not_attempted.clone());
+    }
+    if !report.rolled_back.is_empty() {
+        doc["rolled_back"] = Value::from(report.rolled_back.clone());
+    }
+    if !report.skipped.is_empty() {
+        let skipped: Vec<Value> = report
+            .skipped
+            .iter()
+            .map(|(target, failure)| {
+                let mut error = failure.to_json();
+                error["target"] = Value::from(target.as_str());
+                error
+            })
+            .collect();
+        doc["skipped"] = Value::from(skipped);
     }
     doc
 }
@@ -315,20 +384,59 @@ mod tests {
     }
 
     fn report(failed: bool) -> Report {
-        Report {
-            direction: Direction::Bind,
-            done: vec![Moved {
-                target: "rx580".into(),
-                devices: vec!["/org/vfiod1/device/0000_01_00_0".into(), "/org/vfiod1/device/0000_01_00_1".into()],
-            }],
-            failed: failed.then(|| {
-                (
-                    "usb3".into(),
-                    Failure::from_dbus(&vfiod_dbus::Error::Protected("keyboard behind 0000:04:00.0".into()), false),
-                )
-            }),
-            not_attempted: if failed { vec!["nic".into()] } else { vec![] },
+        let mut report = Report::new(Direction::Bind);
+        report.done.push(Moved {
+            target: "rx580".into(),
+            devices: vec![
+                "/org/vfiod1/device/0000_01_00_0".into(),
+                "/org/vfiod1/device/0000_01_00_1".into(),
+            ],
+        });
+        if failed {
+            report.failed = Some((
+                "usb3".into(),
+                Failure::from_dbus(
+                    &vfiod_dbus::Error::Protected("keyboard behind 0000:04:00.0".into()),
+                    false,
+                ),
+            ));
+            report.not_attempted = vec!["nic".into()];
         }
+        report
+    }
+
+    #[test]
+    fn conflicts_do_not_fail_a_release() {
+        let mut r = Report::new(Direction::Release);
+        let conflict =
+            Failure::from_dbus(&vfiod_dbus::Error::Conflict("owned by linux".into()), false);
+        r.skipped.push(("rx580".into(), conflict));
+        assert_eq!(r.exit(), Exit::Done);
+        let kernel = Failure::from_dbus(
+            &vfiod_dbus::Error::Kernel("amdgpu did not come back".into()),
+            false,
+        );
+        r.skipped.push(("usb3".into(), kernel));
+        assert_eq!(r.exit(), Exit::Failed);
+        let doc = report_json(&r, None);
+        assert_eq!(doc["skipped"][0]["target"], "rx580");
+        assert_eq!(doc["skipped"][1]["name"], "org.vfiod1.Error.Kernel");
+        assert_eq!(report(true).exit(), Exit::Failed);
+        assert_eq!(report(false).exit(), Exit::Done);
+    }
+
+    #[test]
+    fn a_rolled_back_bind_says_so() {
+        let mut r = report(true);
+        r.rolled_back = std::mem::take(&mut r.done)
+            .into_iter()
+            .map(|m| m.target)
+            .collect();
+        assert_eq!(
+            partial_note(&r).unwrap(),
+            "bind usb3 failed; bound, then released again: rx580; not attempted: nic"
+        );
+        assert_eq!(report_json(&r, None)["rolled_back"], json!(["rx580"]));
     }
 
     #[test]
@@ -360,6 +468,9 @@ mod tests {
         assert_eq!(doc["not_attempted"], json!(["nic"]));
         let ok = report_json(&report(false), None);
         assert!(ok.get("error").is_none());
-        assert_eq!(ok["done"][0]["devices"][0], json!({"address": "0000:01:00.0"}));
+        assert_eq!(
+            ok["done"][0]["devices"][0],
+            json!({"address": "0000:01:00.0"})
+        );
     }
 }

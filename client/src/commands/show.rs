@@ -66,11 +66,14 @@ fn resolve<'a>(objects: &'a Objects, target: &str) -> Result<Target<'a>, Failure
     }
     let unknown = |why: String| Failure::new(Exit::Failed, "org.vfiod1.Error.UnknownTarget", why);
     match target.parse::<PciAddress>() {
-        Ok(address) => objects
-            .device(&address)
-            .map(Target::Device)
-            .ok_or_else(|| unknown(format!("no PCI device {address} and no profile named {target:?}"))),
-        Err(_) => Err(unknown(format!("no profile named {target:?}, and it is not a PCI address"))),
+        Ok(address) => objects.device(&address).map(Target::Device).ok_or_else(|| {
+            unknown(format!(
+                "no PCI device {address} and no profile named {target:?}"
+            ))
+        }),
+        Err(_) => Err(unknown(format!(
+            "no profile named {target:?}, and it is not a PCI address"
+        ))),
     }
 }
 
@@ -89,11 +92,15 @@ fn list_json(objects: &Objects) -> Value {
 }
 
 fn device_header() -> Vec<String> {
-    ["ADDRESS", "DRIVER", "STATE", "OWNER", "NAME"].map(String::from).to_vec()
+    ["ADDRESS", "DRIVER", "STATE", "OWNER", "NAME"]
+        .map(String::from)
+        .to_vec()
 }
 
 fn profile_header() -> Vec<String> {
-    ["PROFILE", "STATE", "OWNER", "DEVICES"].map(String::from).to_vec()
+    ["PROFILE", "STATE", "OWNER", "DEVICES"]
+        .map(String::from)
+        .to_vec()
 }
 
 fn list_human(objects: &Objects) -> String {
@@ -102,7 +109,12 @@ fn list_human(objects: &Objects) -> String {
     let mut text = table(&rows, "");
     if !objects.profiles.is_empty() {
         let mut rows = vec![profile_header()];
-        rows.extend(objects.profiles.iter().map(|p| output::profile_row(p, objects)));
+        rows.extend(
+            objects
+                .profiles
+                .iter()
+                .map(|p| output::profile_row(p, objects)),
+        );
         text.push('\n');
         text.push_str(&table(&rows, ""));
     }
@@ -117,11 +129,20 @@ fn summary_human(version: &str, objects: &Objects) -> String {
         objects.profiles.len()
     );
     if !objects.profiles.is_empty() {
-        let rows: Vec<_> = objects.profiles.iter().map(|p| output::profile_row(p, objects)).collect();
+        let rows: Vec<_> = objects
+            .profiles
+            .iter()
+            .map(|p| output::profile_row(p, objects))
+            .collect();
         text.push_str("profiles:\n");
         text.push_str(&table(&rows, "  "));
     }
-    let away: Vec<_> = objects.devices.iter().filter(|d| d.state != "host").map(output::device_row).collect();
+    let away: Vec<_> = objects
+        .devices
+        .iter()
+        .filter(|d| d.state != "host")
+        .map(output::device_row)
+        .collect();
     if away.is_empty() {
         text.push_str("every device is on its host driver\n");
     } else {
@@ -150,7 +171,11 @@ fn profile_detail_human(profile: &ProfileView, objects: &Objects) -> String {
         text.push_str(&format!(", owner {}", profile.owner));
     }
     text.push('\n');
-    let mut rows = vec![["ADDRESS", "DRIVER", "STATE", "OWNER", "HOST DRIVER", "NAME"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["ADDRESS", "DRIVER", "STATE", "OWNER", "HOST DRIVER", "NAME"]
+            .map(String::from)
+            .to_vec(),
+    ];
     rows.extend(objects.devices_of(profile).map(|d| {
         vec![
             d.address.clone(),
@@ -170,18 +195,33 @@ fn profile_detail_human(profile: &ProfileView, objects: &Objects) -> String {
 
 fn device_detail_human(d: &DeviceView, objects: &Objects) -> String {
     let mut lines = vec![format!("{}  {}", d.address, d.name)];
-    let mut field = |name: &str, value: String| lines.push(format!("  {:<12} {value}", format!("{name}:")));
+    let mut field =
+        |name: &str, value: String| lines.push(format!("  {:<12} {value}", format!("{name}:")));
     field("id", format!("{}, class 0x{:06x}", d.id(), d.class));
     field(
         "iommu group",
-        if d.iommu_group >= 0 { d.iommu_group.to_string() } else { "none".into() },
+        if d.iommu_group >= 0 {
+            d.iommu_group.to_string()
+        } else {
+            "none".into()
+        },
     );
     let host = if d.host_driver.is_empty() || d.host_driver == d.driver {
         String::new()
     } else {
         format!(" (host driver {})", d.host_driver)
     };
-    field("driver", format!("{}{host}", if d.driver.is_empty() { "none" } else { &d.driver }));
+    field(
+        "driver",
+        format!(
+            "{}{host}",
+            if d.driver.is_empty() {
+                "none"
+            } else {
+                &d.driver
+            }
+        ),
+    );
     field("state", or_dash(&d.state).to_owned());
     field("owner", or_dash(&d.owner).to_owned());
     if let Some(p) = objects.profile_of(d) {
@@ -226,10 +266,15 @@ mod tests {
     fn targets_resolve_like_the_daemon() {
         let o = sample();
         assert!(matches!(resolve(&o, "rx580"), Ok(Target::Profile(_))));
-        assert!(matches!(resolve(&o, "04:00.0"), Ok(Target::Device(d)) if d.address == "0000:04:00.0"));
+        assert!(
+            matches!(resolve(&o, "04:00.0"), Ok(Target::Device(d)) if d.address == "0000:04:00.0")
+        );
         assert!(matches!(resolve(&o, "0000:01:00.1"), Ok(Target::Device(_))));
         let err = resolve(&o, "07:00.0").err().unwrap();
-        assert_eq!((err.exit, err.short_name()), (Exit::Failed, "UnknownTarget"));
+        assert_eq!(
+            (err.exit, err.short_name()),
+            (Exit::Failed, "UnknownTarget")
+        );
         assert!(resolve(&o, "nope").is_err());
     }
 
@@ -238,13 +283,22 @@ mod tests {
         let o = sample();
         let text = profile_detail_human(o.profile("rx580").unwrap(), &o);
         assert!(text.starts_with("profile rx580: vfio\n"), "{text}");
-        assert!(text.contains("0000:01:00.1  vfio-pci  vfio   win10  amdgpu"), "{text}");
+        assert!(
+            text.contains("0000:01:00.1  vfio-pci  vfio   win10  amdgpu"),
+            "{text}"
+        );
         let text = device_detail_human(&o.devices[0], &o);
-        assert!(text.contains("driver:      vfio-pci (host driver amdgpu)"), "{text}");
+        assert!(
+            text.contains("driver:      vfio-pci (host driver amdgpu)"),
+            "{text}"
+        );
         assert!(text.contains("profile:     rx580"), "{text}");
         let doc = profile_detail_json(o.profile("rx580").unwrap(), &o);
         assert_eq!(doc["devices"][0]["host_driver"], "amdgpu");
         let summary = summary_human("0.1.0", &o);
-        assert!(summary.starts_with("vfiod 0.1.0: 3 devices (2 on vfio-pci), 1 profiles\n"), "{summary}");
+        assert!(
+            summary.starts_with("vfiod 0.1.0: 3 devices (2 on vfio-pci), 1 profiles\n"),
+            "{summary}"
+        );
     }
 }

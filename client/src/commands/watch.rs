@@ -5,21 +5,21 @@
 //! Transition* signals; a second one follows the daemon coming and going.
 
 use std::collections::BTreeMap;
-use std::future::poll_fn;
 use std::io;
 use std::num::NonZeroUsize;
-use std::pin::Pin;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
-use vfiod_dbus::names::{BUS_NAME, DEVICE_PATH_PREFIX, MANAGER_INTERFACE, MANAGER_PATH, PROFILE_PATH_PREFIX};
-use zbus::export::futures_core::Stream;
+use vfiod_dbus::names::{
+    BUS_NAME, DEVICE_PATH_PREFIX, MANAGER_INTERFACE, MANAGER_PATH, PROFILE_PATH_PREFIX,
+};
 use zbus::fdo::DBusProxy;
 use zbus::message::{Message, Type};
+use zbus::names::BusName;
 use zbus::{MatchRule, MessageStream, ObjectPath, Variant};
 
-use crate::bus::Bus;
+use crate::bus::{self, Bus};
 use crate::error::{Exit, Failure};
 use crate::model::address_from_path;
 use crate::output::Output;
@@ -90,8 +90,12 @@ pub async fn run(bus: &Bus, out: &Output) -> Result<Exit, Failure> {
         .await
         .map_err(|e| bus.failure(e))?;
     // Subscribed first, so a daemon that starts now is not missed.
-    let name = BUS_NAME.try_into().map_err(|e: zbus::names::Error| bus.failure(zbus::Error::from(e)))?;
-    if !dbus.name_has_owner(name).await.map_err(|e| bus.failure(e))? {
+    let name = BusName::try_from(BUS_NAME).map_err(|e| bus.failure(e))?;
+    if !dbus
+        .name_has_owner(name)
+        .await
+        .map_err(|e| bus.failure(e))?
+    {
         out.warn("vfiod is not running (org.vfiod1 is not on the system bus); waiting for it");
     }
     let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_failure)?;
@@ -99,12 +103,12 @@ pub async fn run(bus: &Bus, out: &Output) -> Result<Exit, Failure> {
 
     loop {
         let event = tokio::select! {
-            message = poll_fn(|cx| Pin::new(&mut signals).poll_next(cx)) => match message {
+            message = bus::next(&mut signals) => match message {
                 Some(Ok(message)) => decode(&message),
                 Some(Err(_)) => None,
                 None => return Err(lost(bus)),
             },
-            owner = poll_fn(|cx| Pin::new(&mut owners).poll_next(cx)) => match owner {
+            owner = bus::next(&mut owners) => match owner {
                 Some(signal) => signal.args().ok().map(|args| Event {
                     time: SystemTime::now(),
                     object: None,
@@ -127,7 +131,12 @@ pub async fn run(bus: &Bus, out: &Output) -> Result<Exit, Failure> {
             Ok(()) => {}
             // Whoever read our output is gone: so is the point of watching.
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(Exit::Done),
-            Err(e) => return Err(Failure::local("Output", format!("cannot write to stdout: {e}"))),
+            Err(e) => {
+                return Err(Failure::local(
+                    "Output",
+                    format!("cannot write to stdout: {e}"),
+                ));
+            }
         }
     }
 }
@@ -138,7 +147,11 @@ fn signal_failure(e: io::Error) -> Failure {
 
 fn lost(bus: &Bus) -> Failure {
     bus.failure(zbus::Error::InputOutput(
-        io::Error::new(io::ErrorKind::BrokenPipe, "the connection to the system bus was lost").into(),
+        io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "the connection to the system bus was lost",
+        )
+        .into(),
     ))
 }
 
@@ -151,24 +164,37 @@ pub fn decode(message: &Message) -> Option<Event> {
     let body = message.body();
     let change = match (interface.as_str(), member.as_str()) {
         ("org.freedesktop.DBus.Properties", "PropertiesChanged") => {
-            let (interface, changed, invalidated): (String, BTreeMap<String, Variant<'_>>, Vec<String>) =
-                body.deserialize().ok()?;
+            let (interface, changed, invalidated): (
+                String,
+                BTreeMap<String, Variant<'_>>,
+                Vec<String>,
+            ) = body.deserialize().ok()?;
             Change::Properties {
                 interface,
-                changed: changed.iter().map(|(k, v)| (k.clone(), to_json(v))).collect(),
+                changed: changed
+                    .iter()
+                    .map(|(k, v)| (k.clone(), to_json(v)))
+                    .collect(),
                 invalidated,
             }
         }
         ("org.freedesktop.DBus.ObjectManager", "InterfacesAdded") => {
-            let (path, interfaces): (ObjectPath<'_>, BTreeMap<String, BTreeMap<String, Variant<'_>>>) =
-                body.deserialize().ok()?;
+            let (path, interfaces): (
+                ObjectPath<'_>,
+                BTreeMap<String, BTreeMap<String, Variant<'_>>>,
+            ) = body.deserialize().ok()?;
             return Some(Event {
                 time: SystemTime::now(),
                 object: Some(path.as_str().to_owned()),
                 change: Change::Added {
                     interfaces: interfaces
                         .iter()
-                        .map(|(i, props)| (i.clone(), props.iter().map(|(k, v)| (k.clone(), to_json(v))).collect()))
+                        .map(|(i, props)| {
+                            (
+                                i.clone(),
+                                props.iter().map(|(k, v)| (k.clone(), to_json(v))).collect(),
+                            )
+                        })
                         .collect(),
                 },
             });
@@ -187,7 +213,11 @@ pub fn decode(message: &Message) -> Option<Event> {
         }
         (MANAGER_INTERFACE, "TransitionProgress") => {
             let (target, device, step): (String, String, String) = body.deserialize().ok()?;
-            Change::TransitionProgress { target, device, step }
+            Change::TransitionProgress {
+                target,
+                device,
+                step,
+            }
         }
         (MANAGER_INTERFACE, "TransitionFinished") => {
             let (target, direction, error): (String, String, String) = body.deserialize().ok()?;
@@ -251,7 +281,9 @@ fn unescape(element: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'_'
-            && let Some(byte) = element.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
+            && let Some(byte) = element
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
         {
             out.push(byte);
             i += 3;
@@ -268,7 +300,10 @@ fn show_value(value: &Value) -> String {
     match value {
         Value::String(s) if s.is_empty() || s.contains(char::is_whitespace) => format!("{s:?}"),
         Value::String(s) => s.clone(),
-        Value::Array(items) => format!("[{}]", items.iter().map(show_value).collect::<Vec<_>>().join(", ")),
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(show_value).collect::<Vec<_>>().join(", ")
+        ),
         other => other.to_string(),
     }
 }
@@ -282,10 +317,15 @@ fn show_properties(props: &BTreeMap<String, Value>) -> String {
 }
 
 pub fn event_human(event: &Event) -> String {
-    let object = event.object.as_deref().map_or_else(|| "vfiod".to_owned(), object_name);
+    let object = event
+        .object
+        .as_deref()
+        .map_or_else(|| "vfiod".to_owned(), object_name);
     let what = match &event.change {
         Change::Properties {
-            changed, invalidated, ..
+            changed,
+            invalidated,
+            ..
         } => {
             let mut parts = show_properties(changed);
             for name in invalidated {
@@ -294,13 +334,25 @@ pub fn event_human(event: &Event) -> String {
             parts.trim_start().to_owned()
         }
         Change::Added { interfaces } => {
-            let mut parts = vec![format!("added {}", interfaces.keys().cloned().collect::<Vec<_>>().join(", "))];
-            parts.extend(interfaces.values().filter(|p| !p.is_empty()).map(show_properties));
+            let mut parts = vec![format!(
+                "added {}",
+                interfaces.keys().cloned().collect::<Vec<_>>().join(", ")
+            )];
+            parts.extend(
+                interfaces
+                    .values()
+                    .filter(|p| !p.is_empty())
+                    .map(show_properties),
+            );
             parts.join(" ")
         }
         Change::Removed { interfaces } => format!("removed {}", interfaces.join(", ")),
         Change::TransitionStarted { target, direction } => format!("{direction} {target}: started"),
-        Change::TransitionProgress { target, device, step } => format!("{target}: {device}: {step}"),
+        Change::TransitionProgress {
+            target,
+            device,
+            step,
+        } => format!("{target}: {device}: {step}"),
         Change::TransitionFinished {
             target,
             direction,
@@ -324,13 +376,19 @@ pub fn event_json(event: &Event) -> Value {
             interface,
             changed,
             invalidated,
-        } => json!({ "event": "changed", "interface": interface, "changed": changed, "invalidated": invalidated }),
+        } => {
+            json!({ "event": "changed", "interface": interface, "changed": changed, "invalidated": invalidated })
+        }
         Change::Added { interfaces } => json!({ "event": "added", "interfaces": interfaces }),
         Change::Removed { interfaces } => json!({ "event": "removed", "interfaces": interfaces }),
         Change::TransitionStarted { target, direction } => {
             json!({ "event": "transition-started", "target": target, "direction": direction })
         }
-        Change::TransitionProgress { target, device, step } => {
+        Change::TransitionProgress {
+            target,
+            device,
+            step,
+        } => {
             json!({ "event": "transition-progress", "target": target, "device": device, "step": step })
         }
         Change::TransitionFinished {
@@ -341,8 +399,12 @@ pub fn event_json(event: &Event) -> Value {
             "event": "transition-finished", "target": target, "direction": direction,
             "error": if error.is_empty() { Value::Null } else { Value::from(error.as_str()) },
         }),
-        Change::Daemon { owner } => json!({ "event": "daemon", "running": owner.is_some(), "owner": owner }),
-        Change::Other { interface, member } => json!({ "event": "signal", "interface": interface, "member": member }),
+        Change::Daemon { owner } => {
+            json!({ "event": "daemon", "running": owner.is_some(), "owner": owner })
+        }
+        Change::Other { interface, member } => {
+            json!({ "event": "signal", "interface": interface, "member": member })
+        }
     };
     doc["time"] = Value::from(rfc3339(event.time));
     doc["object"] = event.object.as_deref().map_or(Value::Null, Value::from);
@@ -400,14 +462,20 @@ mod tests {
     #[test]
     fn objects_get_readable_names() {
         assert_eq!(object_name("/org/vfiod1"), "manager");
-        assert_eq!(object_name("/org/vfiod1/device/0000_01_00_0"), "device 0000:01:00.0");
-        assert_eq!(object_name("/org/vfiod1/profile/rx_2d580"), "profile rx-580");
+        assert_eq!(
+            object_name("/org/vfiod1/device/0000_01_00_0"),
+            "device 0000:01:00.0"
+        );
+        assert_eq!(
+            object_name("/org/vfiod1/profile/rx_2d580"),
+            "profile rx-580"
+        );
         assert_eq!(object_name("/org/vfiod1/profile/a_b"), "profile a_b");
         assert_eq!(object_name("/org/vfiod1/other"), "/org/vfiod1/other");
     }
 
     fn signal(path: &str, interface: &str, member: &str) -> zbus::message::Builder<'static> {
-        Message::signal(path.to_owned(), interface.to_owned(), member.to_owned()).unwrap()
+        Message::signal(path.to_owned(), interface.to_owned(), member.to_owned())
     }
 
     #[test]
@@ -416,9 +484,13 @@ mod tests {
         changed.insert("Driver", Variant::from("vfio-pci"));
         changed.insert("State", Variant::from("vfio"));
         changed.insert("IommuGroup", Variant::from(1i32));
-        let message = signal("/org/vfiod1/device/0000_01_00_0", "org.freedesktop.DBus.Properties", "PropertiesChanged")
-            .build(&("org.vfiod1.Device", changed, vec!["Owner"]))
-            .unwrap();
+        let message = signal(
+            "/org/vfiod1/device/0000_01_00_0",
+            "org.freedesktop.DBus.Properties",
+            "PropertiesChanged",
+        )
+        .build(&("org.vfiod1.Device", changed, vec!["Owner"]))
+        .unwrap();
         let mut event = decode(&message).unwrap();
         event.time = at(0, 0);
         assert_eq!(
@@ -446,25 +518,37 @@ mod tests {
         assert_eq!(event_json(&event)["event"], "transition-progress");
 
         let message = signal(MANAGER_PATH, MANAGER_INTERFACE, "TransitionFinished")
-            .build(&("rx580", "bind", "org.vfiod1.Error.DeviceBusy: pipewire holds /dev/snd/pcmC1D3p"))
+            .build(&(
+                "rx580",
+                "bind",
+                "org.vfiod1.Error.DeviceBusy: pipewire holds /dev/snd/pcmC1D3p",
+            ))
             .unwrap();
         let event = decode(&message).unwrap();
-        assert!(event_human(&event).ends_with("bind rx580: failed: org.vfiod1.Error.DeviceBusy: pipewire holds /dev/snd/pcmC1D3p"));
+        assert!(event_human(&event).ends_with(
+            "bind rx580: failed: org.vfiod1.Error.DeviceBusy: pipewire holds /dev/snd/pcmC1D3p"
+        ));
         let message = signal(MANAGER_PATH, MANAGER_INTERFACE, "TransitionFinished")
             .build(&("rx580", "bind", ""))
             .unwrap();
         assert_eq!(event_json(&decode(&message).unwrap())["error"], Value::Null);
 
         let path = ObjectPath::try_from("/org/vfiod1/profile/usb3").unwrap();
-        let message = signal(MANAGER_PATH, "org.freedesktop.DBus.ObjectManager", "InterfacesRemoved")
-            .build(&(path, vec!["org.vfiod1.Profile"]))
-            .unwrap();
+        let message = signal(
+            MANAGER_PATH,
+            "org.freedesktop.DBus.ObjectManager",
+            "InterfacesRemoved",
+        )
+        .build(&(path, vec!["org.vfiod1.Profile"]))
+        .unwrap();
         let event = decode(&message).unwrap();
         assert_eq!(event.object.as_deref(), Some("/org/vfiod1/profile/usb3"));
         assert!(event_human(&event).ends_with("  profile usb3  removed org.vfiod1.Profile"));
 
         // A malformed body is skipped, not fatal.
-        let message = signal(MANAGER_PATH, MANAGER_INTERFACE, "TransitionStarted").build(&(1u32,)).unwrap();
+        let message = signal(MANAGER_PATH, MANAGER_INTERFACE, "TransitionStarted")
+            .build(&(1u32,))
+            .unwrap();
         assert!(decode(&message).is_none());
     }
 
@@ -477,7 +561,10 @@ mod tests {
                 owner: Some(":1.42".into()),
             },
         };
-        assert_eq!(event_human(&started), "1970-01-01T00:00:00.000Z  vfiod  started (:1.42)");
+        assert_eq!(
+            event_human(&started),
+            "1970-01-01T00:00:00.000Z  vfiod  started (:1.42)"
+        );
         assert_eq!(event_json(&started)["running"], true);
         assert_eq!(event_json(&started)["object"], Value::Null);
     }

@@ -83,7 +83,9 @@ pub fn parse(xml: &str) -> Result<Domain, XmlError> {
                 Some("yes") => Managed::Yes,
                 None => Managed::Absent,
                 Some(other) => {
-                    return Err(fail(format!("hostdev managed={other:?}: expected 'yes' or 'no'")));
+                    return Err(fail(format!(
+                        "hostdev managed={other:?}: expected 'yes' or 'no'"
+                    )));
                 }
             };
             let address = child(hostdev, "source")
@@ -99,7 +101,8 @@ pub fn parse(xml: &str) -> Result<Domain, XmlError> {
 }
 
 fn children<'a, 'i>(node: Node<'a, 'i>, name: &'static str) -> impl Iterator<Item = Node<'a, 'i>> {
-    node.children().filter(move |c| c.is_element() && c.tag_name().name() == name)
+    node.children()
+        .filter(move |c| c.is_element() && c.tag_name().name() == name)
 }
 
 fn child<'a, 'i>(node: Node<'a, 'i>, name: &'static str) -> Option<Node<'a, 'i>> {
@@ -116,9 +119,11 @@ fn pci_address(node: Node<'_, '_>) -> Result<PciAddress, XmlError> {
                 Ok(0)
             };
         };
-        number(text)
-            .filter(|n| *n <= max)
-            .ok_or_else(|| fail(format!("PCI hostdev address {name}={text:?} is not a number up to {max:#x}")))
+        number(text).filter(|n| *n <= max).ok_or_else(|| {
+            fail(format!(
+                "PCI hostdev address {name}={text:?} is not a number up to {max:#x}"
+            ))
+        })
     };
     Ok(PciAddress::new(
         field("domain", 0xffff, false)? as u16,
@@ -207,22 +212,41 @@ pub mod tests {
         assert_eq!(
             domain.hostdevs,
             [
-                Hostdev { address: address("01:00.0"), managed: Managed::No },
-                Hostdev { address: address("01:00.1"), managed: Managed::No },
-                Hostdev { address: address("04:00.0"), managed: Managed::Yes },
+                Hostdev {
+                    address: address("01:00.0"),
+                    managed: Managed::No
+                },
+                Hostdev {
+                    address: address("01:00.1"),
+                    managed: Managed::No
+                },
+                Hostdev {
+                    address: address("04:00.0"),
+                    managed: Managed::Yes
+                },
             ]
         );
     }
 
     #[test]
     fn a_domain_without_hostdevs_has_none() {
-        let xml = "<domain type='kvm'><name>plain</name><devices><disk type='file'/></devices></domain>";
+        let xml =
+            "<domain type='kvm'><name>plain</name><devices><disk type='file'/></devices></domain>";
         assert_eq!(
             parse(xml).unwrap(),
-            Domain { name: Some("plain".into()), hostdevs: vec![] }
+            Domain {
+                name: Some("plain".into()),
+                hostdevs: vec![]
+            }
         );
         // No <devices> at all, no <name>: still a domain.
-        assert_eq!(parse("<domain/>").unwrap(), Domain { name: None, hostdevs: vec![] });
+        assert_eq!(
+            parse("<domain/>").unwrap(),
+            Domain {
+                name: None,
+                hostdevs: vec![]
+            }
+        );
     }
 
     #[test]
@@ -234,7 +258,10 @@ pub mod tests {
         assert_eq!(domain.name.as_deref(), Some("vm"));
         assert_eq!(
             domain.hostdevs,
-            [Hostdev { address: PciAddress::new(0, 10, 0x1f, 7), managed: Managed::Absent }]
+            [Hostdev {
+                address: PciAddress::new(0, 10, 0x1f, 7),
+                managed: Managed::Absent
+            }]
         );
     }
 
@@ -277,7 +304,11 @@ pub mod tests {
     fn survives_deep_nesting_and_too_many_nodes() {
         // Deep enough to overflow a recursive parser's stack.
         let depth = 200_000;
-        let deep = format!("<domain><devices>{}{}</devices></domain>", "<a>".repeat(depth), "</a>".repeat(depth));
+        let deep = format!(
+            "<domain><devices>{}{}</devices></domain>",
+            "<a>".repeat(depth),
+            "</a>".repeat(depth)
+        );
         assert_eq!(parse(&deep).unwrap().hostdevs, []);
         let unclosed = format!("<domain>{}", "<a>".repeat(depth));
         assert!(parse(&unclosed).is_err());

@@ -32,17 +32,26 @@ pub struct Plan {
 
 /// `id_of` gives a device's vendor:device id when it is known, so that
 /// profiles listing `ids` cover devices too.
-pub fn plan(domain: &str, xml: &Domain, config: &Config, id_of: impl Fn(&PciAddress) -> Option<PciId>) -> Plan {
+pub fn plan(
+    domain: &str,
+    xml: &Domain,
+    config: &Config,
+    id_of: impl Fn(&PciAddress) -> Option<PciId>,
+) -> Plan {
     let mut plan = Plan::default();
     let mine: Vec<(&String, &vfiod::config::Profile)> = config
         .profiles
         .iter()
         .filter(|(_, p)| p.vms.iter().any(|vm| vm == domain))
         .collect();
-    plan.targets.extend(mine.iter().map(|(name, _)| Target::Profile((*name).clone())));
+    plan.targets.extend(
+        mine.iter()
+            .map(|(name, _)| Target::Profile((*name).clone())),
+    );
 
     let covers = |profile: &vfiod::config::Profile, address: &PciAddress| {
-        profile.devices.contains(address) || id_of(address).is_some_and(|id| profile.ids.contains(&id))
+        profile.devices.contains(address)
+            || id_of(address).is_some_and(|id| profile.ids.contains(&id))
     };
     for hostdev in &xml.hostdevs {
         let address = hostdev.address;
@@ -106,7 +115,13 @@ devices = ["0000:05:00.0"]
         let xml = domain::parse(WIN10).unwrap();
         let plan = plan("win10", &xml, &config(), no_ids);
         // Both GPU functions are rx580's; the managed='yes' one is libvirt's.
-        assert_eq!(plan.targets, [Target::Profile("rx580".into()), Target::Profile("usb3".into())]);
+        assert_eq!(
+            plan.targets,
+            [
+                Target::Profile("rx580".into()),
+                Target::Profile("usb3".into())
+            ]
+        );
         assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
     }
 
@@ -116,16 +131,24 @@ devices = ["0000:05:00.0"]
         let plan = plan("win10", &xml, &config(), usb_card_at_04);
         assert_eq!(plan.targets.len(), 2);
         assert_eq!(plan.warnings.len(), 1);
-        assert!(plan.warnings[0].contains("0000:04:00.0") && plan.warnings[0].contains("usb3"), "{:?}", plan.warnings);
+        assert!(
+            plan.warnings[0].contains("0000:04:00.0") && plan.warnings[0].contains("usb3"),
+            "{:?}",
+            plan.warnings
+        );
     }
 
     #[test]
     fn hostdevs_without_a_profile_are_bound_by_address() {
-        let xml = domain::parse(&WIN10.replace("<name>win10</name>", "<name>other</name>")).unwrap();
+        let xml =
+            domain::parse(&WIN10.replace("<name>win10</name>", "<name>other</name>")).unwrap();
         let plan = plan("other", &xml, &config(), no_ids);
         assert_eq!(
             plan.targets,
-            [Target::Device("01:00.0".parse().unwrap()), Target::Device("01:00.1".parse().unwrap())]
+            [
+                Target::Device("01:00.0".parse().unwrap()),
+                Target::Device("01:00.1".parse().unwrap())
+            ]
         );
         assert_eq!(plan.targets[0].to_string(), "0000:01:00.0");
     }

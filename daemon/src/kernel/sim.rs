@@ -692,7 +692,6 @@ impl RunningState {
             class: entry.class,
             name: entry.name.clone(),
             driver: dev.driver.clone(),
-            driver_override: dev.driver_override.clone(),
             iommu_group: entry.group,
             parent: entry.parent,
             boot_vga: entry.boot_vga,
@@ -1128,7 +1127,7 @@ nodes = ["/dev/dri/card1"]
             "Ellesmere [Radeon RX 470/480/570/570X/580/580X/590]"
         );
         assert_eq!(gpu.driver.as_deref(), Some("amdgpu"));
-        assert_eq!(gpu.driver_override, None);
+        assert_eq!(kernel.driver_override(&gpu.address).unwrap(), None);
         assert_eq!(gpu.iommu_group, Some(1));
         assert_eq!(gpu.parent, Some(addr(ROOT_PORT)));
         assert_eq!(gpu.reset_methods, ["bus"]);

@@ -215,8 +215,13 @@ impl Kernel for SysfsKernel {
             // A lone newline clears it; the kernel then shows "(null)".
             None => "\n",
         };
-        let dir = self.existing_function_dir(address)?;
-        self.write(OP, &dir.join("driver_override"), contents)
+        // NoDevice rather than an I/O error for a function that is gone.
+        self.existing_function_dir(address)?;
+        self.write(
+            OP,
+            &Self::bus_entry(address).join("driver_override"),
+            contents,
+        )
     }
 
     fn unbind(&self, address: &PciAddress, driver: &str) -> KernelResult<()> {

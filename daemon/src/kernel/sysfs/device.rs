@@ -47,7 +47,6 @@ pub(super) fn read(
         class,
         name: ids.device_name(id),
         driver: driver(tree, dir)?,
-        driver_override: driver_override(tree, dir)?,
         iommu_group: iommu_group(tree, dir)?,
         parent: parent(dir),
         boot_vga: boot_vga(tree, dir)?,

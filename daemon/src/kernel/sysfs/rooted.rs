@@ -82,7 +82,11 @@ impl Rooted {
     }
 
     /// [`Rooted::resolve_in`], with `None` when absent or a dangling link.
-    pub(super) fn resolve_optional_in(&self, base: &Path, rel: &Path) -> KernelResult<Option<PathBuf>> {
+    pub(super) fn resolve_optional_in(
+        &self,
+        base: &Path,
+        rel: &Path,
+    ) -> KernelResult<Option<PathBuf>> {
         match self.resolve_in(base, rel) {
             Ok(resolved) => Ok(Some(resolved)),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -96,7 +100,8 @@ impl Rooted {
     }
 
     /// A small text file (a sysfs attribute: a page at most), whole;
-    /// `None` when it does not exist.
+    /// `None` when it does not exist. `rel` is taken as it is, links and
+    /// all: it should lie in a directory [`Rooted::resolve`] returned.
     pub(super) fn read_optional(&self, rel: &Path) -> KernelResult<Option<String>> {
         match read_small(&self.host_path(rel)) {
             Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),

@@ -46,11 +46,12 @@ pub(super) fn mounts_behind(tree: &Rooted, function_dir: &Path) -> KernelResult<
     };
     let mut behind = Vec::new();
     for mount in mounts {
-        let block_dir = match tree.resolve_optional_in(&block_numbers, Path::new(&mount.device_number))? {
-            Some(dir) => Some(dir),
-            // btrfs shows an anonymous 0:N; its source names the real disk.
-            None => block_dir_by_node(tree, &mount.source)?,
-        };
+        let block_dir =
+            match tree.resolve_optional_in(&block_numbers, Path::new(&mount.device_number))? {
+                Some(dir) => Some(dir),
+                // btrfs shows an anonymous 0:N; its source names the real disk.
+                None => block_dir_by_node(tree, &mount.source)?,
+            };
         if let Some(block_dir) = block_dir
             && stacked_on(tree, &block_dir, function_dir)?
             && !behind.contains(&mount.mount_point)
@@ -169,7 +170,7 @@ fn block_dir_by_node(tree: &Rooted, node: &str) -> KernelResult<Option<PathBuf>>
 /// Block devices (`/dev/sda3`) that are active swap partitions. Swap files
 /// live on a mounted filesystem, which is reported already.
 fn swap_partitions(tree: &Rooted) -> KernelResult<Vec<String>> {
-    let Some(text) = tree.read_optional(Path::new(SWAPS))? else {
+    let Some(text) = tree.read_resolved_optional(Path::new(SWAPS))? else {
         return Ok(Vec::new());
     };
     Ok(text

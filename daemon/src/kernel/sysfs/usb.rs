@@ -70,9 +70,11 @@ fn read_device(tree: &Rooted, dir: &Path, port: &str) -> KernelResult<UsbDevice>
         vendor: read_id(tree, &dir.join("idVendor"))?,
         device: read_id(tree, &dir.join("idProduct"))?,
     };
-    let class = match tree.read_optional(&dir.join("bDeviceClass"))? {
-        Some(_) => read_class(tree, &dir.join("bDeviceClass"))?,
-        None => PER_INTERFACE_CLASSES[0].to_owned(),
+    let class_path = dir.join("bDeviceClass");
+    let class = match tree.read_optional(&class_path)? {
+        Some(text) => parse_class(tree, &class_path, &text)?,
+        // Unknown: let the interfaces say.
+        None => "00".to_owned(),
     };
     let name = tree
         .read_optional(&dir.join("product"))?
@@ -96,9 +98,12 @@ fn read_id(tree: &Rooted, path: &Path) -> KernelResult<u16> {
         .ok_or_else(|| tree.malformed(path, format!("expected 4 hex digits, found {text:?}")))
 }
 
-/// `03`: two hex digits, returned in lower case.
 fn read_class(tree: &Rooted, path: &Path) -> KernelResult<String> {
-    let text = tree.read(path)?;
+    parse_class(tree, path, &tree.read(path)?)
+}
+
+/// `03`: two hex digits, returned in lower case.
+fn parse_class(tree: &Rooted, path: &Path, text: &str) -> KernelResult<String> {
     let text = text.trim();
     if text.len() == 2 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(text.to_ascii_lowercase())
