@@ -86,7 +86,7 @@ impl Failure {
         } else {
             Exit::Failed
         };
-        let message = if exit == Exit::Unreachable && !message.contains("vfiod") {
+        let message = if exit == Exit::Unreachable {
             format!("vfiod is not reachable on the system bus: {message}")
         } else {
             message.to_owned()

@@ -33,17 +33,6 @@ impl Output {
         }
     }
 
-    /// Plain, for tests and pipes.
-    #[cfg(test)]
-    pub fn plain(json: bool) -> Output {
-        Output {
-            json,
-            stdout_tty: false,
-            color: false,
-            stderr_tty: false,
-        }
-    }
-
     /// Writes text to stdout. A reader that went away (`| head`) is not
     /// an error: what was to be done is done.
     pub fn print(&self, text: &str) -> Result<(), Failure> {

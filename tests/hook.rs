@@ -1,0 +1,173 @@
+//! `vfioctl libvirt-hook` (DESIGN §8) with libvirt's argument conventions
+//! and real domain XML on stdin, against vfiod on a private bus.
+
+use vfiod_tests::{Rig, assert_exit, machine, stderr};
+
+fn domain(name: &str, hostdevs: &[(&str, &str)]) -> String {
+    let mut devices = String::new();
+    for (address, managed) in hostdevs {
+        let (bus, rest) = address.split_once(':').unwrap();
+        let (slot, function) = rest.split_once('.').unwrap();
+        devices.push_str(&format!(
+            "    <hostdev mode='subsystem' type='pci' managed='{managed}'>\n      <driver name='vfio'/>\n      <source>\n        <address domain='0x0000' bus='0x{bus}' slot='0x{slot}' function='0x{function}'/>\n      </source>\n    </hostdev>\n"
+        ));
+    }
+    format!(
+        r#"<domain type='kvm' id='3'>
+  <name>{name}</name>
+  <uuid>5e3c7b2a-2f7e-4a8c-9c59-0f8d2d7c1a11</uuid>
+  <memory unit='KiB'>8388608</memory>
+  <vcpu placement='static'>4</vcpu>
+  <os firmware='efi'>
+    <type arch='x86_64' machine='pc-q35-8.2'>hvm</type>
+  </os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <hostdev mode='subsystem' type='usb' managed='yes'>
+      <source>
+        <vendor id='0x046d'/>
+        <product id='0xc52b'/>
+      </source>
+    </hostdev>
+{devices}  </devices>
+</domain>
+"#
+    )
+}
+
+fn hook(rig: &Rig, name: &str, op: &str, sub: &str, xml: &str) -> std::process::Output {
+    let config = rig.config.to_str().unwrap().to_string();
+    rig.vfioctl_stdin(&["libvirt-hook", name, op, sub, "-", "--config", &config], xml)
+}
+
+#[test]
+fn prepare_binds_the_domains_profiles_and_release_gives_them_back() {
+    let rig = Rig::z77();
+    let xml = domain("win10", &[]);
+    let out = hook(&rig, "win10", "prepare", "begin", &xml);
+    assert_exit(&out, 0);
+    for address in ["01:00.0", "01:00.1", "03:00.0"] {
+        assert_eq!(rig.driver(address), "vfio-pci", "{address}");
+        assert_eq!(rig.device_property(address, "Owner"), "win10");
+    }
+    // libvirt's later calls are ignored at once.
+    for (op, sub) in [("start", "begin"), ("started", "begin"), ("stopped", "end")] {
+        assert_exit(&hook(&rig, "win10", op, sub, &xml), 0);
+    }
+    assert_eq!(rig.driver("01:00.0"), "vfio-pci");
+    let out = hook(&rig, "win10", "release", "end", &xml);
+    assert_exit(&out, 0);
+    assert_eq!(rig.driver("01:00.0"), "amdgpu");
+    assert_eq!(rig.driver("01:00.1"), "snd_hda_intel");
+    assert_eq!(rig.driver("03:00.0"), "xhci_hcd");
+}
+
+#[test]
+fn managed_no_hostdevs_are_bound_and_managed_yes_ones_are_left_to_libvirt() {
+    let rig = Rig::z77();
+    let xml = domain("linux", &[("03:00.0", "no")]);
+    assert_exit(&hook(&rig, "linux", "prepare", "begin", &xml), 0);
+    assert_eq!(rig.driver("03:00.0"), "vfio-pci");
+    assert_eq!(rig.device_property("03:00.0", "Owner"), "linux");
+    assert_exit(&hook(&rig, "linux", "release", "end", &xml), 0);
+    assert_eq!(rig.driver("03:00.0"), "xhci_hcd");
+
+    let xml = domain("linux", &[("01:00.0", "yes")]);
+    assert_exit(&hook(&rig, "linux", "prepare", "begin", &xml), 0);
+    assert_eq!(rig.driver("01:00.0"), "amdgpu", "managed='yes' is libvirt's to move");
+}
+
+#[test]
+fn a_domain_with_nothing_for_vfiod_passes_even_when_vfiod_is_down() {
+    let mut rig = Rig::z77();
+    rig.kill_vfiod();
+    let xml = domain("fedora", &[]);
+    for (op, sub) in [("prepare", "begin"), ("release", "end"), ("started", "begin")] {
+        let out = hook(&rig, "fedora", op, sub, &xml);
+        assert_exit(&out, 0);
+    }
+    // A domain that does need vfiod fails the start when vfiod is down.
+    let out = hook(&rig, "win10", "prepare", "begin", &domain("win10", &[]));
+    assert_ne!(out.status.code(), Some(0));
+    assert!(!stderr(&out).is_empty());
+}
+
+/// Two cards behind one PCI bridge, one IOMMU group.
+const SHARED_GROUP: &str = r#"
+[machine]
+iommu = "intel"
+modules = ["vfio_pci"]
+
+[[device]]
+address = "0000:00:1e.0"
+id = "8086:244e"
+class = "0x060401"
+driver = "pcieport"
+group = 5
+
+[[device]]
+address = "0000:05:00.0"
+parent = "0000:00:1e.0"
+id = "10de:128b"
+class = "0x030000"
+name = "GK208B [GeForce GT 710]"
+driver = "nouveau"
+group = 5
+
+[[device]]
+address = "0000:05:01.0"
+parent = "0000:00:1e.0"
+id = "1102:0002"
+class = "0x040100"
+name = "SB Live! EMU10k1"
+driver = "snd_emu10k1"
+group = 5
+
+[[device]]
+address = "0000:06:00.0"
+id = "1033:0194"
+class = "0x0c0330"
+name = "uPD720200 USB 3.0 Host Controller"
+driver = "xhci_hcd"
+group = 6
+"#;
+
+#[test]
+fn a_non_viable_group_fails_the_start_and_moves_nothing() {
+    let rig = Rig::with_text(SHARED_GROUP, "");
+    let xml = domain("win10", &[("06:00.0", "no"), ("05:00.0", "no")]);
+    let out = hook(&rig, "win10", "prepare", "begin", &xml);
+    assert_ne!(out.status.code(), Some(0));
+    let err = stderr(&out);
+    assert!(err.contains("GroupNotViable") && err.contains("0000:05:01.0"), "{err}");
+    // The xHCI it bound first was released again.
+    assert_eq!(rig.driver("06:00.0"), "xhci_hcd");
+    assert_eq!(rig.driver("05:00.0"), "nouveau");
+    // libvirt still runs release/end after a failed prepare: nothing to undo.
+    assert_exit(&hook(&rig, "win10", "release", "end", &xml), 0);
+    assert_eq!(rig.driver("06:00.0"), "xhci_hcd");
+}
+
+#[test]
+fn release_never_takes_what_another_domain_owns() {
+    let rig = Rig::z77();
+    assert_exit(&hook(&rig, "win10", "prepare", "begin", &domain("win10", &[])), 0);
+    let other = domain("other", &[("01:00.0", "no")]);
+    let out = hook(&rig, "other", "prepare", "begin", &other);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("Conflict") || stderr(&out).contains("win10"), "{}", stderr(&out));
+    let _ = hook(&rig, "other", "release", "end", &other);
+    assert_eq!(rig.driver("01:00.0"), "vfio-pci");
+    assert_eq!(rig.device_property("01:00.0", "Owner"), "win10");
+}
+
+#[test]
+fn xml_that_is_not_xml_is_a_usage_error_and_moves_nothing() {
+    let rig = Rig::z77();
+    for garbage in ["", "not xml at all", "<domain><name>win10</name>", "<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'aaaa'>]><domain>&a;</domain>"] {
+        let out = hook(&rig, "win10", "prepare", "begin", garbage);
+        assert_exit(&out, 2);
+    }
+    assert_eq!(rig.driver("01:00.0"), "amdgpu");
+    let _ = machine("z77-rx580.toml");
+}

@@ -1,0 +1,294 @@
+//! Test harness: a private system bus per test (from `tests/private-bus`,
+//! which includes the shipped policy), the real `vfiod --machine` and
+//! `vfioctl` binaries, and `busctl` / `gdbus` as outside clients.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn machine(name: &str) -> PathBuf {
+    repo().join("machines").join(name)
+}
+
+/// A binary of the workspace, built by `cargo build --workspace` next to
+/// the test executables (target/<profile>/).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` before the tests (tests/run-all does)",
+        path.display()
+    );
+    path
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let template = std::env::temp_dir().join("vfiod-bus-XXXXXX");
+        let dir = nix::unistd::mkdtemp(&template).expect("mkdtemp");
+        // Other users (a test's unprivileged client) must reach the socket.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn user_name() -> String {
+    let uid = nix::unistd::getuid();
+    nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| uid.to_string())
+}
+
+/// A private bus with vfiod on a simulated machine.
+pub struct Rig {
+    pub dir: TempDir,
+    pub address: String,
+    bus: Child,
+    vfiod: Option<Child>,
+    pub machine: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Rig {
+    /// A bus and vfiod on `machine` with `config`.
+    pub fn start(machine: &Path, config: &Path) -> Rig {
+        let mut rig = Rig::bus_only(machine, config);
+        rig.start_vfiod();
+        rig
+    }
+
+    pub fn z77() -> Rig {
+        Rig::start(&machine("z77-rx580.toml"), &machine("z77-rx580.vfiod.toml"))
+    }
+
+    /// A machine given as text, with a config given as text.
+    pub fn with_text(machine_text: &str, config_text: &str) -> Rig {
+        let dir = TempDir::new();
+        let machine = dir.write("machine.toml", machine_text);
+        let config = dir.write("vfiod.toml", config_text);
+        let mut rig = Rig::bus_in(dir, machine, config);
+        rig.start_vfiod();
+        rig
+    }
+
+    pub fn bus_only(machine: &Path, config: &Path) -> Rig {
+        Rig::bus_in(TempDir::new(), machine.to_path_buf(), config.to_path_buf())
+    }
+
+    fn bus_in(dir: TempDir, machine: PathBuf, config: PathBuf) -> Rig {
+        let socket = dir.path("bus");
+        let conf = Command::new(repo().join("tests/private-bus"))
+            .arg(&socket)
+            .arg(user_name())
+            .output()
+            .expect("tests/private-bus runs");
+        assert!(conf.status.success(), "{}", String::from_utf8_lossy(&conf.stderr));
+        let conf_path = dir.path("bus.conf");
+        std::fs::write(&conf_path, conf.stdout).unwrap();
+        let mut bus = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf_path.display()))
+            .args(["--nofork", "--print-address=1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon (Debian: apt-get install dbus)");
+        let mut line = String::new();
+        BufReader::new(bus.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("dbus-daemon prints its address");
+        let address = line.trim().to_string();
+        assert!(address.starts_with("unix:"), "bus address {address:?}");
+        Rig {
+            dir,
+            address,
+            bus,
+            vfiod: None,
+            machine,
+            config,
+        }
+    }
+
+    pub fn start_vfiod(&mut self) {
+        let log = std::fs::File::create(self.dir.path("vfiod.log")).unwrap();
+        let child = Command::new(bin("vfiod"))
+            .arg("--machine")
+            .arg(&self.machine)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(self.dir.path("state"))
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+            .env("VFIOD_LOG", "debug")
+            .stderr(log)
+            .spawn()
+            .expect("vfiod starts");
+        self.vfiod = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.busctl(&["status", "org.vfiod1"]).status.success() {
+                return;
+            }
+            if let Some(status) = self.vfiod.as_mut().unwrap().try_wait().unwrap() {
+                panic!("vfiod exited with {status}: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("vfiod did not take org.vfiod1 within 10 s: {}", self.log());
+    }
+
+    /// Kills vfiod (SIGKILL) and waits for it.
+    pub fn kill_vfiod(&mut self) {
+        if let Some(mut child) = self.vfiod.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn vfiod_alive(&mut self) -> bool {
+        matches!(self.vfiod.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn vfiod_pid(&self) -> Option<u32> {
+        self.vfiod.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path("vfiod.log")).unwrap_or_default()
+    }
+
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new(program);
+        c.env("DBUS_SYSTEM_BUS_ADDRESS", &self.address);
+        c
+    }
+
+    pub fn run(&self, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Output {
+        self.command(program).args(args).output().expect("command runs")
+    }
+
+    pub fn vfioctl(&self, args: &[&str]) -> Output {
+        self.run(bin("vfioctl"), args)
+    }
+
+    pub fn vfioctl_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .command(bin("vfioctl"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A hook that exits at once may close stdin first: that is fine.
+        let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn busctl(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--system"];
+        all.extend_from_slice(args);
+        self.run("busctl", &all)
+    }
+
+    pub fn gdbus(&self, args: &[&str]) -> Output {
+        let mut all = vec!["call", "--system", "--dest", "org.vfiod1"];
+        all.extend_from_slice(args);
+        self.run("gdbus", &all)
+    }
+
+    /// A command run as the unprivileged user `nobody` (the test runs as root).
+    pub fn as_nobody(&self, program: &str, args: &[&str]) -> Output {
+        let mut all = vec!["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", program];
+        all.extend_from_slice(args);
+        self.run("setpriv", &all)
+    }
+
+    /// `busctl get-property` of one device, as the bare value.
+    pub fn device_property(&self, address: &str, property: &str) -> String {
+        let full = if address.matches(':').count() == 1 { format!("0000:{address}") } else { address.to_string() };
+        let path = format!("/org/vfiod1/device/{}", full.replace([':', '.'], "_"));
+        let out = self.busctl(&["get-property", "org.vfiod1", &path, "org.vfiod1.Device", property]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        value_of(&out)
+    }
+
+    pub fn driver(&self, address: &str) -> String {
+        self.device_property(address, "Driver")
+    }
+
+    /// Calls a method of the simulator's control surface.
+    pub fn simulate(&self, method: &str, signature: &str, args: &[&str]) {
+        let mut all = vec!["call", "org.vfiod1", "/org/vfiod1/simulator", "org.vfiod1.Simulator", method, signature];
+        all.extend_from_slice(args);
+        let out = self.busctl(&all);
+        assert!(out.status.success(), "Simulator.{method}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.kill_vfiod();
+        let _ = self.bus.kill();
+        let _ = self.bus.wait();
+    }
+}
+
+/// The value part of busctl's `s "vfio-pci"` / `b true` / `i 1` output.
+pub fn value_of(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let text = text.trim();
+    let value = text.split_once(' ').map(|(_, v)| v).unwrap_or(text);
+    value.trim_matches('"').to_string()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts an exit code, showing both streams when it is wrong.
+pub fn assert_exit(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "expected exit {code}\nstdout: {}\nstderr: {}",
+        stdout(out),
+        stderr(out)
+    );
+}
