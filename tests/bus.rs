@@ -310,3 +310,38 @@ fn state_survives_a_kill_and_restart_of_vfiod() {
     assert_exit(&rig.vfioctl(&["release", "rx580", "--vm", "win10"]), 0);
     assert_eq!(rig.driver("01:00.0"), "amdgpu");
 }
+
+#[test]
+fn polkit_decides_for_unprivileged_callers() {
+    if !is_root() {
+        eprintln!("skipped: polkitd on a private bus needs root (CI runs as root)");
+        return;
+    }
+    let rig = Rig::z77();
+    let _polkit = vfiod_tests::Polkit::start(
+        &rig,
+        r#"polkit.addRule(function(action, subject) {
+    if (action.id == "org.vfiod1.manage") {
+        if (subject.user == "nobody") return polkit.Result.YES;
+        if (subject.user == "daemon") return polkit.Result.NO;
+    }
+});"#,
+    );
+    let vfioctl = vfiod_tests::bin("vfioctl");
+    let vfioctl = vfioctl.to_str().unwrap();
+    // Allowed by the rule.
+    let out = rig.as_nobody(vfioctl, &["bind", "usb3"]);
+    assert_exit(&out, 0);
+    assert_eq!(rig.driver("03:00.0"), "vfio-pci");
+    // Denied by the rule: AccessDenied, exit 4, nothing moved.
+    let out = rig.run(
+        "setpriv",
+        &["--reuid=daemon", "--regid=daemon", "--clear-groups", "--", vfioctl, "release", "usb3"],
+    );
+    assert_exit(&out, 4);
+    assert!(stderr(&out).contains("not authorized"), "{}", stderr(&out));
+    assert_eq!(rig.driver("03:00.0"), "vfio-pci");
+    let out = rig.as_nobody(vfioctl, &["release", "usb3"]);
+    assert_exit(&out, 0);
+    assert_eq!(rig.driver("03:00.0"), "xhci_hcd");
+}

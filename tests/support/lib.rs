@@ -292,3 +292,63 @@ pub fn assert_exit(out: &Output, code: i32) {
         stderr(out)
     );
 }
+
+/// polkitd on a rig's private bus, with only vfiod's action and the given
+/// JavaScript rules, in a mount namespace of its own (root only).
+pub struct Polkit {
+    child: Child,
+}
+
+impl Polkit {
+    pub fn start(rig: &Rig, rules: &str) -> Polkit {
+        assert!(is_root(), "polkitd needs root");
+        let actions = rig.dir.path("polkit-actions");
+        let rules_dir = rig.dir.path("polkit-rules");
+        std::fs::create_dir_all(&actions).unwrap();
+        std::fs::create_dir_all(&rules_dir).unwrap();
+        std::fs::copy(repo().join("systemd/org.vfiod1.policy"), actions.join("org.vfiod1.policy")).unwrap();
+        std::fs::write(rules_dir.join("50-test.rules"), rules).unwrap();
+        let script = format!(
+            "set -e; mount --bind {a} /usr/share/polkit-1/actions; \
+             mount --bind {r} /usr/share/polkit-1/rules.d; mount --bind {r} /etc/polkit-1/rules.d; \
+             exec {polkitd} --no-debug",
+            a = actions.display(),
+            r = rules_dir.display(),
+            polkitd = polkitd().display()
+        );
+        let log = std::fs::File::create(rig.dir.path("polkitd.log")).unwrap();
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &rig.address)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("unshare + polkitd");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if rig.busctl(&["status", "org.freedesktop.PolicyKit1"]).status.success() {
+                return Polkit { child };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "polkitd did not come up: {}",
+            std::fs::read_to_string(rig.dir.path("polkitd.log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for Polkit {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn polkitd() -> PathBuf {
+    ["/usr/lib/polkit-1/polkitd", "/usr/libexec/polkitd", "/usr/lib/policykit-1/polkitd"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("polkitd (Debian: apt-get install polkitd)")
+}

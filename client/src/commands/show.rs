@@ -140,19 +140,29 @@ fn summary_human(version: &str, objects: &Objects) -> String {
     let away: Vec<_> = objects
         .devices
         .iter()
-        .filter(|d| d.state != "host")
+        .filter(|d| away_from_host(d))
         .map(output::device_row)
         .collect();
     if away.is_empty() {
         text.push_str("every device is on its host driver\n");
     } else {
-        text.push_str("not on the host:\n");
+        text.push_str("away from the host driver:\n");
         text.push_str(&table(&away, "  "));
     }
     for p in objects.profiles.iter().filter(|p| !p.last_error.is_empty()) {
         text.push_str(&format!("{}: last error: {}\n", p.name, p.last_error));
     }
     text
+}
+
+/// On vfio-pci, moving, stuck, or without the driver it should have; a
+/// device that never had a driver (a host bridge) is where it belongs.
+fn away_from_host(d: &DeviceView) -> bool {
+    match d.state.as_str() {
+        "host" => false,
+        "unbound" => !d.host_driver.is_empty(),
+        _ => true,
+    }
 }
 
 fn profile_detail_json(profile: &ProfileView, objects: &Objects) -> Value {
