@@ -8,7 +8,19 @@ use vfiod_tests::{Rig, assert_exit, is_root, stderr, stdout, value_of};
 #[test]
 fn busctl_binds_and_releases_and_reads_properties() {
     let rig = Rig::z77();
-    let out = rig.busctl(&["call", "org.vfiod1", "/org/vfiod1", "org.vfiod1.Manager", "Bind", "sa{sv}", "rx580", "1", "vm", "s", "win10"]);
+    let out = rig.busctl(&[
+        "call",
+        "org.vfiod1",
+        "/org/vfiod1",
+        "org.vfiod1.Manager",
+        "Bind",
+        "sa{sv}",
+        "rx580",
+        "1",
+        "vm",
+        "s",
+        "win10",
+    ]);
     assert_exit(&out, 0);
     assert_eq!(
         stdout(&out).trim(),
@@ -22,10 +34,26 @@ fn busctl_binds_and_releases_and_reads_properties() {
     assert_eq!(rig.device_property("0000:01:00.0", "IommuGroup"), "1");
     assert_eq!(rig.device_property("0000:01:00.0", "VendorId"), "4098");
     assert_eq!(rig.device_property("0000:06:00.0", "BootVga"), "true");
-    let profile = rig.busctl(&["get-property", "org.vfiod1", "/org/vfiod1/profile/rx580", "org.vfiod1.Profile", "State", "Owner", "LastError"]);
+    let profile = rig.busctl(&[
+        "get-property",
+        "org.vfiod1",
+        "/org/vfiod1/profile/rx580",
+        "org.vfiod1.Profile",
+        "State",
+        "Owner",
+        "LastError",
+    ]);
     assert_eq!(stdout(&profile), "s \"vfio\"\ns \"win10\"\ns \"\"\n");
 
-    let out = rig.busctl(&["call", "org.vfiod1", "/org/vfiod1/profile/rx580", "org.vfiod1.Profile", "Release", "a{sv}", "0"]);
+    let out = rig.busctl(&[
+        "call",
+        "org.vfiod1",
+        "/org/vfiod1/profile/rx580",
+        "org.vfiod1.Profile",
+        "Release",
+        "a{sv}",
+        "0",
+    ]);
     assert_exit(&out, 0);
     assert_eq!(rig.driver("0000:01:00.0"), "amdgpu");
     assert_eq!(rig.driver("0000:01:00.1"), "snd_hda_intel");
@@ -35,39 +63,100 @@ fn busctl_binds_and_releases_and_reads_properties() {
 #[test]
 fn gdbus_calls_and_managed_objects() {
     let rig = Rig::z77();
-    let out = rig.gdbus(&["--object-path", "/org/vfiod1", "--method", "org.vfiod1.Manager.Bind", "usb3", "{}"]);
+    let out = rig.gdbus(&[
+        "--object-path",
+        "/org/vfiod1",
+        "--method",
+        "org.vfiod1.Manager.Bind",
+        "usb3",
+        "{}",
+    ]);
     assert_exit(&out, 0);
-    assert!(stdout(&out).contains("/org/vfiod1/device/0000_03_00_0"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("/org/vfiod1/device/0000_03_00_0"),
+        "{}",
+        stdout(&out)
+    );
     assert_eq!(rig.driver("03:00.0"), "vfio-pci");
 
-    let out = rig.gdbus(&["--object-path", "/org/vfiod1", "--method", "org.freedesktop.DBus.ObjectManager.GetManagedObjects"]);
+    let out = rig.gdbus(&[
+        "--object-path",
+        "/org/vfiod1",
+        "--method",
+        "org.freedesktop.DBus.ObjectManager.GetManagedObjects",
+    ]);
     assert_exit(&out, 0);
     let text = stdout(&out);
     assert_eq!(text.matches("'org.vfiod1.Device'").count(), 23, "{text}");
-    assert!(text.contains("objectpath '/org/vfiod1/profile/usb3'") || text.contains("'/org/vfiod1/profile/usb3'"), "{text}");
+    assert!(
+        text.contains("objectpath '/org/vfiod1/profile/usb3'")
+            || text.contains("'/org/vfiod1/profile/usb3'"),
+        "{text}"
+    );
     assert!(text.contains("'Driver': <'vfio-pci'>"), "{text}");
     assert!(text.contains("'State': <'vfio'>"), "{text}");
 
-    let out = rig.gdbus(&["--object-path", "/org/vfiod1", "--method", "org.vfiod1.Manager.Release", "03:00.0", "{'timeout_ms': <uint32 5000>}"]);
+    let out = rig.gdbus(&[
+        "--object-path",
+        "/org/vfiod1",
+        "--method",
+        "org.vfiod1.Manager.Release",
+        "03:00.0",
+        "{'timeout_ms': <uint32 5000>}",
+    ]);
     assert_exit(&out, 0);
     assert_eq!(rig.driver("03:00.0"), "xhci_hcd");
 
     // Errors keep their names on the wire.
-    let out = rig.gdbus(&["--object-path", "/org/vfiod1", "--method", "org.vfiod1.Manager.Bind", "00:14.0", "{}"]);
+    let out = rig.gdbus(&[
+        "--object-path",
+        "/org/vfiod1",
+        "--method",
+        "org.vfiod1.Manager.Bind",
+        "00:14.0",
+        "{}",
+    ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("org.vfiod1.Error.Protected"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("org.vfiod1.Error.Protected"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn manager_properties_and_check() {
     let rig = Rig::z77();
-    let out = rig.busctl(&["get-property", "org.vfiod1", "/org/vfiod1", "org.vfiod1.Manager", "Version", "Profiles"]);
+    let out = rig.busctl(&[
+        "get-property",
+        "org.vfiod1",
+        "/org/vfiod1",
+        "org.vfiod1.Manager",
+        "Version",
+        "Profiles",
+    ]);
     assert_exit(&out, 0);
     let text = stdout(&out);
-    assert!(text.starts_with("s \"0.") && text.contains(r#"ao 2 "/org/vfiod1/profile/rx580" "/org/vfiod1/profile/usb3""#), "{text}");
-    let out = rig.busctl(&["call", "org.vfiod1", "/org/vfiod1", "org.vfiod1.Manager", "Check", "s", "00:1f.2"]);
+    assert!(
+        text.starts_with("s \"0.")
+            && text.contains(r#"ao 2 "/org/vfiod1/profile/rx580" "/org/vfiod1/profile/usb3""#),
+        "{text}"
+    );
+    let out = rig.busctl(&[
+        "call",
+        "org.vfiod1",
+        "/org/vfiod1",
+        "org.vfiod1.Manager",
+        "Check",
+        "s",
+        "00:1f.2",
+    ]);
     assert_exit(&out, 0);
-    assert!(stdout(&out).contains("\"fail\"") && stdout(&out).contains("mounted"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("\"fail\"") && stdout(&out).contains("mounted"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 fn error_name(out: &std::process::Output) -> String {
@@ -81,22 +170,74 @@ fn hostile_input_gets_clear_errors_and_the_daemon_lives() {
     let mut rig = Rig::z77();
     let long = "x".repeat(100_000);
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["org.vfiod1.Manager.Bind", "nosuch", "{}"], "org.vfiod1.Error.UnknownTarget"),
-        (vec!["org.vfiod1.Manager.Bind", "09:00.0", "{}"], "org.vfiod1.Error.UnknownTarget"),
-        (vec!["org.vfiod1.Manager.Bind", "01:00.9", "{}"], "org.freedesktop.DBus.Error.InvalidArgs"),
-        (vec!["org.vfiod1.Manager.Bind", "", "{}"], "org.freedesktop.DBus.Error.InvalidArgs"),
-        (vec!["org.vfiod1.Manager.Bind", "../../sys", "{}"], "org.freedesktop.DBus.Error.InvalidArgs"),
-        (vec!["org.vfiod1.Manager.Bind", "rx580/..", "{}"], "org.freedesktop.DBus.Error.InvalidArgs"),
-        (vec!["org.vfiod1.Manager.Bind", &long, "{}"], "org.freedesktop.DBus.Error.InvalidArgs"),
-        (vec!["org.vfiod1.Manager.Bind", "rx580", "{'frobnicate': <true>}"], "org.freedesktop.DBus.Error.InvalidArgs"),
-        (vec!["org.vfiod1.Manager.Bind", "rx580", "{'force': <'yes'>}"], "org.freedesktop.DBus.Error.InvalidArgs"),
-        (vec!["org.vfiod1.Manager.Bind", "rx580", "{'vm': <uint32 3>}"], "org.freedesktop.DBus.Error.InvalidArgs"),
-        (vec!["org.vfiod1.Manager.Bind", "rx580", "{'vm': <'a/b'>}"], "org.freedesktop.DBus.Error.InvalidArgs"),
-        (vec!["org.vfiod1.Manager.Bind", "rx580", "{'timeout_ms': <int64 5>}"], "org.freedesktop.DBus.Error.InvalidArgs"),
-        (vec!["org.vfiod1.Manager.Bind", "rx580"], "org.freedesktop.DBus.Error.InvalidArgs"),
-        (vec!["org.vfiod1.Manager.Bind", "7", "{}"], "org.vfiod1.Error.UnknownTarget"),
-        (vec!["org.vfiod1.Manager.Check", "../x"], "org.freedesktop.DBus.Error.InvalidArgs"),
-        (vec!["org.vfiod1.Manager.Release", "rx580", "{'force': <1>}"], "org.freedesktop.DBus.Error.InvalidArgs"),
+        (
+            vec!["org.vfiod1.Manager.Bind", "nosuch", "{}"],
+            "org.vfiod1.Error.UnknownTarget",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Bind", "09:00.0", "{}"],
+            "org.vfiod1.Error.UnknownTarget",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Bind", "01:00.9", "{}"],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Bind", "", "{}"],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Bind", "../../sys", "{}"],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Bind", "rx580/..", "{}"],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Bind", &long, "{}"],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Bind", "rx580", "{'frobnicate': <true>}"],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Bind", "rx580", "{'force': <'yes'>}"],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Bind", "rx580", "{'vm': <uint32 3>}"],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Bind", "rx580", "{'vm': <'a/b'>}"],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
+        (
+            vec![
+                "org.vfiod1.Manager.Bind",
+                "rx580",
+                "{'timeout_ms': <int64 5>}",
+            ],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Bind", "rx580"],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Bind", "7", "{}"],
+            "org.vfiod1.Error.UnknownTarget",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Check", "../x"],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
+        (
+            vec!["org.vfiod1.Manager.Release", "rx580", "{'force': <1>}"],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
     ];
     for (call, expected) in cases {
         let mut args = vec!["--object-path", "/org/vfiod1", "--method"];
@@ -104,18 +245,40 @@ fn hostile_input_gets_clear_errors_and_the_daemon_lives() {
         let out = rig.gdbus(&args);
         assert!(!out.status.success(), "{call:?} succeeded");
         let err = error_name(&out);
-        assert!(err.contains(expected), "{:?}: expected {expected}, got {err}", &call[..call.len().min(2)]);
+        assert!(
+            err.contains(expected),
+            "{:?}: expected {expected}, got {err}",
+            &call[..call.len().min(2)]
+        );
         assert!(rig.vfiod_alive(), "vfiod died on {call:?}");
     }
     // Wrong signature entirely, through busctl.
-    let out = rig.busctl(&["call", "org.vfiod1", "/org/vfiod1", "org.vfiod1.Manager", "Bind", "su", "rx580", "3"]);
+    let out = rig.busctl(&[
+        "call",
+        "org.vfiod1",
+        "/org/vfiod1",
+        "org.vfiod1.Manager",
+        "Bind",
+        "su",
+        "rx580",
+        "3",
+    ]);
     assert!(!out.status.success());
     // Nothing moved.
     for address in ["0000:01:00.0", "0000:01:00.1", "0000:03:00.0"] {
         assert_ne!(rig.driver(address), "vfio-pci", "{address} moved");
     }
     assert!(rig.vfiod_alive());
-    assert_exit(&rig.busctl(&["get-property", "org.vfiod1", "/org/vfiod1", "org.vfiod1.Manager", "Version"]), 0);
+    assert_exit(
+        &rig.busctl(&[
+            "get-property",
+            "org.vfiod1",
+            "/org/vfiod1",
+            "org.vfiod1.Manager",
+            "Version",
+        ]),
+        0,
+    );
 }
 
 #[test]
@@ -149,14 +312,21 @@ fn a_driver_changed_behind_our_back_shows_up_within_100ms() {
         .lines()
         .find(|l| l.contains("PropertiesChanged") && l.contains("/org/vfiod1/device/0000_03_00_0"))
         .unwrap_or_else(|| panic!("no PropertiesChanged for 03:00.0 in:\n{text}"));
-    assert!(signal.contains("Driver") && signal.contains("unbound"), "{signal}");
+    assert!(
+        signal.contains("Driver") && signal.contains("unbound"),
+        "{signal}"
+    );
 }
 
 #[test]
 fn devices_that_vanish_and_return_lose_and_gain_their_objects() {
     let rig = Rig::z77();
     let path = "/org/vfiod1/device/0000_03_00_0";
-    let exists = |rig: &Rig| rig.busctl(&["introspect", "org.vfiod1", path, "org.vfiod1.Device"]).status.success();
+    let exists = |rig: &Rig| {
+        rig.busctl(&["introspect", "org.vfiod1", path, "org.vfiod1.Device"])
+            .status
+            .success()
+    };
     assert!(exists(&rig));
     rig.simulate("RemoveDevice", "s", &["0000:00:1c.4"]);
     let wait = |want: bool| {
@@ -170,8 +340,16 @@ fn devices_that_vanish_and_return_lose_and_gain_their_objects() {
         panic!("object present = {want} never happened");
     };
     wait(false);
-    let devices = rig.busctl(&["get-property", "org.vfiod1", "/org/vfiod1", "org.vfiod1.Manager", "Devices"]);
-    assert!(!stdout(&devices).contains("0000_03_00_0") && !stdout(&devices).contains("0000_00_1c_4"));
+    let devices = rig.busctl(&[
+        "get-property",
+        "org.vfiod1",
+        "/org/vfiod1",
+        "org.vfiod1.Manager",
+        "Devices",
+    ]);
+    assert!(
+        !stdout(&devices).contains("0000_03_00_0") && !stdout(&devices).contains("0000_00_1c_4")
+    );
     rig.simulate("RestoreDevice", "s", &["0000:03:00.0"]);
     wait(true);
     assert_eq!(rig.driver("03:00.0"), "xhci_hcd");
@@ -181,7 +359,10 @@ fn devices_that_vanish_and_return_lose_and_gain_their_objects() {
 fn a_status_read_answers_while_a_move_hangs() {
     let machine = std::fs::read_to_string(vfiod_tests::machine("z77-rx580.toml"))
         .unwrap()
-        .replace("address = \"0000:01:00.1\"\n", "address = \"0000:01:00.1\"\nfault = { unbind = \"hang\" }\n");
+        .replace(
+            "address = \"0000:01:00.1\"\n",
+            "address = \"0000:01:00.1\"\nfault = { unbind = \"hang\" }\n",
+        );
     let config = std::fs::read_to_string(vfiod_tests::machine("z77-rx580.vfiod.toml"))
         .unwrap()
         .replace("unbind_timeout_ms = 10000", "unbind_timeout_ms = 1500");
@@ -190,11 +371,20 @@ fn a_status_read_answers_while_a_move_hangs() {
         let mover = s.spawn(|| rig.vfioctl(&["bind", "rx580"]));
         std::thread::sleep(Duration::from_millis(400));
         let start = Instant::now();
-        let out = rig.busctl(&["get-property", "org.vfiod1", "/org/vfiod1/device/0000_01_00_0", "org.vfiod1.Device", "State"]);
+        let out = rig.busctl(&[
+            "get-property",
+            "org.vfiod1",
+            "/org/vfiod1/device/0000_01_00_0",
+            "org.vfiod1.Device",
+            "State",
+        ]);
         let took = start.elapsed();
         assert_exit(&out, 0);
         // busctl's own start-up is most of this; the bound is generous.
-        assert!(took < Duration::from_millis(500), "a read took {took:?} during the hang");
+        assert!(
+            took < Duration::from_millis(500),
+            "a read took {took:?} during the hang"
+        );
         assert_eq!(value_of(&out), "moving");
         // An unrelated group moves meanwhile.
         assert_exit(&rig.vfioctl(&["bind", "usb3"]), 0);
@@ -204,8 +394,19 @@ fn a_status_read_answers_while_a_move_hangs() {
     });
     assert_eq!(rig.device_property("01:00.1", "State"), "stuck");
     assert_eq!(rig.driver("01:00.0"), "amdgpu");
-    let last = rig.busctl(&["get-property", "org.vfiod1", "/org/vfiod1/profile/rx580", "org.vfiod1.Profile", "LastError", "State"]);
-    assert!(stdout(&last).contains("org.vfiod1.Error.Timeout") && stdout(&last).contains("\"error\""), "{}", stdout(&last));
+    let last = rig.busctl(&[
+        "get-property",
+        "org.vfiod1",
+        "/org/vfiod1/profile/rx580",
+        "org.vfiod1.Profile",
+        "LastError",
+        "State",
+    ]);
+    assert!(
+        stdout(&last).contains("org.vfiod1.Error.Timeout") && stdout(&last).contains("\"error\""),
+        "{}",
+        stdout(&last)
+    );
 }
 
 #[test]
@@ -225,7 +426,15 @@ fn transition_signals_narrate_a_move() {
     let text = stdout(&monitor.wait_with_output().unwrap());
     let members: Vec<&str> = text
         .lines()
-        .filter_map(|l| ["TransitionStarted", "TransitionProgress", "TransitionFinished"].into_iter().find(|m| l.contains(&format!("\"member\":\"{m}\""))))
+        .filter_map(|l| {
+            [
+                "TransitionStarted",
+                "TransitionProgress",
+                "TransitionFinished",
+            ]
+            .into_iter()
+            .find(|m| l.contains(&format!("\"member\":\"{m}\"")))
+        })
         .collect();
     assert_eq!(
         members,
@@ -244,7 +453,10 @@ fn transition_signals_narrate_a_move() {
         "{text}"
     );
     assert!(text.contains("unbind amdgpu"), "{text}");
-    assert!(text.contains("org.vfiod1.Error.Protected: cannot bind 00:14.0"), "{text}");
+    assert!(
+        text.contains("org.vfiod1.Error.Protected: cannot bind 00:14.0"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -253,12 +465,17 @@ fn vfioctl_exit_codes() {
     assert_exit(&rig.vfioctl(&["bind", "rx580"]), 0);
     let out = rig.vfioctl(&["bind", "00:1f.2"]);
     assert_exit(&out, 1);
-    assert!(stderr(&out).contains("Protected") && stderr(&out).contains("/home"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Protected") && stderr(&out).contains("/home"),
+        "{}",
+        stderr(&out)
+    );
     assert_exit(&rig.vfioctl(&["bind"]), 2);
     assert_exit(&rig.vfioctl(&["frobnicate"]), 2);
     assert_exit(&rig.vfioctl(&["bind", "rx580", "--frobnicate"]), 2);
     assert_exit(&rig.vfioctl(&["--json", "status", "rx580"]), 0);
-    let json: serde_json::Value = serde_json::from_slice(&rig.vfioctl(&["--json", "status", "rx580"]).stdout).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&rig.vfioctl(&["--json", "status", "rx580"]).stdout).unwrap();
     assert!(json.to_string().contains("vfio-pci"), "{json}");
     // Several targets: the first failure stops the command and says what was done.
     let out = rig.vfioctl(&["bind", "usb3", "00:14.0", "06:00.0"]);
@@ -284,12 +501,39 @@ fn an_unprivileged_caller_reads_but_may_not_move() {
         return;
     }
     let rig = Rig::z77();
-    let out = rig.as_nobody("busctl", &["--system", "get-property", "org.vfiod1", "/org/vfiod1/device/0000_01_00_0", "org.vfiod1.Device", "Driver"]);
+    let out = rig.as_nobody(
+        "busctl",
+        &[
+            "--system",
+            "get-property",
+            "org.vfiod1",
+            "/org/vfiod1/device/0000_01_00_0",
+            "org.vfiod1.Device",
+            "Driver",
+        ],
+    );
     assert_exit(&out, 0);
     assert_eq!(value_of(&out), "amdgpu");
-    let out = rig.as_nobody("busctl", &["--system", "call", "org.vfiod1", "/org/vfiod1", "org.vfiod1.Manager", "Bind", "sa{sv}", "rx580", "0"]);
+    let out = rig.as_nobody(
+        "busctl",
+        &[
+            "--system",
+            "call",
+            "org.vfiod1",
+            "/org/vfiod1",
+            "org.vfiod1.Manager",
+            "Bind",
+            "sa{sv}",
+            "rx580",
+            "0",
+        ],
+    );
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("Access denied") || stderr(&out).contains("polkitd is not running"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Access denied") || stderr(&out).contains("polkitd is not running"),
+        "{}",
+        stderr(&out)
+    );
     let vfioctl = vfiod_tests::bin("vfioctl");
     let out = rig.as_nobody(vfioctl.to_str().unwrap(), &["bind", "rx580"]);
     assert_exit(&out, 4);
@@ -336,7 +580,15 @@ fn polkit_decides_for_unprivileged_callers() {
     // Denied by the rule: AccessDenied, exit 4, nothing moved.
     let out = rig.run(
         "setpriv",
-        &["--reuid=daemon", "--regid=daemon", "--clear-groups", "--", vfioctl, "release", "usb3"],
+        &[
+            "--reuid=daemon",
+            "--regid=daemon",
+            "--clear-groups",
+            "--",
+            vfioctl,
+            "release",
+            "usb3",
+        ],
     );
     assert_exit(&out, 4);
     assert!(stderr(&out).contains("not authorized"), "{}", stderr(&out));

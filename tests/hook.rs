@@ -37,7 +37,10 @@ fn domain(name: &str, hostdevs: &[(&str, &str)]) -> String {
 
 fn hook(rig: &Rig, name: &str, op: &str, sub: &str, xml: &str) -> std::process::Output {
     let config = rig.config.to_str().unwrap().to_string();
-    rig.vfioctl_stdin(&["libvirt-hook", name, op, sub, "-", "--config", &config], xml)
+    rig.vfioctl_stdin(
+        &["libvirt-hook", name, op, sub, "-", "--config", &config],
+        xml,
+    )
 }
 
 #[test]
@@ -74,7 +77,11 @@ fn managed_no_hostdevs_are_bound_and_managed_yes_ones_are_left_to_libvirt() {
 
     let xml = domain("linux", &[("01:00.0", "yes")]);
     assert_exit(&hook(&rig, "linux", "prepare", "begin", &xml), 0);
-    assert_eq!(rig.driver("01:00.0"), "amdgpu", "managed='yes' is libvirt's to move");
+    assert_eq!(
+        rig.driver("01:00.0"),
+        "amdgpu",
+        "managed='yes' is libvirt's to move"
+    );
 }
 
 #[test]
@@ -82,7 +89,11 @@ fn a_domain_with_nothing_for_vfiod_passes_even_when_vfiod_is_down() {
     let mut rig = Rig::z77();
     rig.kill_vfiod();
     let xml = domain("fedora", &[]);
-    for (op, sub) in [("prepare", "begin"), ("release", "end"), ("started", "begin")] {
+    for (op, sub) in [
+        ("prepare", "begin"),
+        ("release", "end"),
+        ("started", "begin"),
+    ] {
         let out = hook(&rig, "fedora", op, sub, &xml);
         assert_exit(&out, 0);
     }
@@ -139,7 +150,10 @@ fn a_non_viable_group_fails_the_start_and_moves_nothing() {
     let out = hook(&rig, "win10", "prepare", "begin", &xml);
     assert_ne!(out.status.code(), Some(0));
     let err = stderr(&out);
-    assert!(err.contains("GroupNotViable") && err.contains("0000:05:01.0"), "{err}");
+    assert!(
+        err.contains("GroupNotViable") && err.contains("0000:05:01.0"),
+        "{err}"
+    );
     // The xHCI it bound first was released again.
     assert_eq!(rig.driver("06:00.0"), "xhci_hcd");
     assert_eq!(rig.driver("05:00.0"), "nouveau");
@@ -151,11 +165,18 @@ fn a_non_viable_group_fails_the_start_and_moves_nothing() {
 #[test]
 fn release_never_takes_what_another_domain_owns() {
     let rig = Rig::z77();
-    assert_exit(&hook(&rig, "win10", "prepare", "begin", &domain("win10", &[])), 0);
+    assert_exit(
+        &hook(&rig, "win10", "prepare", "begin", &domain("win10", &[])),
+        0,
+    );
     let other = domain("other", &[("01:00.0", "no")]);
     let out = hook(&rig, "other", "prepare", "begin", &other);
     assert_ne!(out.status.code(), Some(0));
-    assert!(stderr(&out).contains("Conflict") || stderr(&out).contains("win10"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Conflict") || stderr(&out).contains("win10"),
+        "{}",
+        stderr(&out)
+    );
     let _ = hook(&rig, "other", "release", "end", &other);
     assert_eq!(rig.driver("01:00.0"), "vfio-pci");
     assert_eq!(rig.device_property("01:00.0", "Owner"), "win10");
@@ -164,7 +185,12 @@ fn release_never_takes_what_another_domain_owns() {
 #[test]
 fn xml_that_is_not_xml_is_a_usage_error_and_moves_nothing() {
     let rig = Rig::z77();
-    for garbage in ["", "not xml at all", "<domain><name>win10</name>", "<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'aaaa'>]><domain>&a;</domain>"] {
+    for garbage in [
+        "",
+        "not xml at all",
+        "<domain><name>win10</name>",
+        "<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'aaaa'>]><domain>&a;</domain>",
+    ] {
         let out = hook(&rig, "win10", "prepare", "begin", garbage);
         assert_exit(&out, 2);
     }

@@ -41,7 +41,8 @@ fn usage(e: &clap::Error) -> ExitCode {
     // Nothing better to do when the terminal is gone.
     let _ = e.print();
     let code = e.exit_code();
-    let wants_json = std::env::args()
+    // args_os: a non-UTF-8 argument is a usage error, not a panic.
+    let wants_json = std::env::args_os()
         .take_while(|a| a != "--")
         .any(|a| a == "--json");
     if code != 0 && wants_json {

@@ -4,6 +4,7 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -393,31 +394,43 @@ fn watch_prints_one_line_per_change() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run vfioctl watch");
-    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
-    // Nothing says when watch has subscribed: move until it reports.
+    // A reader thread, so that waiting for a line can time out.
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Nothing says when watch has subscribed: move usb3 back and forth
+    // until it reports (the stand-in signals before it replies).
     let start = Instant::now();
     let first = loop {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "watch printed nothing"
         );
-        let o = bus.vfioctl(&["bind", "usb3"]);
-        assert_eq!(code(&o), 0, "{}", stderr(&o));
-        let o = bus.vfioctl(&["release", "usb3"]);
-        assert_eq!(code(&o), 0, "{}", stderr(&o));
-        // The stand-in signals before it replies, so a subscribed watch has lines by now.
-        std::thread::sleep(Duration::from_millis(100));
-        if mock.calls().len() >= 2 {
-            break lines.next().expect("a line").expect("text");
+        for action in ["bind", "release"] {
+            let o = bus.vfioctl(&[action, "usb3"]);
+            assert_eq!(code(&o), 0, "{}", stderr(&o));
+        }
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            break line;
         }
     };
     let event: serde_json::Value = serde_json::from_str(&first).expect("JSON line");
     assert!(event["time"].as_str().unwrap().ends_with('Z'));
     let mut events = vec![event];
+    // One bind or release makes at least five: started, progress, changed, finished.
     while events.len() < 5 {
-        let line = lines.next().expect("a line").expect("text");
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("more lines");
         events.push(serde_json::from_str(&line).expect("JSON line"));
     }
+    assert!(mock.calls().len() >= 2);
     let kinds: Vec<&str> = events
         .iter()
         .map(|e| e["event"].as_str().unwrap())

@@ -56,6 +56,12 @@ impl TempDir {
     }
 }
 
+impl Default for TempDir {
+    fn default() -> Self {
+        TempDir::new()
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -114,7 +120,11 @@ impl Rig {
             .arg(user_name())
             .output()
             .expect("tests/private-bus runs");
-        assert!(conf.status.success(), "{}", String::from_utf8_lossy(&conf.stderr));
+        assert!(
+            conf.status.success(),
+            "{}",
+            String::from_utf8_lossy(&conf.stderr)
+        );
         let conf_path = dir.path("bus.conf");
         std::fs::write(&conf_path, conf.stdout).unwrap();
         let mut bus = Command::new("dbus-daemon")
@@ -195,7 +205,10 @@ impl Rig {
     }
 
     pub fn run(&self, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Output {
-        self.command(program).args(args).output().expect("command runs")
+        self.command(program)
+            .args(args)
+            .output()
+            .expect("command runs")
     }
 
     pub fn vfioctl(&self, args: &[&str]) -> Output {
@@ -231,17 +244,37 @@ impl Rig {
 
     /// A command run as the unprivileged user `nobody` (the test runs as root).
     pub fn as_nobody(&self, program: &str, args: &[&str]) -> Output {
-        let mut all = vec!["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", program];
+        let mut all = vec![
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+            program,
+        ];
         all.extend_from_slice(args);
         self.run("setpriv", &all)
     }
 
     /// `busctl get-property` of one device, as the bare value.
     pub fn device_property(&self, address: &str, property: &str) -> String {
-        let full = if address.matches(':').count() == 1 { format!("0000:{address}") } else { address.to_string() };
+        let full = if address.matches(':').count() == 1 {
+            format!("0000:{address}")
+        } else {
+            address.to_string()
+        };
         let path = format!("/org/vfiod1/device/{}", full.replace([':', '.'], "_"));
-        let out = self.busctl(&["get-property", "org.vfiod1", &path, "org.vfiod1.Device", property]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = self.busctl(&[
+            "get-property",
+            "org.vfiod1",
+            &path,
+            "org.vfiod1.Device",
+            property,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         value_of(&out)
     }
 
@@ -251,10 +284,21 @@ impl Rig {
 
     /// Calls a method of the simulator's control surface.
     pub fn simulate(&self, method: &str, signature: &str, args: &[&str]) {
-        let mut all = vec!["call", "org.vfiod1", "/org/vfiod1/simulator", "org.vfiod1.Simulator", method, signature];
+        let mut all = vec![
+            "call",
+            "org.vfiod1",
+            "/org/vfiod1/simulator",
+            "org.vfiod1.Simulator",
+            method,
+            signature,
+        ];
         all.extend_from_slice(args);
         let out = self.busctl(&all);
-        assert!(out.status.success(), "Simulator.{method}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "Simulator.{method}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -306,7 +350,11 @@ impl Polkit {
         let rules_dir = rig.dir.path("polkit-rules");
         std::fs::create_dir_all(&actions).unwrap();
         std::fs::create_dir_all(&rules_dir).unwrap();
-        std::fs::copy(repo().join("systemd/org.vfiod1.policy"), actions.join("org.vfiod1.policy")).unwrap();
+        std::fs::copy(
+            repo().join("systemd/org.vfiod1.policy"),
+            actions.join("org.vfiod1.policy"),
+        )
+        .unwrap();
         std::fs::write(rules_dir.join("50-test.rules"), rules).unwrap();
         let script = format!(
             "set -e; mount --bind {a} /usr/share/polkit-1/actions; \
@@ -317,7 +365,7 @@ impl Polkit {
             polkitd = polkitd().display()
         );
         let log = std::fs::File::create(rig.dir.path("polkitd.log")).unwrap();
-        let child = Command::new("unshare")
+        let mut child = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c", &script])
             .env("DBUS_SYSTEM_BUS_ADDRESS", &rig.address)
             .stdout(log.try_clone().unwrap())
@@ -326,11 +374,17 @@ impl Polkit {
             .expect("unshare + polkitd");
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if rig.busctl(&["status", "org.freedesktop.PolicyKit1"]).status.success() {
+            if rig
+                .busctl(&["status", "org.freedesktop.PolicyKit1"])
+                .status
+                .success()
+            {
                 return Polkit { child };
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!(
             "polkitd did not come up: {}",
             std::fs::read_to_string(rig.dir.path("polkitd.log")).unwrap_or_default()
@@ -346,9 +400,13 @@ impl Drop for Polkit {
 }
 
 pub fn polkitd() -> PathBuf {
-    ["/usr/lib/polkit-1/polkitd", "/usr/libexec/polkitd", "/usr/lib/policykit-1/polkitd"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .expect("polkitd (Debian: apt-get install polkitd)")
+    [
+        "/usr/lib/polkit-1/polkitd",
+        "/usr/libexec/polkitd",
+        "/usr/lib/policykit-1/polkitd",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("polkitd (Debian: apt-get install polkitd)")
 }

@@ -80,6 +80,10 @@ impl<'b> Mover<'b> {
         target: &str,
         options: &MoveOptions,
     ) -> Result<Vec<String>, Failure> {
+        if self.progress.is_some() {
+            // Heads the progress lines of this target.
+            self.out.note(&format!("{direction} {target}"));
+        }
         let manager = &self.manager;
         let call = async move {
             let options = options.to_dbus(direction);

@@ -310,5 +310,24 @@ mod tests {
             summary.starts_with("vfiod 0.1.0: 3 devices (2 on vfio-pci), 1 profiles\n"),
             "{summary}"
         );
+        assert!(
+            summary.contains("away from the host driver:\n  0000:01:00.0"),
+            "{summary}"
+        );
+        // On its host driver: not listed.
+        assert!(!summary.contains("0000:04:00.0"), "{summary}");
+    }
+
+    #[test]
+    fn a_device_that_never_had_a_driver_is_not_away() {
+        let mut d = DeviceView {
+            state: "unbound".into(),
+            ..DeviceView::default()
+        };
+        assert!(!away_from_host(&d), "a host bridge has no driver to miss");
+        d.host_driver = "amdgpu".into();
+        assert!(away_from_host(&d), "a GPU left driverless is");
+        d.state = "stuck".into();
+        assert!(away_from_host(&d));
     }
 }

@@ -1,0 +1,440 @@
+//! vfio-probe: the real-kernel lane's eyes (tests/kernel/run).
+//!
+//! ```text
+//! vfio-probe group GROUP BDF
+//!     Opens /dev/vfio/GROUP as a VMM does: VFIO_GROUP_GET_STATUS, then a
+//!     type1v2 container, a device fd for BDF and a 1 MiB DMA map/unmap.
+//!     Exit 0 when all of it works, 3 when the kernel says the group is not
+//!     viable, 1 on any other failure.
+//! vfio-probe hold PATH...
+//!     Opens every PATH and keeps them open until killed (a desktop holding
+//!     a DRM node, PipeWire holding a sound card). Prints "holding" once
+//!     they are all open.
+//! vfio-probe follow [--sim] [--within-ms MS] BDF DRIVER
+//!     Moves BDF to DRIVER (empty: unbound) behind vfiod's back - raw sysfs
+//!     unbind/bind writes, or with --sim the simulator's SetDriver - and
+//!     times how long vfiod's Device.Driver property takes to say so.
+//!     Exit 0 when it did within MS (default 100), 1 otherwise.
+//! ```
+//! Exit 2 for a usage error. Kept out of the daemon: it is a test tool.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use vfiod_dbus::proxy::DeviceProxy;
+use zbus::proxy::CacheProperties;
+
+const USAGE: &str =
+    "usage: vfio-probe group GROUP BDF | hold PATH... | follow [--sim] [--within-ms MS] BDF DRIVER";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let outcome = match args.first().map(String::as_str) {
+        Some("group") if args.len() == 3 => group(&args[1], &args[2]),
+        Some("hold") if args.len() > 1 => hold(&args[1..]),
+        Some("follow") => follow_command(&args[1..]),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match outcome {
+        Ok(code) => ExitCode::from(code),
+        Err(message) => {
+            eprintln!("vfio-probe: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The VFIO ioctls (linux/vfio.h): `_IO(';', 100 + n)`, each taking an
+/// integer or a pointer although the encoding says neither.
+mod vfio {
+    use nix::libc::{c_char, c_int};
+    use nix::{ioctl_none_bad, ioctl_readwrite_bad, ioctl_write_int_bad, ioctl_write_ptr_bad};
+
+    const fn code(nr: u32) -> nix::sys::ioctl::ioctl_num_type {
+        nix::request_code_none!(b';', 100 + nr) as nix::sys::ioctl::ioctl_num_type
+    }
+
+    pub const API_VERSION: i32 = 0;
+    pub const TYPE1V2_IOMMU: i32 = 3;
+    pub const GROUP_FLAGS_VIABLE: u32 = 1;
+    pub const DMA_MAP_FLAG_READ: u32 = 1;
+    pub const DMA_MAP_FLAG_WRITE: u32 = 2;
+
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct GroupStatus {
+        pub argsz: u32,
+        pub flags: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct DeviceInfo {
+        pub argsz: u32,
+        pub flags: u32,
+        pub num_regions: u32,
+        pub num_irqs: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct DmaMap {
+        pub argsz: u32,
+        pub flags: u32,
+        pub vaddr: u64,
+        pub iova: u64,
+        pub size: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct DmaUnmap {
+        pub argsz: u32,
+        pub flags: u32,
+        pub iova: u64,
+        pub size: u64,
+    }
+
+    ioctl_none_bad!(get_api_version, code(0));
+    ioctl_write_int_bad!(check_extension, code(1));
+    ioctl_write_int_bad!(set_iommu, code(2));
+    ioctl_readwrite_bad!(group_get_status, code(3), GroupStatus);
+    ioctl_write_ptr_bad!(group_set_container, code(4), c_int);
+    ioctl_write_ptr_bad!(group_get_device_fd, code(6), c_char);
+    ioctl_readwrite_bad!(device_get_info, code(7), DeviceInfo);
+    ioctl_readwrite_bad!(iommu_map_dma, code(13), DmaMap);
+    ioctl_readwrite_bad!(iommu_unmap_dma, code(14), DmaUnmap);
+}
+
+fn open_rw(path: &str) -> Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("open {path}: {e}"))
+}
+
+fn ioctl_failed(what: &str) -> impl Fn(nix::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// What QEMU does with a group before it starts a VM.
+fn group(group: &str, bdf: &str) -> Result<u8, String> {
+    let container = open_rw("/dev/vfio/vfio")?;
+    let c = container.as_raw_fd();
+    // SAFETY: plain ioctls on an fd we own, with no or integer arguments.
+    let version =
+        unsafe { vfio::get_api_version(c) }.map_err(ioctl_failed("VFIO_GET_API_VERSION"))?;
+    if version != vfio::API_VERSION {
+        return Err(format!(
+            "VFIO API version {version}, expected {}",
+            vfio::API_VERSION
+        ));
+    }
+    // SAFETY: as above.
+    let type1v2 = unsafe { vfio::check_extension(c, vfio::TYPE1V2_IOMMU) }
+        .map_err(ioctl_failed("VFIO_CHECK_EXTENSION"))?;
+    if type1v2 != 1 {
+        return Err("the container offers no type1v2 IOMMU".into());
+    }
+    let group_file = open_rw(&format!("/dev/vfio/{group}"))?;
+    let g = group_file.as_raw_fd();
+    let mut status = vfio::GroupStatus {
+        argsz: size_of::<vfio::GroupStatus>() as u32,
+        flags: 0,
+    };
+    // SAFETY: the kernel writes a vfio_group_status, which `status` is.
+    unsafe { vfio::group_get_status(g, &mut status) }
+        .map_err(ioctl_failed("VFIO_GROUP_GET_STATUS"))?;
+    if status.flags & vfio::GROUP_FLAGS_VIABLE == 0 {
+        println!("group {group}: flags {:#x}, NOT viable", status.flags);
+        return Ok(3);
+    }
+    // SAFETY: the kernel reads one int, the container fd.
+    unsafe { vfio::group_set_container(g, &c) }
+        .map_err(ioctl_failed("VFIO_GROUP_SET_CONTAINER"))?;
+    // SAFETY: integer argument.
+    unsafe { vfio::set_iommu(c, vfio::TYPE1V2_IOMMU) }.map_err(ioctl_failed("VFIO_SET_IOMMU"))?;
+    let name = std::ffi::CString::new(bdf).map_err(|_| "BDF contains a NUL".to_owned())?;
+    // SAFETY: the kernel reads a NUL-terminated string and returns a new fd.
+    let raw = unsafe { vfio::group_get_device_fd(g, name.as_ptr()) }
+        .map_err(ioctl_failed("VFIO_GROUP_GET_DEVICE_FD"))?;
+    // SAFETY: a fresh fd the kernel just gave us, owned by nobody else.
+    let device: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
+    let mut info = vfio::DeviceInfo {
+        argsz: size_of::<vfio::DeviceInfo>() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the kernel writes a vfio_device_info prefix of argsz bytes.
+    unsafe { vfio::device_get_info(device.as_raw_fd(), &mut info) }
+        .map_err(ioctl_failed("VFIO_DEVICE_GET_INFO"))?;
+    dma_round_trip(c)?;
+    println!(
+        "group {group}: viable; type1v2 container; device fd for {bdf} ({} regions, {} irqs); 1 MiB DMA map/unmap ok",
+        info.num_regions, info.num_irqs
+    );
+    Ok(0)
+}
+
+/// Maps 1 MiB of anonymous memory at IOVA 1 MiB through the IOMMU, and unmaps it.
+fn dma_round_trip(container: i32) -> Result<(), String> {
+    use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
+    const SIZE: usize = 1 << 20;
+    const IOVA: u64 = 1 << 20;
+    let length = std::num::NonZeroUsize::new(SIZE).expect("non-zero");
+    // SAFETY: a fresh private anonymous mapping, unmapped below.
+    let memory = unsafe {
+        mmap_anonymous(
+            None,
+            length,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_PRIVATE,
+        )
+    }
+    .map_err(|e| format!("mmap: {e}"))?;
+    let mut map = vfio::DmaMap {
+        argsz: size_of::<vfio::DmaMap>() as u32,
+        flags: vfio::DMA_MAP_FLAG_READ | vfio::DMA_MAP_FLAG_WRITE,
+        vaddr: memory.as_ptr() as u64,
+        iova: IOVA,
+        size: SIZE as u64,
+    };
+    // SAFETY: the kernel reads a vfio_iommu_type1_dma_map naming memory we own.
+    let mapped = unsafe { vfio::iommu_map_dma(container, &mut map) }
+        .map_err(ioctl_failed("VFIO_IOMMU_MAP_DMA"));
+    let unmapped = mapped.and_then(|_| {
+        let mut unmap = vfio::DmaUnmap {
+            argsz: size_of::<vfio::DmaUnmap>() as u32,
+            flags: 0,
+            iova: IOVA,
+            size: SIZE as u64,
+        };
+        // SAFETY: the kernel reads (and updates) a vfio_iommu_type1_dma_unmap.
+        unsafe { vfio::iommu_unmap_dma(container, &mut unmap) }
+            .map_err(ioctl_failed("VFIO_IOMMU_UNMAP_DMA"))
+    });
+    // SAFETY: the mapping made above, no longer used by the IOMMU.
+    let _ = unsafe { munmap(memory, SIZE) };
+    unmapped.map(|_| ())
+}
+
+fn hold(paths: &[String]) -> Result<u8, String> {
+    let mut held = Vec::new();
+    for path in paths {
+        let file =
+            open_rw(path).or_else(|_| File::open(path).map_err(|e| format!("open {path}: {e}")))?;
+        held.push(file);
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "holding {}", paths.join(" "));
+    let _ = out.flush();
+    drop(out);
+    loop {
+        nix::unistd::pause();
+    }
+}
+
+fn follow_command(args: &[String]) -> Result<u8, String> {
+    let mut sim = false;
+    let mut within = Duration::from_millis(100);
+    let mut rest = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--sim" => sim = true,
+            "--within-ms" => {
+                let ms = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--within-ms needs a number")?;
+                within = Duration::from_millis(ms);
+            }
+            _ => rest.push(arg.as_str()),
+        }
+    }
+    let [bdf, driver] = rest[..] else {
+        return Err(USAGE.into());
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio: {e}"))?
+        .block_on(follow(bdf, driver, sim, within))
+}
+
+async fn follow(bdf: &str, driver: &str, sim: bool, within: Duration) -> Result<u8, String> {
+    let bus = |e: zbus::Error| format!("D-Bus: {e}");
+    let conn = zbus::Connection::system().await.map_err(bus)?;
+    let path = format!("/org/vfiod1/device/{}", bdf.replace([':', '.'], "_"));
+    let device = DeviceProxy::builder(&conn)
+        .path(path)
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+        .map_err(bus)?;
+    let before = device.driver().await.map_err(bus)?;
+    let action = if driver.is_empty() { "unbind" } else { "bind" };
+    // Where the time goes: the kernel's uevent, udevd's re-broadcast (what
+    // vfiod listens to), vfiod's property.
+    let uevents = if sim {
+        None
+    } else {
+        Some(UeventTimes::listen(bdf, action)?)
+    };
+    let start = Instant::now();
+    if sim {
+        conn.call_method(
+            Some("org.vfiod1"),
+            "/org/vfiod1/simulator",
+            Some("org.vfiod1.Simulator"),
+            "SetDriver",
+            &(bdf, driver),
+        )
+        .await
+        .map_err(bus)?;
+    } else {
+        sysfs_set_driver(bdf, driver)?;
+    }
+    let written = Instant::now();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    loop {
+        let now = device.driver().await.map_err(bus)?;
+        let seen = Instant::now();
+        let waited = seen - written;
+        if now == driver || waited > Duration::from_secs(5) {
+            let trail = match uevents.map(UeventTimes::finish) {
+                Some((kernel, udev)) => {
+                    let at = |t: Option<Instant>| {
+                        t.map_or("never".to_owned(), |t| {
+                            format!(
+                                "{:+.1} ms",
+                                ms(t.saturating_duration_since(written))
+                                    - ms(written.saturating_duration_since(t))
+                            )
+                        })
+                    };
+                    format!(
+                        "; kernel uevent {}, udevd re-broadcast {}",
+                        at(kernel),
+                        at(udev)
+                    )
+                }
+                None => String::new(),
+            };
+            let ok = now == driver && waited <= within;
+            println!(
+                "follow {bdf}: {before:?} -> {driver:?}: the writes took {:.1} ms; from their end: vfiod's Driver {now:?} {:+.1} ms{trail} ({} {} ms)",
+                ms(written - start),
+                ms(waited),
+                if ok { "within" } else { "NOT within" },
+                within.as_millis()
+            );
+            return Ok(if ok { 0 } else { 1 });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// When the kernel's and udevd's uevents for one PCI device's bind or
+/// unbind arrived, from a thread reading the uevent netlink groups (1:
+/// the kernel, 2: udevd's re-broadcast).
+struct UeventTimes {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Option<Instant>, Option<Instant>)>,
+}
+
+impl UeventTimes {
+    fn listen(bdf: &str, action: &str) -> Result<UeventTimes, String> {
+        use nix::sys::socket::{
+            AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, socket,
+        };
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::NetlinkKObjectUEvent,
+        )
+        .map_err(|e| format!("uevent socket: {e}"))?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 1 | 2))
+            .map_err(|e| format!("bind uevent socket: {e}"))?;
+        let devpath_end = format!("/{bdf}");
+        let action = format!("ACTION={action}");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut kernel, mut udev) = (None, None);
+            let mut buf = vec![0u8; 16384];
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed)
+                && (kernel.is_none() || udev.is_none())
+            {
+                let n = match recv(
+                    fd.as_raw_fd(),
+                    &mut buf,
+                    nix::sys::socket::MsgFlags::empty(),
+                ) {
+                    Ok(n) => n,
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        std::thread::sleep(Duration::from_micros(200));
+                        continue;
+                    }
+                    Err(_) => break,
+                };
+                let fields: Vec<&[u8]> = buf[..n].split(|&b| b == 0).collect();
+                let has = |want: &[u8]| fields.contains(&want);
+                let pci_device = fields
+                    .iter()
+                    .any(|f| f.starts_with(b"DEVPATH=") && f.ends_with(devpath_end.as_bytes()));
+                if pci_device && has(action.as_bytes()) && has(b"SUBSYSTEM=pci") {
+                    let slot = if buf.starts_with(b"libudev\0") {
+                        &mut udev
+                    } else {
+                        &mut kernel
+                    };
+                    slot.get_or_insert_with(Instant::now);
+                }
+            }
+            (kernel, udev)
+        });
+        Ok(UeventTimes { stop, thread })
+    }
+
+    /// The arrival times; waits at most a moment for stragglers.
+    fn finish(self) -> (Option<Instant>, Option<Instant>) {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while !self.thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// What an admin's shell does: unbind from the current driver, then bind
+/// the new one through its `bind` file.
+fn sysfs_set_driver(bdf: &str, driver: &str) -> Result<(), String> {
+    let dev = Path::new("/sys/bus/pci/devices").join(bdf);
+    let current = std::fs::read_link(dev.join("driver"))
+        .ok()
+        .and_then(|link| Some(link.file_name()?.to_string_lossy().into_owned()));
+    let write = |path: &Path| {
+        std::fs::write(path, bdf).map_err(|e| format!("write {bdf} to {}: {e}", path.display()))
+    };
+    if let Some(current) = current.filter(|c| c != driver) {
+        write(
+            &Path::new("/sys/bus/pci/drivers")
+                .join(current)
+                .join("unbind"),
+        )?;
+    }
+    if !driver.is_empty() {
+        write(&Path::new("/sys/bus/pci/drivers").join(driver).join("bind"))?;
+    }
+    Ok(())
+}
