@@ -597,3 +597,96 @@ fn polkit_decides_for_unprivileged_callers() {
     assert_exit(&out, 0);
     assert_eq!(rig.driver("03:00.0"), "xhci_hcd");
 }
+
+#[test]
+fn vfioctl_watch_prints_changes_as_they_happen() {
+    use std::io::{BufRead, BufReader};
+    let rig = Rig::z77();
+    let mut watch = std::process::Command::new(vfiod_tests::bin("vfioctl"))
+        .args(["--json", "watch"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &rig.address)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Nothing says when watch has subscribed: change a driver behind
+    // vfiod's back until it reports.
+    let start = Instant::now();
+    let first = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "watch printed nothing"
+        );
+        rig.simulate("SetDriver", "ss", &["0000:03:00.0", ""]);
+        rig.simulate("SetDriver", "ss", &["0000:03:00.0", "xhci_hcd"]);
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
+            break line;
+        }
+    };
+    let mut events: Vec<serde_json::Value> = vec![serde_json::from_str(&first).unwrap()];
+    assert_exit(&rig.vfioctl(&["bind", "rx580"]), 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(300)) {
+            Ok(line) => events.push(serde_json::from_str(&line).expect("one JSON object per line")),
+            Err(_) if events.iter().any(|e| e["event"] == "transition-finished") => break,
+            Err(_) => {}
+        }
+    }
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    for kind in [
+        "changed",
+        "transition-started",
+        "transition-progress",
+        "transition-finished",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind} in {kinds:?}");
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "changed" && e["object"] == "/org/vfiod1/device/0000_01_00_0"),
+        "{events:?}"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watch.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert_eq!(watch.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn vfioctl_list_status_and_check() {
+    let rig = Rig::z77();
+    let out = rig.vfioctl(&["list"]);
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(
+        text.contains("0000:01:00.0")
+            && text.contains("amdgpu")
+            && text.contains("rx580")
+            && text.contains("usb3"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&rig.vfioctl(&["--json", "list"]).stdout).unwrap();
+    assert!(
+        json.to_string().contains("\"address\":\"0000:06:00.0\""),
+        "{json}"
+    );
+    let out = rig.vfioctl(&["check", "rx580"]);
+    assert_exit(&out, 0);
+    let out = rig.vfioctl(&["--json", "check", "00:14.0"]);
+    assert_exit(&out, 1);
+    let findings: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(findings.to_string().contains("USB keyboard"), "{findings}");
+}
