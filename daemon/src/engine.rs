@@ -11,6 +11,7 @@ use vfiod_dbus::{DeviceState, Direction, Error};
 use vfiod_pci::{PciAddress, PciDevice};
 
 use crate::config::Config;
+use crate::journal::{Journal, MoveEntry, MoveId};
 use crate::kernel::{Kernel, KernelError, KernelResult, VFIO_DRIVER, VFIO_MODULE};
 use crate::ledger::Ledger;
 use crate::plan::{self, MoveOptions, Plan, kernel_error};
@@ -24,6 +25,8 @@ struct Run<'a> {
     options: &'a MoveOptions,
     started: Instant,
     progress: ProgressFn<'a>,
+    /// Where each step is recorded before it is written.
+    journal: Option<MoveId>,
 }
 
 /// What a device is doing besides sitting on its driver.
@@ -40,6 +43,7 @@ pub struct Engine {
     kernel: Arc<dyn Kernel>,
     config: RwLock<Arc<Config>>,
     ledger: Mutex<Ledger>,
+    journal: Journal,
     activity: ActivityMap,
     /// One lock per IOMMU group (or per device without one): moves within a
     /// group are serialized, moves on different groups run side by side.
@@ -115,9 +119,16 @@ impl Engine {
             kernel,
             config: RwLock::new(Arc::new(config)),
             ledger: Mutex::new(ledger),
+            journal: Journal::disabled(),
             activity: Arc::default(),
             busy_groups: Arc::default(),
         }
+    }
+
+    /// Records every move in `journal` from now on (see [`Engine::recover`]).
+    pub fn with_journal(mut self, journal: Journal) -> Engine {
+        self.journal = journal;
+        self
     }
 
     pub fn kernel(&self) -> &Arc<dyn Kernel> {
@@ -232,16 +243,34 @@ impl Engine {
         }
         let devices: Vec<String> = plan.addresses().iter().map(ToString::to_string).collect();
         info!(target, %direction, devices = %devices.join(" "), "move planned");
+        let changing: Vec<PciAddress> = plan
+            .devices
+            .iter()
+            .filter(|d| d.is_bound_to(VFIO_DRIVER) == (direction == Direction::Release))
+            .map(|d| d.address)
+            .collect();
+        let journal = self
+            .journal
+            .begin(target, direction, changing)
+            .map_err(|e| {
+                Error::Kernel(format!(
+                    "cannot {direction} {target}: nothing was moved: {e}"
+                ))
+            })?;
         self.set_activity(&plan.addresses(), Some(Activity::Moving));
         let run = Run {
             options,
             started,
             progress,
+            journal: Some(journal),
         };
         let outcome = match direction {
             Direction::Bind => self.execute_bind(&plan, &run),
             Direction::Release => self.execute_release(&plan, &run),
         };
+        if let Err(e) = self.journal.end(journal) {
+            error!(error = %e, "cannot close the journal entry; the next start will re-check these devices");
+        }
         self.clear_moving(&plan.addresses());
         match &outcome {
             Ok(()) => info!(
@@ -390,6 +419,11 @@ impl Engine {
         };
         (run.progress)(&device, step);
         info!(device = %device, step, "step");
+        if let Some(id) = run.journal {
+            self.journal
+                .step(id, device, step)
+                .map_err(|e| fail(StepFailure::Unexpected(format!("not written: {e}"))))?;
+        }
         let limit = self.write_limit(run).map_err(fail)?;
         self.kernel_write(Some(device), step, limit, write)
             .map_err(fail)?;
@@ -428,7 +462,13 @@ impl Engine {
             }
             touched.push(device.address);
             if let Err(failure) = self.bind_one(device.address, run) {
-                let aftermath = self.roll_back(&touched, &failure, Direction::Bind, run.progress);
+                let aftermath = self.roll_back(
+                    &touched,
+                    &failure,
+                    Direction::Bind,
+                    run.progress,
+                    run.journal,
+                );
                 return Err(failure.into_error(&context, &aftermath));
             }
         }
@@ -491,8 +531,13 @@ impl Engine {
             }
             touched.push(device.address);
             if let Err(failure) = self.release_one(device.address, run) {
-                let aftermath =
-                    self.roll_back(&touched, &failure, Direction::Release, run.progress);
+                let aftermath = self.roll_back(
+                    &touched,
+                    &failure,
+                    Direction::Release,
+                    run.progress,
+                    run.journal,
+                );
                 return Err(failure.into_error(&context, &aftermath));
             }
         }
@@ -633,6 +678,7 @@ impl Engine {
         failure: &Failure,
         direction: Direction,
         progress: ProgressFn,
+        journal_id: Option<MoveId>,
     ) -> Vec<String> {
         // Undoing gets its own clock: the move's deadline may be what failed.
         let options = MoveOptions::default();
@@ -640,6 +686,7 @@ impl Engine {
             options: &options,
             started: Instant::now(),
             progress,
+            journal: journal_id,
         };
         let mut aftermath = Vec::new();
         for &address in touched.iter().rev() {
@@ -683,6 +730,96 @@ impl Engine {
             aftermath.push("nothing was moved".into());
         }
         aftermath
+    }
+}
+
+impl Engine {
+    /// Settles the moves a crash interrupted (from [`Journal::open`]): every
+    /// device they were changing goes to its host driver (an interrupted
+    /// bind is undone, an interrupted release finished); one whose host
+    /// driver will not come back goes to vfio-pci, never driverless.
+    /// Returns what was done, in words, one line per device. Blocking.
+    pub fn recover(&self, interrupted: Vec<(MoveId, MoveEntry)>) -> Vec<String> {
+        let mut report = Vec::new();
+        for (id, entry) in interrupted {
+            warn!(
+                target = %entry.target,
+                direction = %entry.direction,
+                last_step = ?entry.step,
+                "settling a move that vfiod did not finish"
+            );
+            let options = MoveOptions::default();
+            let run = Run {
+                options: &options,
+                started: Instant::now(),
+                progress: &|_, _| {},
+                journal: Some(id),
+            };
+            for address in entry.devices.iter().rev().copied() {
+                report.push(self.settle(address, &run));
+                if let Err(e) = self.ledger().set_owner(address, None) {
+                    error!(device = %address, error = %e, "cannot clear the owner");
+                }
+            }
+            if let Err(e) = self.journal.end(id) {
+                error!(error = %e, "cannot close a recovered journal entry");
+            }
+        }
+        report
+    }
+
+    fn settle(&self, address: PciAddress, run: &Run) -> String {
+        let outcome = match self.kernel.device(&address) {
+            Ok(Some(_)) => self.settle_present(address, run),
+            Ok(None) => return format!("{address} is gone from the bus"),
+            Err(e) => Err(Failure {
+                device: Some(address),
+                step: "read device".into(),
+                cause: StepFailure::Kernel(e),
+            }),
+        };
+        let now = self.kernel.driver(&address).ok().flatten();
+        match (outcome, now) {
+            (Ok(()), Some(driver)) => {
+                info!(device = %address, driver = %driver, "recovered");
+                format!("{address} on {driver}")
+            }
+            (result, Some(driver)) => {
+                let why = result.err().map(|f| f.describe()).unwrap_or_default();
+                warn!(device = %address, driver = %driver, why = %why, "recovered to vfio-pci: the host driver did not come back");
+                format!("{address} on {driver} ({why})")
+            }
+            (result, None) => {
+                let why = result.err().map(|f| f.describe()).unwrap_or_default();
+                error!(device = %address, why = %why, "DEVICE LEFT WITHOUT A DRIVER after recovery");
+                format!("{address} IS LEFT WITHOUT A DRIVER ({why})")
+            }
+        }
+    }
+
+    fn settle_present(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
+        let read = |e| Failure {
+            device: Some(address),
+            step: "read driver".into(),
+            cause: StepFailure::Kernel(e),
+        };
+        let driver = self.kernel.driver(&address).map_err(read)?;
+        let overridden = self.kernel.driver_override(&address).map_err(read)?;
+        match driver.as_deref() {
+            // Already on a host driver: only a leftover override to clear.
+            Some(d) if d != VFIO_DRIVER => {
+                if overridden.is_some() {
+                    self.clear_override_after(address, &Some(d.to_string()), run)?;
+                }
+                Ok(())
+            }
+            _ => self
+                .to_host(address, self.return_driver(&address), run)
+                .or_else(|failure| {
+                    warn!(device = %address, why = %failure.describe(), "host driver did not come back; back to vfio-pci");
+                    self.to_vfio(address, run).and(Err(failure))
+                }),
+        }
     }
 }
 

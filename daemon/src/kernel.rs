@@ -100,6 +100,9 @@ pub trait Kernel: Send + Sync + 'static {
     fn console_on(&self, address: &PciAddress) -> KernelResult<bool>;
     /// `/dev/vfio/N` when it exists.
     fn vfio_group_node(&self, group: u32) -> Option<PathBuf>;
+    /// Changes with every boot: journal entries of an earlier boot are
+    /// never replayed.
+    fn boot_id(&self) -> KernelResult<String>;
 
     /// `modprobe MODULE`. May block.
     fn load_module(&self, module: &str) -> KernelResult<()>;

@@ -8,6 +8,7 @@ use vfiod::bouncer::Bouncer;
 use vfiod::cli::{Args, default_state_dir};
 use vfiod::config::{BootState, Config};
 use vfiod::engine::Engine;
+use vfiod::journal::Journal;
 use vfiod::kernel::Kernel;
 use vfiod::kernel::sim::SimKernel;
 use vfiod::kernel::sysfs::SysfsKernel;
@@ -86,7 +87,19 @@ async fn run(args: Args) -> Result<(), String> {
         Some(_) => Bouncer::for_simulation(nix::unistd::getuid().as_raw()),
         None => Bouncer::for_host(),
     });
-    let engine = Arc::new(Engine::new(kernel, config, ledger));
+    let boot_id = kernel
+        .boot_id()
+        .map_err(|e| format!("cannot read the kernel's boot id: {e}"))?;
+    let (journal, interrupted) = Journal::open(&state_dir, &boot_id).map_err(|e| e.to_string())?;
+    let engine = Arc::new(Engine::new(kernel, config, ledger).with_journal(journal));
+    if !interrupted.is_empty() {
+        // Before serving: no request may see a half-moved set.
+        let recovering = engine.clone();
+        let report = tokio::task::spawn_blocking(move || recovering.recover(interrupted))
+            .await
+            .map_err(|e| format!("recovery failed: {e}"))?;
+        info!(devices = %report.join("; "), "recovered the moves a crash interrupted");
+    }
     let service = Service::new(engine.clone(), bouncer.clone());
 
     let connection = zbus::connection::Builder::system()

@@ -42,7 +42,7 @@ use super::{Kernel, KernelError, KernelResult, Uevent, UeventAction, VFIO_DRIVER
 /// The running state's file name inside the state dir.
 pub const STATE_FILE: &str = "sim-state.json";
 /// Bumped whenever [`RunningState`] changes shape; an older file boots fresh.
-const STATE_FORMAT: u32 = 1;
+const STATE_FORMAT: u32 = 2;
 /// Loading vfio_pci pulls these in (module dependencies).
 const VFIO_DEPENDENCIES: [&str; 2] = ["vfio", "vfio_iommu_type1"];
 /// The kernel refuses a `driver_override` of PAGE_SIZE - 1 bytes or more.
@@ -72,6 +72,9 @@ pub struct SimKernel {
     /// Woken after every change, for writers that wait on one (an unbind
     /// of vfio-pci while a process holds the group).
     changed: Condvar,
+    /// Crash-point testing: the process kills itself (SIGKILL) right after
+    /// this many more kernel writes have taken effect.
+    crash_after_writes: Mutex<Option<u32>>,
 }
 
 struct Inner {
@@ -134,6 +137,7 @@ impl SimKernel {
                 subscribers: Vec::new(),
             }),
             changed: Condvar::new(),
+            crash_after_writes: Mutex::new(None),
         })
     }
 
@@ -402,8 +406,14 @@ impl Kernel for SimKernel {
             .then(|| group_node(group))
     }
 
+    fn boot_id(&self) -> KernelResult<String> {
+        Ok(self.lock().state.boot_id.clone())
+    }
+
     fn load_module(&self, module: &str) -> KernelResult<()> {
-        self.transact(|board, state, _| state.load_module(board, module))
+        let result = self.transact(|board, state, _| state.load_module(board, module));
+        self.count_write();
+        result
     }
 
     fn set_driver_override(&self, address: &PciAddress, driver: Option<&str>) -> KernelResult<()> {
@@ -415,13 +425,15 @@ impl Kernel for SimKernel {
         if value.is_some_and(|d| d.len() > OVERRIDE_MAX_LEN) {
             return Err(os_error("write", override_path(address), libc::EINVAL));
         }
-        self.transact(|_, state, _| {
+        let result = self.transact(|_, state, _| {
             let dev = state
                 .present_mut(address)
                 .ok_or(KernelError::NoDevice(*address))?;
             dev.driver_override = value.map(str::to_owned);
             Ok(())
-        })
+        });
+        self.count_write();
+        result
     }
 
     fn unbind(&self, address: &PciAddress, driver: &str) -> KernelResult<()> {
@@ -465,27 +477,55 @@ impl Kernel for SimKernel {
                 .wait(inner)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        self.commit(&mut inner, |board, state, events| {
+        let result = self.commit(&mut inner, |board, state, events| {
             state.unbind_device(address, events);
             if faults(board.entry(address)?).vanish == Some(VanishFault::Unbind) {
                 state.remove_subtree(board, address, events);
             }
             Ok(())
-        })
+        });
+        drop(inner);
+        self.count_write();
+        result
     }
 
     fn probe(&self, address: &PciAddress) -> KernelResult<()> {
-        self.transact(|board, state, events| {
+        let result = self.transact(|board, state, events| {
             if state.present(address).is_none() {
                 return Err(os_error("write", probe_path(), libc::ENODEV));
             }
             state.probe_device(board, address, events);
             Ok(())
-        })
+        });
+        self.count_write();
+        result
     }
 }
 
 impl SimKernel {
+    /// Arms crash-point testing: after `writes` more kernel writes (each
+    /// persisted first), the process dies by SIGKILL, as `kill -9` would
+    /// kill it right after that step. `None` disarms.
+    pub fn crash_after_writes(&self, writes: Option<u32>) {
+        *self
+            .crash_after_writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = writes;
+    }
+
+    fn count_write(&self) {
+        let mut armed = self
+            .crash_after_writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(left) = armed.as_mut() {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+
     fn present_entry(&self, address: &PciAddress) -> KernelResult<&DeviceEntry> {
         if self.lock().state.present(address).is_none() {
             return Err(KernelError::NoDevice(*address));
@@ -637,6 +677,7 @@ impl Board {
         }
         RunningState {
             format: STATE_FORMAT,
+            boot_id: new_boot_id(),
             machine: self.fingerprint.clone(),
             devices,
             modules,
@@ -654,6 +695,8 @@ impl Board {
 #[serde(deny_unknown_fields)]
 struct RunningState {
     format: u32,
+    /// Changes with every fresh boot, like /proc/sys/kernel/random/boot_id.
+    boot_id: String,
     /// Fingerprint of the machine file this state belongs to.
     machine: String,
     devices: BTreeMap<PciAddress, DeviceState>,
@@ -900,6 +943,18 @@ fn write_state(path: &Path, state: &RunningState) -> io::Result<()> {
     let partial = path.with_extension("json.partial");
     std::fs::write(&partial, bytes)?;
     std::fs::rename(&partial, path)
+}
+
+/// A fresh boot id: random when the kernel offers one, else from the clock.
+fn new_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .map(|u| u.trim().to_owned())
+        .unwrap_or_else(|_| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            format!("{:032x}", now.as_nanos() ^ u128::from(std::process::id()))
+        })
 }
 
 /// FNV-1a over the machine file's bytes: stable across builds and Rust

@@ -203,6 +203,14 @@ impl Kernel for SysfsKernel {
         self.tree.exists(&node).then(|| Path::new("/").join(node))
     }
 
+    fn boot_id(&self) -> KernelResult<String> {
+        Ok(self
+            .tree
+            .read(Path::new("proc/sys/kernel/random/boot_id"))?
+            .trim()
+            .to_string())
+    }
+
     fn load_module(&self, module: &str) -> KernelResult<()> {
         modules::load_module(&self.tree, module)
     }

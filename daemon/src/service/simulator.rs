@@ -126,6 +126,21 @@ impl SimulatorInterface {
         .await
     }
 
+    /// Crash-point testing: vfiod dies by SIGKILL right after `writes` more
+    /// kernel writes have taken effect (0 disarms).
+    async fn crash_after_writes(
+        &self,
+        writes: u32,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<(), Error> {
+        self.run(connection, &header, move |k| {
+            k.crash_after_writes((writes > 0).then_some(writes));
+            Ok(())
+        })
+        .await
+    }
+
     /// What VFIO_GROUP_GET_STATUS would say about group N.
     fn group_viable(&self, group: u32) -> bool {
         self.kernel.group_viable(group)

@@ -1,0 +1,163 @@
+//! The move journal: before every kernel write the intended step is on
+//! disk (fsync), so a vfiod that dies mid-move can finish or undo it when
+//! it starts again. Entries carry the kernel's boot id: after a reboot the
+//! devices are back at their boot state, and nothing is replayed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+use vfiod_dbus::Direction;
+use vfiod_pci::PciAddress;
+
+use crate::state_file::write_atomically;
+
+pub const JOURNAL_FILE: &str = "journal.json";
+
+/// One move that has begun and not ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveEntry {
+    pub target: String,
+    pub direction: Direction,
+    /// The devices the move changes (those not already where it goes).
+    pub devices: Vec<PciAddress>,
+    /// The last step announced before its kernel write.
+    #[serde(default)]
+    pub step: Option<(PciAddress, String)>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct JournalFile {
+    boot_id: String,
+    next_id: u64,
+    moves: BTreeMap<u64, MoveEntry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("journal {path}: {reason}")]
+pub struct JournalError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+pub type MoveId = u64;
+
+pub struct Journal {
+    path: Option<PathBuf>,
+    file: Mutex<JournalFile>,
+}
+
+impl Journal {
+    /// A journal that writes nothing (tests, benchmarks of the engine alone).
+    pub fn disabled() -> Journal {
+        Journal {
+            path: None,
+            file: Mutex::default(),
+        }
+    }
+
+    /// Opens `state_dir/journal.json`. Returns the journal and the moves a
+    /// crash interrupted in this boot; those of another boot are dropped.
+    pub fn open(
+        state_dir: &Path,
+        boot_id: &str,
+    ) -> Result<(Journal, Vec<(MoveId, MoveEntry)>), JournalError> {
+        let path = state_dir.join(JOURNAL_FILE);
+        let fail = |reason: String| JournalError {
+            path: path.clone(),
+            reason,
+        };
+        let mut file = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<JournalFile>(&bytes) {
+                Ok(file) => file,
+                Err(e) => {
+                    // Written atomically, so this is damage from outside:
+                    // keep it for a human, start empty.
+                    let aside = path.with_extension("json.corrupt");
+                    let _ = std::fs::rename(&path, &aside);
+                    warn!(journal = %path.display(), moved_to = %aside.display(), error = %e, "unreadable journal set aside");
+                    JournalFile::default()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => JournalFile::default(),
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        let interrupted = if file.boot_id == boot_id {
+            file.moves.iter().map(|(id, m)| (*id, m.clone())).collect()
+        } else {
+            if !file.moves.is_empty() {
+                info!(
+                    moves = file.moves.len(),
+                    "journal entries from an earlier boot dropped, not replayed"
+                );
+            }
+            file.moves.clear();
+            file.boot_id = boot_id.to_string();
+            Vec::new()
+        };
+        let journal = Journal {
+            path: Some(path),
+            file: Mutex::new(file),
+        };
+        journal.save(&journal.lock())?;
+        Ok((journal, interrupted))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, JournalFile> {
+        self.file.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn save(&self, file: &JournalFile) -> Result<(), JournalError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let bytes = serde_json::to_vec(file).expect("journal entries always serialize");
+        write_atomically(path, &bytes, true).map_err(|e| JournalError {
+            path: path.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Records that a move begins; nothing has been written yet.
+    pub fn begin(
+        &self,
+        target: &str,
+        direction: Direction,
+        devices: Vec<PciAddress>,
+    ) -> Result<MoveId, JournalError> {
+        let mut file = self.lock();
+        let id = file.next_id;
+        file.next_id += 1;
+        file.moves.insert(
+            id,
+            MoveEntry {
+                target: target.to_string(),
+                direction,
+                devices,
+                step: None,
+            },
+        );
+        self.save(&file)?;
+        Ok(id)
+    }
+
+    /// Records the step about to be written.
+    pub fn step(&self, id: MoveId, device: PciAddress, step: &str) -> Result<(), JournalError> {
+        let mut file = self.lock();
+        if let Some(entry) = file.moves.get_mut(&id) {
+            entry.step = Some((device, step.to_string()));
+        }
+        self.save(&file)
+    }
+
+    /// The move is over: done, refused or rolled back.
+    pub fn end(&self, id: MoveId) -> Result<(), JournalError> {
+        let mut file = self.lock();
+        if file.moves.remove(&id).is_some() {
+            self.save(&file)?;
+        }
+        Ok(())
+    }
+}
