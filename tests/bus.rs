@@ -690,3 +690,88 @@ fn vfioctl_list_status_and_check() {
     let findings: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(findings.to_string().contains("USB keyboard"), "{findings}");
 }
+
+#[test]
+fn sighup_reloads_the_config_and_a_bad_one_is_refused() {
+    let dir = vfiod_tests::TempDir::new();
+    let config = dir.write(
+        "vfiod.toml",
+        &std::fs::read_to_string(vfiod_tests::machine("z77-rx580.vfiod.toml")).unwrap(),
+    );
+    let rig = Rig::start(&vfiod_tests::machine("z77-rx580.toml"), &config);
+    let profiles = |rig: &Rig| {
+        stdout(&rig.busctl(&[
+            "get-property",
+            "org.vfiod1",
+            "/org/vfiod1",
+            "org.vfiod1.Manager",
+            "Profiles",
+        ]))
+    };
+    let hup = |rig: &Rig| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(rig.vfiod_pid().unwrap() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    let wait_for = |rig: &Rig, want: &dyn Fn(&str) -> bool| {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            let now = profiles(rig);
+            if want(&now) {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("profiles never changed: {}", profiles(rig));
+    };
+    assert!(profiles(&rig).contains("rx580"));
+
+    // A new profile appears, a removed one disappears.
+    std::fs::write(
+        &config,
+        "[profiles.gpu-2]\ndevices = [\"01:00.0\", \"01:00.1\"]\nvms = [\"win11\"]\n",
+    )
+    .unwrap();
+    hup(&rig);
+    let now = wait_for(&rig, &|p| p.contains("gpu_2d2"));
+    assert!(!now.contains("rx580"), "{now}");
+    let out = rig.busctl(&[
+        "get-property",
+        "org.vfiod1",
+        "/org/vfiod1/profile/gpu_2d2",
+        "org.vfiod1.Profile",
+        "Name",
+    ]);
+    assert_eq!(value_of(&out), "gpu-2");
+    assert!(
+        !rig.busctl(&["introspect", "org.vfiod1", "/org/vfiod1/profile/rx580"])
+            .status
+            .success()
+    );
+    assert_exit(&rig.vfioctl(&["bind", "gpu-2"]), 0);
+
+    // A bad file is refused with its line; the old config stays.
+    std::fs::write(
+        &config,
+        "[profiles.usb3]\nids = [\"1033:0194\"]\ncolour = \"red\"\n",
+    )
+    .unwrap();
+    hup(&rig);
+    let start = Instant::now();
+    while !rig.log().contains("new configuration refused")
+        && start.elapsed() < Duration::from_secs(3)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = rig.log();
+    assert!(
+        log.contains("new configuration refused")
+            && log.contains("line 3")
+            && log.contains("colour"),
+        "{log}"
+    );
+    assert!(profiles(&rig).contains("gpu_2d2"));
+    assert_exit(&rig.vfioctl(&["release", "gpu-2"]), 0);
+}
