@@ -4,7 +4,7 @@
 //! domain with nothing for vfiod passes without touching the bus. It never
 //! calls back into libvirt: libvirt holds its lock while hooks run.
 
-pub mod domain;
+pub use vfioctl::domain;
 pub mod plan;
 
 use std::io::Read;

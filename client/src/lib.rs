@@ -3,5 +3,7 @@
 //! from the very definition the binary parses.
 
 pub mod cli;
+/// The libvirt domain XML, parsed: kept in the library so it can be fuzzed.
+pub mod domain;
 
 pub use cli::command;

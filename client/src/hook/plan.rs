@@ -85,7 +85,9 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::hook::domain::{self, tests::WIN10};
+    use crate::hook::domain;
+
+    const WIN10: &str = include_str!("../../testdata/win10.xml");
 
     const CONFIG: &str = r#"
 [profiles.rx580]

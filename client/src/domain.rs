@@ -155,51 +155,7 @@ pub mod tests {
     /// What libvirt 9.0 passes to the hook for a Windows guest with the
     /// RX 580 (managed='no'), a USB card libvirt manages, a USB hostdev
     /// and an emulated NIC with a PCI address of its own.
-    pub const WIN10: &str = r#"<domain type='kvm' id='3'>
-  <name>win10</name>
-  <uuid>5a3c1f6e-8d2b-4c7a-9e10-3f2b7c9d1a44</uuid>
-  <memory unit='KiB'>8388608</memory>
-  <os>
-    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
-    <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>
-  </os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <interface type='network'>
-      <source network='default'/>
-      <model type='e1000e'/>
-      <address type='pci' domain='0x0000' bus='0x01' slot='0x00' function='0x0'/>
-    </interface>
-    <hostdev mode='subsystem' type='pci' managed='no'>
-      <driver name='vfio'/>
-      <source>
-        <address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/>
-      </source>
-      <alias name='hostdev0'/>
-      <address type='pci' domain='0x0000' bus='0x05' slot='0x00' function='0x0' multifunction='on'/>
-    </hostdev>
-    <hostdev mode='subsystem' type='pci' managed='no'>
-      <driver name='vfio'/>
-      <source>
-        <address domain='0x0000' bus='0x01' slot='0x00' function='0x1'/>
-      </source>
-      <address type='pci' domain='0x0000' bus='0x05' slot='0x00' function='0x1'/>
-    </hostdev>
-    <hostdev mode='subsystem' type='pci' managed='yes'>
-      <source>
-        <address domain='0x0000' bus='0x04' slot='0x00' function='0x0'/>
-      </source>
-    </hostdev>
-    <hostdev mode='subsystem' type='usb' managed='yes'>
-      <source>
-        <vendor id='0x046d'/>
-        <product id='0xc52b'/>
-        <address bus='1' device='3'/>
-      </source>
-    </hostdev>
-  </devices>
-</domain>
-"#;
+    pub const WIN10: &str = include_str!("../testdata/win10.xml");
 
     fn address(s: &str) -> PciAddress {
         s.parse().unwrap()
