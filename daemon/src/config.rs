@@ -661,7 +661,12 @@ mod tests {
         loaded.sort();
         assert_eq!(
             loaded,
-            ["no-iommu-laptop.toml", "x570-navi.toml", "z77-rx580.toml"]
+            [
+                "no-iommu-laptop.toml",
+                "qemu-q35.toml",
+                "x570-navi.toml",
+                "z77-rx580.toml"
+            ]
         );
     }
 

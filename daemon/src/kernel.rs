@@ -8,6 +8,9 @@ use std::path::PathBuf;
 
 use vfiod_pci::{Holder, PciAddress, PciDevice, UsbDevice};
 
+use self::host::HostView;
+
+pub mod host;
 pub mod sim;
 pub mod sysfs;
 
@@ -100,6 +103,10 @@ pub trait Kernel: Send + Sync + 'static {
     fn console_on(&self, address: &PciAddress) -> KernelResult<bool>;
     /// `/dev/vfio/N` when it exists.
     fn vfio_group_node(&self, group: u32) -> Option<PathBuf>;
+    /// What the doctor reads beyond PCI moves: CPU, firmware, command
+    /// line, modules, framebuffers, memory, libvirt. A fact that cannot be
+    /// read is unknown (`None`), not an error.
+    fn host(&self) -> KernelResult<HostView>;
     /// Changes with every boot: journal entries of an earlier boot are
     /// never replayed.
     fn boot_id(&self) -> KernelResult<String>;

@@ -123,7 +123,13 @@ async fn run(args: Args) -> Result<(), String> {
         .start(&connection)
         .await
         .map_err(|e| format!("cannot serve org.vfiod1: {e}"))?;
+    // Profiles with boot = "vfio" are bound before the name is taken, so a
+    // display manager ordered after vfiod.service finds them gone.
     bind_boot_profiles(&service, &connection).await;
+    service
+        .take_name(&connection)
+        .await
+        .map_err(|e| format!("cannot take the name org.vfiod1: {e}"))?;
 
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;

@@ -37,7 +37,10 @@ use vfiod_pci::machine::{
 };
 use vfiod_pci::{Holder, PciAddress, PciClass, PciDevice, UsbDevice};
 
+use super::host::HostView;
 use super::{Kernel, KernelError, KernelResult, Uevent, UeventAction, VFIO_DRIVER, VFIO_MODULE};
+
+mod host;
 
 /// The running state's file name inside the state dir.
 pub const STATE_FILE: &str = "sim-state.json";
@@ -408,6 +411,11 @@ impl Kernel for SimKernel {
 
     fn boot_id(&self) -> KernelResult<String> {
         Ok(self.lock().state.boot_id.clone())
+    }
+
+    fn host(&self) -> KernelResult<HostView> {
+        let loaded = self.lock().state.modules.clone();
+        Ok(host::view(&self.board.machine, loaded))
     }
 
     fn load_module(&self, module: &str) -> KernelResult<()> {

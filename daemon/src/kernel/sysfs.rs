@@ -13,6 +13,7 @@ mod device;
 #[cfg(test)]
 pub(crate) mod fixture;
 mod holders;
+mod host;
 mod modules;
 mod pci_ids;
 mod rooted;
@@ -30,6 +31,7 @@ use vfiod_pci::{Holder, PciAddress, PciDevice, UsbDevice};
 pub use self::device::RESET_METHOD_UNKNOWN;
 use self::pci_ids::{PCI_IDS_PATHS, PciIds};
 use self::rooted::Rooted;
+use super::host::HostView;
 use super::{Kernel, KernelError, KernelResult};
 
 const PCI_DEVICES: &str = "sys/bus/pci/devices";
@@ -201,6 +203,10 @@ impl Kernel for SysfsKernel {
     fn vfio_group_node(&self, group: u32) -> Option<PathBuf> {
         let node = Path::new(VFIO_GROUPS).join(group.to_string());
         self.tree.exists(&node).then(|| Path::new("/").join(node))
+    }
+
+    fn host(&self) -> KernelResult<HostView> {
+        host::read(&self.tree)
     }
 
     fn boot_id(&self) -> KernelResult<String> {

@@ -3,13 +3,14 @@
 //! only look at it, so they answer at once even while a move hangs.
 
 mod interfaces;
+mod narrator;
 mod objects;
 mod options;
 pub mod simulator;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -28,6 +29,7 @@ use crate::doctor;
 use crate::engine::Engine;
 use crate::plan::validate_target;
 pub use interfaces::{DeviceInterface, ManagerInterface, ProfileInterface};
+use narrator::{Narration, Narrator};
 pub use objects::{DeviceProps, ProfileProps, Snapshot};
 pub use options::parse_move_options;
 
@@ -53,6 +55,8 @@ pub struct Service {
     last_errors: Mutex<BTreeMap<String, String>>,
     /// One refresh at a time, so object additions and removals never race.
     refreshing: tokio::sync::Mutex<()>,
+    /// Emits the Transition* signals in the engine's order.
+    narrator: OnceLock<Narrator>,
 }
 
 impl Service {
@@ -63,6 +67,7 @@ impl Service {
             published: RwLock::default(),
             last_errors: Mutex::default(),
             refreshing: tokio::sync::Mutex::new(()),
+            narrator: OnceLock::new(),
         })
     }
 
@@ -70,9 +75,9 @@ impl Service {
         &self.engine
     }
 
-    /// Serves the objects on `connection`, publishes the first snapshot,
-    /// and only then takes the well-known name, so a client activated by
-    /// the name finds everything in place.
+    /// Serves the objects on `connection` and publishes the first snapshot.
+    /// The well-known name comes after ([`Service::take_name`]): with
+    /// `Type=dbus`, systemd counts vfiod as started once it owns the name.
     pub async fn start(self: &Arc<Self>, connection: &Connection) -> Result<(), Error> {
         let server = connection.object_server();
         server.at(MANAGER_PATH, zbus::fdo::ObjectManager).await?;
@@ -84,10 +89,20 @@ impl Service {
                 },
             )
             .await?;
-        self.refresh(connection).await?;
+        self.refresh(connection).await
+    }
+
+    /// Takes `org.vfiod1`: from now on clients (and systemd) see vfiod.
+    pub async fn take_name(&self, connection: &Connection) -> Result<(), Error> {
         connection.request_name(BUS_NAME).await?;
         info!(name = BUS_NAME, "serving on the bus");
         Ok(())
+    }
+
+    fn narrator(self: &Arc<Self>, connection: &Connection) -> Narrator {
+        self.narrator
+            .get_or_init(|| narrator::spawn(self.clone(), connection.clone()))
+            .clone()
     }
 
     fn snapshot(&self) -> std::sync::RwLockReadGuard<'_, Snapshot> {
@@ -269,32 +284,28 @@ impl Service {
         direction: Direction,
         options: crate::plan::MoveOptions,
     ) -> Result<Vec<OwnedObjectPath>, Error> {
-        let manager = SignalEmitter::new(connection, MANAGER_PATH)?;
-        ManagerInterface::transition_started(&manager, target, direction.as_str()).await?;
-
-        let (progress_tx, mut progress_rx) =
-            tokio::sync::mpsc::unbounded_channel::<(PciAddress, String)>();
+        let narrator = self.narrator(connection);
+        let _ = narrator.send(Narration::Started {
+            target: target.to_string(),
+            direction,
+        });
         let engine = self.engine.clone();
         let job_target = target.to_string();
         let job = tokio::task::spawn_blocking(move || {
-            let progress = move |device: &PciAddress, step: &str| {
-                let _ = progress_tx.send((*device, step.to_string()));
+            let first = std::sync::atomic::AtomicBool::new(true);
+            let progress = |device: &PciAddress, step: &str| {
+                let _ = narrator.send(Narration::Progress {
+                    target: job_target.clone(),
+                    device: *device,
+                    step: step.to_string(),
+                    first: first.swap(false, std::sync::atomic::Ordering::Relaxed),
+                });
             };
             match direction {
                 Direction::Bind => engine.bind(&job_target, &options, &progress),
                 Direction::Release => engine.release(&job_target, &options, &progress),
             }
         });
-        let mut first_step = true;
-        while let Some((device, step)) = progress_rx.recv().await {
-            ManagerInterface::transition_progress(&manager, target, &device.to_string(), &step)
-                .await?;
-            if first_step {
-                // Publish `moving` as soon as the move really starts.
-                first_step = false;
-                let _ = self.refresh(connection).await;
-            }
-        }
         let outcome = job.await.unwrap_or_else(|e| {
             Err(Error::Kernel(format!(
                 "the move of {target} failed inside vfiod: {e}"
@@ -316,8 +327,14 @@ impl Service {
             .err()
             .map(Error::to_signal_field)
             .unwrap_or_default();
-        ManagerInterface::transition_finished(&manager, target, direction.as_str(), &error_field)
-            .await?;
+        let (emitted, sent) = tokio::sync::oneshot::channel();
+        let _ = self.narrator(connection).send(Narration::Finished {
+            target: target.to_string(),
+            direction,
+            error: error_field,
+            emitted,
+        });
+        let _ = sent.await;
         outcome.map(|devices| devices.iter().map(device_object_path).collect())
     }
 

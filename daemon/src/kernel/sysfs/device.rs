@@ -100,7 +100,9 @@ fn reset_methods(tree: &Rooted, dir: &Path) -> KernelResult<Vec<String>> {
     if let Some(methods) = tree.read_optional(&dir.join("reset_method"))? {
         return Ok(methods.split_whitespace().map(str::to_owned).collect());
     }
-    if tree.read_optional(&dir.join("reset"))?.is_some() {
+    // `reset` is write-only: opening it to read fails even for root, so
+    // only its presence says anything.
+    if tree.exists(&dir.join("reset")) {
         return Ok(vec![RESET_METHOD_UNKNOWN.to_owned()]);
     }
     Ok(Vec::new())

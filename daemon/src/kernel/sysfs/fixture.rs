@@ -366,6 +366,64 @@ impl Fixture {
     pub(crate) fn module_list(&self, file: &str, contents: &str) {
         self.write(format!("lib/modules/{KERNEL_RELEASE}/{file}"), contents);
     }
+
+    // What the doctor reads beyond PCI (`kernel/sysfs/host.rs`).
+
+    /// `proc/cpuinfo` of one CPU with these `flags`.
+    pub(crate) fn cpu_flags(&self, flags: &str) {
+        self.write(
+            "proc/cpuinfo",
+            &format!("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: {flags}\n\n"),
+        );
+    }
+
+    /// `proc/cmdline`.
+    pub(crate) fn cmdline(&self, cmdline: &str) {
+        self.write("proc/cmdline", &format!("{cmdline}\n"));
+    }
+
+    /// `dev/kvm`.
+    pub(crate) fn kvm(&self) {
+        self.write("dev/kvm", "");
+    }
+
+    /// `sys/firmware/acpi/tables/NAME` for each name (the directory even
+    /// when there are none).
+    pub(crate) fn acpi_tables(&self, names: &[&str]) {
+        self.mkdir("sys/firmware/acpi/tables");
+        for name in names {
+            self.write(format!("sys/firmware/acpi/tables/{name}"), "");
+        }
+    }
+
+    /// A hugepage pool of `size_kb` pages.
+    pub(crate) fn hugepages(&self, size_kb: u64, total: u64, free: u64) {
+        let dir = format!("sys/kernel/mm/hugepages/hugepages-{size_kb}kB");
+        self.write(format!("{dir}/nr_hugepages"), &format!("{total}\n"));
+        self.write(format!("{dir}/free_hugepages"), &format!("{free}\n"));
+    }
+
+    /// A file with permission bits `mode`.
+    pub(crate) fn write_mode(&self, rel: impl AsRef<Path>, contents: &str, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        let rel = rel.as_ref();
+        self.write(rel, contents);
+        fs::set_permissions(self.path(rel), fs::Permissions::from_mode(mode))
+            .expect("chmod in fixture");
+    }
+
+    /// `etc/passwd` and `etc/group` in which the user and group that own
+    /// the fixture's files (whoever runs the test) are `owner` and
+    /// `group`; `passwd` and `groups` are further lines.
+    pub(crate) fn accounts(&self, owner: &str, group: &str, passwd: &str, groups: &str) {
+        let uid = nix::unistd::geteuid();
+        let gid = nix::unistd::getegid();
+        self.write(
+            "etc/passwd",
+            &format!("{owner}:x:{uid}:{gid}:owner:/:/bin/sh\n{passwd}"),
+        );
+        self.write("etc/group", &format!("{group}:x:{gid}:\n{groups}"));
+    }
 }
 
 /// `$TMPDIR` when set, else tmpfs at /dev/shm when there is one, else the
