@@ -103,45 +103,7 @@ fn a_domain_with_nothing_for_vfiod_passes_even_when_vfiod_is_down() {
     assert!(!stderr(&out).is_empty());
 }
 
-/// Two cards behind one PCI bridge, one IOMMU group.
-const SHARED_GROUP: &str = r#"
-[machine]
-iommu = "intel"
-modules = ["vfio_pci"]
-
-[[device]]
-address = "0000:00:1e.0"
-id = "8086:244e"
-class = "0x060401"
-driver = "pcieport"
-group = 5
-
-[[device]]
-address = "0000:05:00.0"
-parent = "0000:00:1e.0"
-id = "10de:128b"
-class = "0x030000"
-name = "GK208B [GeForce GT 710]"
-driver = "nouveau"
-group = 5
-
-[[device]]
-address = "0000:05:01.0"
-parent = "0000:00:1e.0"
-id = "1102:0002"
-class = "0x040100"
-name = "SB Live! EMU10k1"
-driver = "snd_emu10k1"
-group = 5
-
-[[device]]
-address = "0000:06:00.0"
-id = "1033:0194"
-class = "0x0c0330"
-name = "uPD720200 USB 3.0 Host Controller"
-driver = "xhci_hcd"
-group = 6
-"#;
+const SHARED_GROUP: &str = include_str!("fixtures/shared-group.toml");
 
 #[test]
 fn a_non_viable_group_fails_the_start_and_moves_nothing() {

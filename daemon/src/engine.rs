@@ -264,10 +264,7 @@ impl Engine {
             progress,
             journal: Some(journal),
         };
-        let outcome = match direction {
-            Direction::Bind => self.execute_bind(&plan, &run),
-            Direction::Release => self.execute_release(&plan, &run),
-        };
+        let outcome = self.execute(&plan, &run);
         if let Err(e) = self.journal.end(journal) {
             error!(error = %e, "cannot close the journal entry; the next start will re-check these devices");
         }
@@ -449,33 +446,46 @@ impl Engine {
         Ok(())
     }
 
-    fn execute_bind(&self, plan: &Plan, run: &Run) -> Result<(), Error> {
-        let context = format!("bind {}", plan.target);
+    /// Moves each device of the plan that is not already where the move
+    /// goes; on the first failure, rolls back what this move did.
+    fn execute(&self, plan: &Plan, run: &Run) -> Result<(), Error> {
+        let context = format!("{} {}", plan.direction, plan.target);
         if plan.load_vfio {
             self.ensure_vfio_loaded(run)
                 .map_err(|f| f.into_error(&context, &["nothing was moved".into()]))?;
         }
+        let binding = plan.direction == Direction::Bind;
         let mut touched: Vec<PciAddress> = Vec::new();
         for device in &plan.devices {
-            if device.is_bound_to(VFIO_DRIVER) {
+            if device.is_bound_to(VFIO_DRIVER) == binding {
                 continue;
             }
             touched.push(device.address);
-            if let Err(failure) = self.bind_one(device.address, run) {
+            let moved = if binding {
+                self.bind_one(device.address, run)
+            } else {
+                self.to_host(device.address, self.return_driver(&device.address), run)
+            };
+            if let Err(failure) = moved {
                 let aftermath = self.roll_back(
                     &touched,
                     &failure,
-                    Direction::Bind,
+                    plan.direction,
                     run.progress,
                     run.journal,
                 );
                 return Err(failure.into_error(&context, &aftermath));
             }
         }
+        let owner = if binding {
+            run.options.vm.as_deref()
+        } else {
+            None
+        };
         let mut ledger = self.ledger();
         for device in &plan.devices {
             ledger
-                .set_owner(device.address, run.options.vm.as_deref())
+                .set_owner(device.address, owner)
                 .map_err(|e| Error::Kernel(format!("{context}: done, but {e}")))?;
         }
         Ok(())
@@ -522,44 +532,11 @@ impl Engine {
         )
     }
 
-    fn execute_release(&self, plan: &Plan, run: &Run) -> Result<(), Error> {
-        let context = format!("release {}", plan.target);
-        let mut touched: Vec<PciAddress> = Vec::new();
-        for device in &plan.devices {
-            if !device.is_bound_to(VFIO_DRIVER) {
-                continue;
-            }
-            touched.push(device.address);
-            if let Err(failure) = self.release_one(device.address, run) {
-                let aftermath = self.roll_back(
-                    &touched,
-                    &failure,
-                    Direction::Release,
-                    run.progress,
-                    run.journal,
-                );
-                return Err(failure.into_error(&context, &aftermath));
-            }
-        }
-        let mut ledger = self.ledger();
-        for device in &plan.devices {
-            ledger
-                .set_owner(device.address, None)
-                .map_err(|e| Error::Kernel(format!("{context}: done, but {e}")))?;
-        }
-        Ok(())
-    }
-
     /// The host driver to return a device to: the remembered one when the
     /// kernel still has it, else whatever the kernel picks.
     fn return_driver(&self, address: &PciAddress) -> Option<String> {
         self.host_driver(address)
             .filter(|d| self.kernel.driver_registered(d))
-    }
-
-    fn release_one(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
-        let host = self.return_driver(&address);
-        self.to_host(address, host, run)
     }
 
     /// vfio-pci (or nothing) -> host driver. With a known host driver the

@@ -148,44 +148,7 @@ fn one_function_of_a_slot_brings_the_others_of_its_group() {
 
 /// Two cards behind one conventional PCI bridge share a group: each one
 /// alone is not viable, and the refusal names the other card.
-const SHARED_GROUP: &str = r#"
-[machine]
-iommu = "intel"
-modules = ["vfio_pci"]
-
-[[device]]
-address = "0000:00:1e.0"
-id = "8086:244e"
-class = "0x060401"
-driver = "pcieport"
-group = 5
-
-[[device]]
-address = "0000:05:00.0"
-parent = "0000:00:1e.0"
-id = "10de:128b"
-class = "0x030000"
-name = "GK208B [GeForce GT 710]"
-driver = "nouveau"
-group = 5
-
-[[device]]
-address = "0000:05:01.0"
-parent = "0000:00:1e.0"
-id = "1102:0002"
-class = "0x040100"
-name = "SB Live! EMU10k1"
-driver = "snd_emu10k1"
-group = 5
-
-[[device]]
-address = "0000:05:02.0"
-parent = "0000:00:1e.0"
-id = "8086:100e"
-class = "0x020000"
-name = "82540EM Gigabit Ethernet"
-group = 5
-"#;
+const SHARED_GROUP: &str = include_str!("../../tests/fixtures/shared-group.toml");
 
 #[test]
 fn a_group_shared_with_other_cards_is_not_viable_and_names_them() {
