@@ -9,15 +9,16 @@ use vfiod::cli::{Args, default_state_dir};
 use vfiod::config::{BootState, Config};
 use vfiod::engine::Engine;
 use vfiod::journal::Journal;
-use vfiod::kernel::Kernel;
 use vfiod::kernel::sim::SimKernel;
 use vfiod::kernel::sysfs::SysfsKernel;
+use vfiod::kernel::{Kernel, Uevent, UeventAction};
 use vfiod::ledger::Ledger;
 use vfiod::plan::MoveOptions;
 use vfiod::service::Service;
 use vfiod::service::simulator::{SIMULATOR_PATH, SimulatorInterface};
 use vfiod::uevents;
 use vfiod_dbus::Direction;
+use vfiod_pci::PciAddress;
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
@@ -142,10 +143,14 @@ async fn run(args: Args) -> Result<(), String> {
                     std::future::pending::<()>().await;
                     continue;
                 };
-                tracing::debug!(device = %event.address, action = ?event.action, driver = ?event.driver, "uevent");
-                // One refresh covers every event queued so far.
-                while events.try_recv().is_ok() {}
-                if let Err(e) = service.refresh(&connection).await {
+                // Everything queued so far is handled at once: a bind or
+                // unbind re-reads its device, anything else (a device added
+                // or removed) the whole bus.
+                let mut batch = vec![event];
+                while let Ok(more) = events.try_recv() {
+                    batch.push(more);
+                }
+                if let Err(e) = refresh_after(&service, &connection, &batch).await {
                     warn!(error = %e, "refresh after a uevent failed");
                 }
             }
@@ -155,6 +160,30 @@ async fn run(args: Args) -> Result<(), String> {
         }
     }
     info!("stopping");
+    Ok(())
+}
+
+async fn refresh_after(
+    service: &Arc<Service>,
+    connection: &zbus::Connection,
+    events: &[Uevent],
+) -> Result<(), vfiod_dbus::Error> {
+    let whole_bus = events.iter().any(|e| {
+        !matches!(
+            e.action,
+            UeventAction::Bind | UeventAction::Unbind | UeventAction::Change
+        )
+    });
+    tracing::debug!(events = events.len(), whole_bus, "uevents");
+    if whole_bus {
+        return service.refresh(connection).await;
+    }
+    let mut devices: Vec<PciAddress> = events.iter().map(|e| e.address).collect();
+    devices.sort();
+    devices.dedup();
+    for address in devices {
+        service.refresh_device(connection, address).await?;
+    }
     Ok(())
 }
 

@@ -144,6 +144,24 @@ impl Service {
     /// Re-reads the kernel and publishes what changed: objects added and
     /// removed, one PropertiesChanged per changed object.
     pub async fn refresh(self: &Arc<Self>, connection: &Connection) -> Result<(), Error> {
+        self.refresh_with(connection, None).await
+    }
+
+    /// Like [`Service::refresh`], reading only `address` from the kernel:
+    /// a bind or unbind uevent changes one device.
+    pub async fn refresh_device(
+        self: &Arc<Self>,
+        connection: &Connection,
+        address: PciAddress,
+    ) -> Result<(), Error> {
+        self.refresh_with(connection, Some(address)).await
+    }
+
+    async fn refresh_with(
+        self: &Arc<Self>,
+        connection: &Connection,
+        only: Option<PciAddress>,
+    ) -> Result<(), Error> {
         let _one_at_a_time = self.refreshing.lock().await;
         let engine = self.engine.clone();
         let errors = self
@@ -151,7 +169,11 @@ impl Service {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let taking = tokio::task::spawn_blocking(move || Snapshot::take(&engine, &errors));
+        let current = self.snapshot().clone();
+        let taking = tokio::task::spawn_blocking(move || match only {
+            Some(address) => current.with_device(&engine, &address, &errors),
+            None => Snapshot::take(&engine, &errors),
+        });
         let fresh = match tokio::time::timeout(SNAPSHOT_TIMEOUT, taking).await {
             Ok(joined) => {
                 joined.map_err(|e| Error::Kernel(format!("snapshot task failed: {e}")))??
