@@ -18,12 +18,15 @@
 #   k_vfio_node GROUP    status 0 when /dev/vfio/GROUP exists
 #   k_vfio_loaded        status 0 when vfio-pci is registered
 #   k_usable GROUP ADDR  status 0: viable, container and device fd work;
-#                        3: the kernel says not viable; REPLY = what it saw
+#                        3: the kernel says not viable; REPLY = what it saw;
+#                        K_USABLE_HOW says how it looks
 #   k_node ADDR drm|snd  REPLY = the device's DRM card / ALSA control node
 #   k_hold NODE          a process (comm vfio-probe) holds NODE; HOLD_PID
 #   k_unhold             it lets go
-#   k_follow ADDR DRIVER change the driver behind vfiod's back; status 0 when
-#                        vfiod's Device.Driver says so within 100 ms; REPLY = timings
+#   k_follow ADDR DRIVER...  change the driver behind vfiod's back to each in
+#                        turn; status 0 when vfiod's Device.Driver said so within
+#                        100 ms (median per driver); REPLY = the timings, one per
+#                        line, LAST_LINE = the verdict
 #   k_start_vfiod        (re)starts vfiod and waits until it answers; VFIOD_PID
 #   k_put_back ADDR DRIVER   puts a device back on DRIVER by hand (cleanup)
 
@@ -41,7 +44,10 @@ pass() { echo "PASS: [$LANE_KIND] $*"; PASSES=$((PASSES + 1)); }
 fail() { echo "FAIL: [$LANE_KIND] $*"; FAILS=$((FAILS + 1)); }
 xfail() { echo "XFAIL: [$LANE_KIND] $*"; XFAILS=$((XFAILS + 1)); }
 note() { echo "NOTE: [$LANE_KIND] $*"; }
-now_us() { local t=${EPOCHREALTIME/./}; REPLY=$((10#$t)); }
+# nap SECONDS: sleep without spawning a process (a read that times out).
+mkfifo "$WORK/nap.fifo" 2>/dev/null
+exec {NAP_FD}<> "$WORK/nap.fifo"
+nap() { read -r -t "$1" -u "$NAP_FD" _; }
 
 # A scenario collects problems and ends with one verdict line.
 begin() { PROBLEMS=(); SCENARIO_T0=${EPOCHREALTIME/./}; }
@@ -136,7 +142,7 @@ scenario_gpu_bind_release() {
   outcome gpu.bind
   k_vfio_node "$g" || problem "/dev/vfio/$g does not exist"
   group_usable "$g" "$GPU" && group_usable "$g" "$AUD"
-  verdict "bind gpu: 01:00.0 and 01:00.1 on vfio-pci in ${CTL_MS} ms, group $g viable as the kernel sees it (VFIO_GROUP_GET_STATUS, type1v2 container, device fds, DMA map)"
+  verdict "bind gpu: 01:00.0 and 01:00.1 on vfio-pci in ${CTL_MS} ms, group $g viable as the kernel sees it ($K_USABLE_HOW)"
 
   begin
   ctl release gpu
@@ -229,16 +235,13 @@ scenario_busy() {
 
 scenario_behind_back() {
   begin
-  local said=()
-  k_follow "$AUD" "" || problem "unbind: $REPLY"
-  said+=("unbind: $REPLY")
-  RC=0 ERR=-; outcome behind.unbind
-  k_follow "$AUD" snd_hda_intel || problem "bind: $REPLY"
-  said+=("bind: $REPLY")
-  RC=0 ERR=-; outcome behind.bind
-  note "behind vfiod's back: ${said[0]}"
-  note "behind vfiod's back: ${said[1]}"
-  verdict "01:00.1 unbound from and bound to snd_hda_intel behind vfiod's back: its Device.Driver follows within 100 ms each way"
+  # Five times each way; the median of each must be within 100 ms.
+  k_follow "$AUD" "" snd_hda_intel "" snd_hda_intel "" snd_hda_intel "" snd_hda_intel "" snd_hda_intel \
+    || problem "$LAST_LINE"
+  local line
+  while IFS= read -r line; do note "behind vfiod's back: $line"; done <<< "$REPLY"
+  RC=0 ERR=-; outcome behind.rebound
+  verdict "01:00.1 unbound from and bound to snd_hda_intel behind vfiod's back (raw sysfs writes): its Device.Driver follows within 100 ms (median of 5 each way)"
   all_home
 }
 
@@ -274,15 +277,18 @@ scenario_sigkill() {
   k_node "$AUD" snd; node=$REPLY
   k_hold "$node"
   "$VFIOCTL" bind gpu --force > "$WORK/kill.out" 2>&1 & ctl_pid=$!
-  # Wait until 01:00.0 is done and 01:00.1's override is written: vfiod is
-  # then in (or right before) the unbind of snd_hda_intel.
+  # Wait until 01:00.0 is done and 01:00.1 has left snd_hda_intel: vfiod
+  # is then in its unbind, which the kernel holds (the driver link goes
+  # before the driver's remove runs). Not driver_override: reading it takes
+  # the device lock, which the blocked unbind holds.
   for i in $(seq 400); do
     k_driver "$GPU"; local d0=$REPLY
-    k_override "$AUD"
-    [ "$d0" = vfio-pci ] && [ "$REPLY" = vfio-pci ] && break
-    sleep 0.025
+    k_driver "$AUD"
+    [ "$d0" = vfio-pci ] && [ "$REPLY" != snd_hda_intel ] && break
+    nap 0.02
   done
-  sleep 0.3
+  note "sigkill: waited $i rounds for the move to reach 01:00.1"
+  nap 0.3
   drivers_now; state=$REPLY
   kill -KILL "$VFIOD_PID"
   k_unhold
@@ -299,12 +305,12 @@ scenario_sigkill() {
        { [ "$d0/$d1" = vfio-pci/vfio-pci ] || [ "$d0/$d1" = "${HOST_DRIVER[$GPU]}/${HOST_DRIVER[$AUD]}" ]; }; then
       ok=1; break
     fi
-    sleep 0.05
+    nap 0.05
   done
   RC=0 ERR=-; outcome sigkill.restarted
   drivers_now; state=$REPLY
   k_override "$AUD"; state+=" (01:00.1 driver_override ${REPLY:-(null)})"
-  local what="vfiod SIGKILLed in the middle of bind gpu (in snd_hda_intel's unbind) and restarted"
+  local what="vfiod SIGKILLed in the middle of bind gpu --force while a process holds $node, and restarted"
   if [ -n "$ok" ]; then
     pass "$what: the move was finished or undone, nothing driverless: $state"
   elif [ "$LANE_RECOVERY_PENDING" = 1 ]; then
@@ -317,18 +323,32 @@ scenario_sigkill() {
   all_home
 }
 
+# The doctor's findings: those that follow from the PCI devices and the
+# kernel alone must agree between real and simulated; the others come from
+# a machine file's [host] section (/dev/kvm, ACPI tables, interrupt
+# remapping, memory, libvirt), which `vfioctl snapshot` does not write, and
+# from the userland of whichever machine runs the lane: those are shown,
+# not compared (tests/kernel/run lists the differences).
+KERNEL_FINDINGS='^(iommu[.]enabled|iommu[.]acs|modules[.]|groups|boot|reset|usb)'
 scenario_check() { # KEY
-  begin
   ctl check
-  local findings=() json
+  local findings=() kernel=() json chunk id sev
   json=$(< "$WORK/ctl.out")
-  while [[ $json =~ \"id\":\"([^\"]*)\",\"severity\":\"([^\"]*)\" ]]; do
-    findings+=("${BASH_REMATCH[1]}:${BASH_REMATCH[2]}")
-    json=${json#*"${BASH_REMATCH[0]}"}
-  done
-  local IFS=,
-  outcome "$1" "findings=${findings[*]:-?}"
-  note "vfioctl check: exit $RC, findings ${findings[*]:-none parsed}"
+  json=${json//'},{'/$'\n'}
+  while IFS= read -r chunk; do
+    id=? sev=?
+    [[ $chunk =~ \"id\":\"([^\"]*)\" ]] && id=${BASH_REMATCH[1]}
+    [[ $chunk =~ \"severity\":\"([^\"]*)\" ]] && sev=${BASH_REMATCH[1]}
+    [ "$id$sev" = "??" ] && continue
+    findings+=("$id:$sev")
+    [[ $id =~ $KERNEL_FINDINGS ]] && kernel+=("$id:$sev")
+  done <<< "$json"
+  local IFS=, rc=$RC
+  # Its exit status follows from every finding: not compared either.
+  RC=- ERR=-
+  outcome "$1" "findings=${kernel[*]:-none}"
+  echo "$1 ${findings[*]:-none}" >> "$OUTCOMES.doctor"
+  note "vfioctl check: exit $rc, findings ${findings[*]:-none}"
 }
 
 all_driverless_check() {
@@ -339,17 +359,14 @@ all_driverless_check() {
   verdict "after every scenario each lane device is on its host driver with driver_override cleared: $REPLY"
 }
 
+# LANE_ONLY="busy hook ..." runs only those, in that order (for debugging;
+# a scenario_NAME function defined in the guest's env file runs too).
+LANE_SCENARIOS=(gpu_bind_release usb_both_ways boot_vga function0 busy behind_back hook sigkill)
 run_scenarios() {
-  : > "$OUTCOMES"
+  : > "$OUTCOMES"; : > "$OUTCOMES.doctor"
   scenario_check check.iommu
-  scenario_gpu_bind_release
-  scenario_usb_both_ways
-  scenario_boot_vga
-  scenario_function0
-  scenario_busy
-  scenario_behind_back
-  scenario_hook
-  scenario_sigkill
+  local s
+  for s in ${LANE_ONLY:-${LANE_SCENARIOS[*]}}; do "scenario_$s"; done
   all_driverless_check
 }
 

@@ -16,6 +16,8 @@ VFIOCTL=$bin/vfioctl
 WORK=/run/lane
 OUTCOMES=$out/outcomes.txt
 mkdir -p "$WORK"
+# Settings from the host (tests/kernel/boot LANE_GUEST_ENV), e.g. LANE_ONLY.
+[ -f "$out/env" ] && . "$out/env"
 . "$LANE_DIR/scenarios.sh"
 [ -d /sys/kernel/iommu_groups ] && [ -n "$(ls /sys/kernel/iommu_groups)" ] && iommu=1 || iommu=0
 [ $iommu = 1 ] || LANE_KIND=real-noiommu
@@ -40,20 +42,25 @@ k_group() {
 }
 k_vfio_node() { [ -e "/dev/vfio/$1" ]; }
 k_vfio_loaded() { [ -d /sys/bus/pci/drivers/vfio-pci ]; }
+K_USABLE_HOW="VFIO_GROUP_GET_STATUS, a type1v2 container, device fds, a DMA map"
 k_usable() {
   "$bin/vfio-probe" group "$1" "$2" > "$WORK/probe.out" 2>&1
   local rc=$?
   REPLY=$(< "$WORK/probe.out")
   return $rc
 }
-k_node() { # ADDR drm|snd
-  local f
+k_node() { # ADDR drm|snd; a driver just bound may register them a moment later
+  local f i
   REPLY=
-  case $2 in
-    drm) for f in "/sys/bus/pci/devices/$1/drm/card"*; do [ -e "$f" ] && REPLY=/dev/dri/${f##*/}; done ;;
-    snd) for f in "/sys/bus/pci/devices/$1/sound/card"*/controlC*; do [ -e "$f" ] && REPLY=/dev/snd/${f##*/}; done ;;
-  esac
-  [ -n "$REPLY" ] || note "no $2 node under ${1#0000:}"
+  for i in $(seq 250); do
+    case $2 in
+      drm) for f in "/sys/bus/pci/devices/$1/drm/card"*; do [ -e "$f" ] && REPLY=/dev/dri/${f##*/}; done ;;
+      snd) for f in "/sys/bus/pci/devices/$1/sound/card"*/controlC*; do [ -e "$f" ] && REPLY=/dev/snd/${f##*/}; done ;;
+    esac
+    [ -n "$REPLY" ] && [ -e "$REPLY" ] && return 0
+    nap 0.02
+  done
+  note "no $2 node under ${1#0000:} after 5 s"
 }
 k_hold() {
   "$bin/vfio-probe" hold "$1" > "$WORK/hold.out" 2>&1 & HOLD_PID=$!
@@ -62,15 +69,16 @@ k_hold() {
     read -r line < "$WORK/hold.out"
     [[ $line == holding* ]] && return 0
     kill -0 "$HOLD_PID" 2>/dev/null || break
-    sleep 0.02
+    nap 0.02
   done
   note "the holder of $1 did not start: $(< "$WORK/hold.out")"
 }
 k_unhold() { kill "$HOLD_PID" 2>/dev/null; wait "$HOLD_PID" 2>/dev/null; }
 k_follow() {
-  "$bin/vfio-probe" follow "$1" "$2" > "$WORK/follow.out" 2>&1
-  local rc=$?
+  "$bin/vfio-probe" follow "$@" > "$WORK/follow.out" 2>&1
+  local rc=$? line
   REPLY=$(< "$WORK/follow.out")
+  while IFS= read -r line; do LAST_LINE=$line; done <<< "$REPLY"
   return $rc
 }
 k_start_vfiod() {
@@ -80,7 +88,7 @@ k_start_vfiod() {
   for i in $(seq 300); do
     "$VFIOCTL" status > /dev/null 2>&1 && return 0
     kill -0 "$VFIOD_PID" 2>/dev/null || break
-    sleep 0.05
+    nap 0.05
   done
   fail "vfiod did not come up on the bus (see vfiod.log)"
   return 1
@@ -101,6 +109,12 @@ mkdir -p /run/udev
 udevadm trigger --subsystem-match=pci --action=add
 udevadm settle -t 60
 for m in bochs snd_hda_intel xhci_pci; do [ -d "/sys/module/$m" ] || modprobe "$m"; done
+# The USB disk on the xHCI card is scanned asynchronously: wait for its
+# nodes, so that the snapshot is the same every time.
+for i in $(seq 250); do
+  [ -e /sys/class/block/sda ] && [ -e /sys/class/scsi_generic/sg0 ] && break
+  nap 0.02
+done
 udevadm settle -t 60
 uptime_s; t_udev=$REPLY
 # The machine at boot, as a machine file (vfiod need not run for this).
@@ -117,7 +131,7 @@ export DBUS_SYSTEM_BUS_ADDRESS
 if k_start_vfiod; then
   uptime_s; t_vfiod=$REPLY
   echo "TIME: [$LANE_KIND] guest: script started at uptime ${t_start}s, udev settled ${t_udev}s, vfiod answering ${t_vfiod}s"
-  if [ $iommu = 1 ]; then run_scenarios; else run_noiommu_scenarios; fi
+  if [ $iommu = 1 ]; then run_scenarios; else : > "$OUTCOMES"; : > "$OUTCOMES.doctor"; run_noiommu_scenarios; fi
   kill "$VFIOD_PID" 2>/dev/null; wait "$VFIOD_PID" 2>/dev/null
 fi
 dmesg > "$out/dmesg.txt"
