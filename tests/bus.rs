@@ -777,3 +777,25 @@ fn sighup_reloads_the_config_and_a_bad_one_is_refused() {
     assert!(profiles(&rig).contains("gpu_2d2"));
     assert_exit(&rig.vfioctl(&["release", "gpu-2"]), 0);
 }
+
+#[test]
+fn a_vfiod_that_holds_its_name_but_never_answers_is_unreachable() {
+    let rig = Rig::z77();
+    let pid = nix::unistd::Pid::from_raw(rig.vfiod_pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let start = Instant::now();
+    let out = std::process::Command::new(vfiod_tests::bin("vfioctl"))
+        .arg("status")
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &rig.address)
+        .env("VFIOCTL_READ_TIMEOUT_MS", "500")
+        .output()
+        .unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_exit(&out, 3);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(stderr(&out).contains("no answer"), "{}", stderr(&out));
+}

@@ -4,6 +4,7 @@
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use vfiod_dbus::names::{BUS_NAME, MANAGER_PATH};
 use vfiod_dbus::proxy::ManagerProxy;
@@ -15,14 +16,41 @@ use zbus::proxy::CacheProperties;
 use crate::error::Failure;
 use crate::model::Objects;
 
+const READ_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// `VFIOCTL_READ_TIMEOUT_MS` shortens (or lengthens) the wait for reads.
+fn read_timeout() -> Duration {
+    std::env::var("VFIOCTL_READ_TIMEOUT_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(READ_TIMEOUT)
+}
+const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
+
 pub struct Bus {
     conn: Connection,
 }
 
 impl Bus {
-    /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` if set).
+    /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` if set) for
+    /// reads: vfiod answers them at once, even while a move hangs, so one
+    /// that does not answer in 25 s is not coming (a dead vfiod still
+    /// holding its name).
     pub async fn connect() -> Result<Bus, Failure> {
-        let conn = Connection::system()
+        Bus::connect_within(read_timeout()).await
+    }
+
+    /// Connects for moves, which vfiod bounds itself (each kernel write by
+    /// `unbind_timeout_ms`, the move by `timeout_ms`).
+    pub async fn connect_for_moves() -> Result<Bus, Failure> {
+        Bus::connect_within(MOVE_TIMEOUT).await
+    }
+
+    async fn connect_within(timeout: Duration) -> Result<Bus, Failure> {
+        let conn = zbus::connection::Builder::system()
+            .method_timeout(timeout)
+            .build()
             .await
             .map_err(|e| Failure::no_bus(&e))?;
         Ok(Bus { conn })

@@ -13,7 +13,8 @@ Exit status:
   3  vfiod unreachable (no system bus, or org.vfiod1 not on it)
   4  access denied
 
-The system bus is the one DBUS_SYSTEM_BUS_ADDRESS names, if set.";
+The system bus is the one DBUS_SYSTEM_BUS_ADDRESS names, if set. A read
+that vfiod does not answer within 25 s (VFIOCTL_READ_TIMEOUT_MS) exits 3.";
 
 /// The parsed command line.
 #[derive(Debug, Parser)]

@@ -131,7 +131,7 @@ fn sysfs_id(address: &PciAddress) -> Option<PciId> {
 
 /// Moves the plan's targets for the domain.
 pub async fn execute(work: &Work, out: &Output) -> Result<Exit, Failure> {
-    let bus = Bus::connect().await?;
+    let bus = Bus::connect_for_moves().await?;
     let mut mover = Mover::new(&bus, out).await?;
     let options = MoveOptions {
         vm: Some(work.domain.clone()),

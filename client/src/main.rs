@@ -78,7 +78,7 @@ fn run(action: Action, out: &Output) -> Result<Exit, Failure> {
                 timeout_ms: args.timeout_ms,
             };
             block_on(async {
-                let bus = Bus::connect().await?;
+                let bus = Bus::connect_for_moves().await?;
                 moves::run(&bus, out, Direction::Bind, &args.targets, &options).await
             })
         }
@@ -89,7 +89,7 @@ fn run(action: Action, out: &Output) -> Result<Exit, Failure> {
                 timeout_ms: args.timeout_ms,
             };
             block_on(async {
-                let bus = Bus::connect().await?;
+                let bus = Bus::connect_for_moves().await?;
                 moves::run(&bus, out, Direction::Release, &args.targets, &options).await
             })
         }

@@ -246,7 +246,7 @@ impl Engine {
         let changing: Vec<PciAddress> = plan
             .devices
             .iter()
-            .filter(|d| d.is_bound_to(VFIO_DRIVER) == (direction == Direction::Release))
+            .filter(|d| self.needs_move(d, direction))
             .map(|d| d.address)
             .collect();
         let journal = self
@@ -337,10 +337,10 @@ impl Engine {
         }
     }
 
-    /// Runs one kernel write on a worker thread and waits at most `limit`.
-    /// A write that does not come back leaves its device marked stuck until
-    /// the kernel finally answers.
-    fn kernel_write<T: Send + 'static>(
+    /// Runs one kernel call (a write, or a read that takes the device lock)
+    /// on a worker thread and waits at most `limit`. A call that does not
+    /// come back leaves its device marked stuck until the kernel answers.
+    fn kernel_call<T: Send + 'static>(
         &self,
         device: Option<PciAddress>,
         step: &str,
@@ -422,7 +422,7 @@ impl Engine {
                 .map_err(|e| fail(StepFailure::Unexpected(format!("not written: {e}"))))?;
         }
         let limit = self.write_limit(run).map_err(fail)?;
-        self.kernel_write(Some(device), step, limit, write)
+        self.kernel_call(Some(device), step, limit, write)
             .map_err(fail)?;
         verify(&*self.kernel).map_err(fail)
     }
@@ -436,7 +436,7 @@ impl Engine {
         };
         info!(step = %step, "step");
         let limit = self.write_limit(run).map_err(fail)?;
-        self.kernel_write(None, &step, limit, |k| k.load_module(VFIO_MODULE))
+        self.kernel_call(None, &step, limit, |k| k.load_module(VFIO_MODULE))
             .map_err(fail)?;
         if !self.kernel.driver_registered(VFIO_DRIVER) {
             return Err(fail(StepFailure::Unexpected(format!(
@@ -444,6 +444,19 @@ impl Engine {
             ))));
         }
         Ok(())
+    }
+
+    /// Whether `device` is not yet where a move in `direction` takes it.
+    fn needs_move(&self, device: &PciDevice, direction: Direction) -> bool {
+        match direction {
+            Direction::Bind => !device.is_bound_to(VFIO_DRIVER),
+            // A release also brings back a device left without a driver (an
+            // unbind behind vfiod's back, a crash) that has a host driver.
+            Direction::Release => match device.driver.as_deref() {
+                Some(driver) => driver == VFIO_DRIVER,
+                None => self.host_driver(&device.address).is_some(),
+            },
+        }
     }
 
     /// Moves each device of the plan that is not already where the move
@@ -457,7 +470,7 @@ impl Engine {
         let binding = plan.direction == Direction::Bind;
         let mut touched: Vec<PciAddress> = Vec::new();
         for device in &plan.devices {
-            if device.is_bound_to(VFIO_DRIVER) == binding {
+            if !self.needs_move(device, plan.direction) {
                 continue;
             }
             touched.push(device.address);
@@ -781,7 +794,22 @@ impl Engine {
             cause: StepFailure::Kernel(e),
         };
         let driver = self.kernel.driver(&address).map_err(read)?;
-        let overridden = self.kernel.driver_override(&address).map_err(read)?;
+        // driver_override takes the device lock: an unbind still waiting
+        // in the kernel would hold this read, and vfiod's start, forever.
+        let limit = self.write_limit(run).map_err(|cause| Failure {
+            device: Some(address),
+            step: "read driver_override".into(),
+            cause,
+        })?;
+        let overridden = self
+            .kernel_call(Some(address), "read driver_override", limit, move |k| {
+                k.driver_override(&address)
+            })
+            .map_err(|cause| Failure {
+                device: Some(address),
+                step: "read driver_override".into(),
+                cause,
+            })?;
         match driver.as_deref() {
             // Already on a host driver: only a leftover override to clear.
             Some(d) if d != VFIO_DRIVER => {

@@ -75,9 +75,11 @@ pub struct Uevent {
 
 /// Everything vfiod reads from and writes to the kernel.
 ///
-/// Reads are quick. Writes may block for as long as a driver wants (an
-/// unbind held by an open file): callers run them on a worker thread with
-/// a timeout, never on the event loop.
+/// Reads are quick, but for `driver_override`, which takes the device lock
+/// and so waits behind an unbind that is waiting in the kernel. Writes may
+/// block for as long as a driver wants (an unbind held by an open file):
+/// callers run them on a worker thread with a timeout, never on the event
+/// loop.
 pub trait Kernel: Send + Sync + 'static {
     /// Every PCI function, sorted by address.
     fn devices(&self) -> KernelResult<Vec<PciDevice>>;

@@ -573,3 +573,16 @@ fn the_shipped_x570_profiles_move() {
     }
     let _ = z77_config();
 }
+
+#[test]
+fn release_brings_back_a_device_left_driverless_behind_our_back() {
+    let rig = Rig::shipped("z77-rx580");
+    rig.bind("rx580").unwrap();
+    // Someone unbinds the audio function by hand: it has no driver now.
+    rig.sim.set_driver(&addr("01:00.1"), None).unwrap();
+    assert_eq!(rig.driver("01:00.1"), None);
+    rig.release("rx580").unwrap();
+    assert_eq!(rig.driver("01:00.0").as_deref(), Some("amdgpu"));
+    assert_eq!(rig.driver("01:00.1").as_deref(), Some("snd_hda_intel"));
+    assert_eq!(rig.overrides("01:00.1"), None);
+}

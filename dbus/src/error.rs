@@ -121,6 +121,12 @@ impl From<zbus::Error> for Error {
             zbus::Error::MethodError(name, message, _) => {
                 Error::from_dbus(name.as_str(), message.as_deref().unwrap_or(""))
             }
+            // A method timeout: nobody answered (e.g. a dead daemon that
+            // still owns its name).
+            zbus::Error::InputOutput(e) if e.kind() == std::io::ErrorKind::TimedOut => Error::Bus {
+                name: "org.freedesktop.DBus.Error.NoReply".into(),
+                message: format!("no answer: {e}"),
+            },
             zbus::Error::FDO(e) => {
                 Error::from_dbus(e.name().as_str(), e.description().unwrap_or(""))
             }
@@ -134,7 +140,11 @@ impl From<zbus::Error> for Error {
 
 impl From<zbus::fdo::Error> for Error {
     fn from(e: zbus::fdo::Error) -> Error {
-        Error::from_dbus(e.name().as_str(), e.description().unwrap_or(""))
+        match e {
+            // A local failure (a timeout, a lost connection), not an answer.
+            zbus::fdo::Error::ZBus(inner) => inner.into(),
+            other => Error::from_dbus(other.name().as_str(), other.description().unwrap_or("")),
+        }
     }
 }
 
