@@ -219,16 +219,35 @@ impl Engine {
         let started = Instant::now();
         // Lock the groups the target touches, then plan under the locks so
         // nothing moves between the checks and the writes.
-        let mut keys = self.lock_keys_for(target)?;
+        // One listing of the bus serves both when nobody else is moving
+        // these groups; after a wait, what the other move did is read again.
+        let mut devices = self.kernel.devices().map_err(kernel_error)?;
+        let mut keys = self.lock_keys_for(&devices, target)?;
         let (plan, _held) = loop {
-            let held = self.lock_groups(&keys);
-            let plan = self.plan(target, direction, options)?;
+            let (held, waited) = self.lock_groups(&keys);
+            if waited {
+                devices = self.kernel.devices().map_err(kernel_error)?;
+            }
+            let plan = {
+                let config = self.config();
+                let ledger = self.ledger();
+                plan::plan_on(
+                    &*self.kernel,
+                    &devices,
+                    &config,
+                    &ledger,
+                    target,
+                    direction,
+                    options,
+                )?
+            };
             let planned = lock_keys(&plan.devices);
             if planned.iter().all(|k| keys.contains(k)) {
                 break (plan, held);
             }
             // The set changed while we waited (a device appeared): relock.
             drop(held);
+            devices = self.kernel.devices().map_err(kernel_error)?;
             keys = planned;
         };
         if let Some(busy) = plan
@@ -281,30 +300,33 @@ impl Engine {
         outcome.map(|()| plan.addresses())
     }
 
-    fn lock_keys_for(&self, target: &str) -> Result<Vec<LockKey>, Error> {
-        let devices = self.kernel.devices().map_err(kernel_error)?;
-        let targets = plan::resolve_target(&self.config(), &devices, target)?;
-        let (set, _) = plan::complete_set(&devices, &targets);
+    fn lock_keys_for(&self, devices: &[PciDevice], target: &str) -> Result<Vec<LockKey>, Error> {
+        let targets = plan::resolve_target(&self.config(), devices, target)?;
+        let (set, _) = plan::complete_set(devices, &targets);
         let members: Vec<PciDevice> = devices
-            .into_iter()
+            .iter()
             .filter(|d| set.contains(&d.address))
+            .cloned()
             .collect();
         Ok(lock_keys(&members))
     }
 
     /// Takes all the keys at once (or waits until it can), so two movers
     /// can never each hold part of what the other needs.
-    fn lock_groups(&self, keys: &[LockKey]) -> GroupGuard {
+    /// Also says whether it had to wait for another move.
+    fn lock_groups(&self, keys: &[LockKey]) -> (GroupGuard, bool) {
         let (lock, freed) = &*self.busy_groups;
         let busy = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let waited = keys.iter().any(|k| busy.contains(k));
         let mut busy = freed
             .wait_while(busy, |busy| keys.iter().any(|k| busy.contains(k)))
             .unwrap_or_else(|e| e.into_inner());
         busy.extend(keys.iter().copied());
-        GroupGuard {
+        let guard = GroupGuard {
             table: self.busy_groups.clone(),
             keys: keys.to_vec(),
-        }
+        };
+        (guard, waited)
     }
 
     fn set_activity(&self, devices: &[PciAddress], activity: Option<Activity>) {
@@ -859,16 +881,13 @@ fn lock_keys(devices: &[PciDevice]) -> Vec<LockKey> {
 }
 
 fn read_driver(kernel: &dyn Kernel, address: &PciAddress) -> Result<Option<String>, StepFailure> {
-    if kernel
-        .device(address)
-        .map_err(StepFailure::Kernel)?
-        .is_none()
-    {
-        return Err(StepFailure::Unexpected(
+    // Only the link: a full read of the device would walk its subtree.
+    match kernel.driver(address) {
+        Err(KernelError::NoDevice(_)) => Err(StepFailure::Unexpected(
             "the device vanished from the bus".into(),
-        ));
+        )),
+        other => other.map_err(StepFailure::Kernel),
     }
-    kernel.driver(address).map_err(StepFailure::Kernel)
 }
 
 fn expect_driver(

@@ -355,8 +355,21 @@ pub fn plan(
     options: &MoveOptions,
 ) -> Result<Plan, Error> {
     let devices = kernel.devices().map_err(kernel_error)?;
-    let targets = resolve_target(config, &devices, target)?;
-    let (set, completed_with) = complete_set(&devices, &targets);
+    plan_on(kernel, &devices, config, ledger, target, direction, options)
+}
+
+/// [`plan`] on a listing of the bus already read.
+pub fn plan_on(
+    kernel: &dyn Kernel,
+    devices: &[PciDevice],
+    config: &Config,
+    ledger: &Ledger,
+    target: &str,
+    direction: Direction,
+    options: &MoveOptions,
+) -> Result<Plan, Error> {
+    let targets = resolve_target(config, devices, target)?;
+    let (set, completed_with) = complete_set(devices, &targets);
     let by_address: BTreeMap<PciAddress, &PciDevice> =
         devices.iter().map(|d| (d.address, d)).collect();
     let members: Vec<PciDevice> = set
