@@ -378,7 +378,7 @@ pub fn plan_on(
         .collect();
 
     let reasons = match direction {
-        Direction::Bind => bind_reasons(kernel, &devices, &members, ledger, options)?,
+        Direction::Bind => bind_reasons(kernel, devices, &members, ledger, options)?,
         Direction::Release => release_reasons(kernel, &members, ledger, options)?,
     };
     if !reasons.is_empty() {
