@@ -1,15 +1,21 @@
 //! `snapshot`: this host as a machine file (DESIGN §7), read through the
 //! daemon's own kernel interface so that the file describes what vfiod
-//! would see. Holders are left out: they come and go.
+//! would see. Holders are left out: they come and go. The `[host]` section
+//! holds what the doctor reads ([`Kernel::host`]), each fact only when it
+//! is known.
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use vfiod::kernel::host::HostView;
 use vfiod::kernel::sysfs::SysfsKernel;
 use vfiod::kernel::{Kernel, KernelError, VFIO_MODULE};
 use vfiod_pci::PciAddress;
-use vfiod_pci::machine::{DeviceEntry, IommuKind, MachineFile, MachineInfo};
+use vfiod_pci::machine::{
+    DeviceEntry, FirmwareFile, Framebuffer, HostFacts, Hugepages, IommuKind, MachineFile,
+    MachineInfo, QemuConf,
+};
 
 use crate::error::{Exit, Failure};
 use crate::output::Output;
@@ -177,6 +183,13 @@ pub fn snapshot(
     let devices = entries;
 
     let (modules, missing) = modules(kernel, host, &devices);
+    let host_facts = match kernel.host() {
+        Ok(view) => host_facts(&view, &mut warnings),
+        Err(e) => {
+            warnings.push(format!("no [host] section: {e}"));
+            None
+        }
+    };
     let hostname = host.line("proc/sys/kernel/hostname");
     let machine = MachineFile {
         machine: MachineInfo {
@@ -191,10 +204,83 @@ pub fn snapshot(
             modules,
             missing,
         },
-        host: None,
+        host: host_facts,
         devices,
     };
     Ok((machine, warnings))
+}
+
+/// The `[host]` section: the facts of `view` a machine file can hold,
+/// those that are known; `None` when none is.
+fn host_facts(view: &HostView, warnings: &mut Vec<String>) -> Option<HostFacts> {
+    let firmware = view.firmware.as_ref().and_then(|images| {
+        // A machine file lists files that exist; one a descriptor names
+        // but that is missing cannot be said, so the whole fact stays
+        // unknown rather than look fine.
+        let missing: Vec<String> = images
+            .iter()
+            .filter(|image| image.stat.is_none())
+            .map(|image| image.path.display().to_string())
+            .collect();
+        if !missing.is_empty() {
+            warnings.push(format!(
+                "[host] firmware left out: a machine file cannot say that {} is missing",
+                missing.join(", ")
+            ));
+            return None;
+        }
+        Some(
+            images
+                .iter()
+                .filter_map(|image| {
+                    let stat = image.stat.as_ref()?;
+                    Some(FirmwareFile {
+                        path: image.path.clone(),
+                        owner: stat.owner.clone(),
+                        group: stat.group.clone(),
+                        mode: format!("{:04o}", stat.mode),
+                    })
+                })
+                .collect(),
+        )
+    });
+    // A machine file has one pool: the one with the most memory reserved,
+    // else the first (the smallest size).
+    let hugepages = view.hugepages.as_ref().and_then(|pools| {
+        let reserved = |p: &&vfiod::kernel::host::HugepagePool| p.total * p.size_kb;
+        let pool = pools
+            .iter()
+            .filter(|p| p.total > 0)
+            .max_by_key(reserved)
+            .or_else(|| pools.first())?;
+        Some(Hugepages {
+            size_kb: pool.size_kb,
+            total: pool.total,
+            free: pool.free,
+        })
+    });
+    let facts = HostFacts {
+        cpu_flags: view.cpu_flags.clone(),
+        acpi_tables: view.acpi_tables.clone(),
+        interrupt_remapping: view.interrupt_remapping,
+        kvm: view.kvm,
+        framebuffers: view.framebuffers.as_ref().map(|list| {
+            list.iter()
+                .map(|fb| Framebuffer {
+                    name: fb.name.clone(),
+                    device: fb.device,
+                })
+                .collect()
+        }),
+        hugepages,
+        // What libvirt uses: the setting, else its build default.
+        qemu_conf: view.qemu_conf.as_ref().map(|conf| QemuConf {
+            user: conf.user.effective().to_owned(),
+            group: conf.group.effective().to_owned(),
+        }),
+        firmware,
+    };
+    (facts != HostFacts::default()).then_some(facts)
 }
 
 /// What the kernel interface tells per device beyond `PciDevice`.
@@ -469,6 +555,105 @@ mod tests {
             want.host_driver = None;
             assert_eq!(got, &want);
         }
+        // The doctor's facts come back as the machine file gave them.
+        assert!(original.host.is_some());
+        assert_eq!(machine.host, original.host);
         render(&machine).unwrap();
+    }
+
+    #[test]
+    fn host_facts_are_written_only_when_known() {
+        use vfiod::kernel::host::{
+            FileStat, FirmwareImage, FramebufferView, HugepagePool, QemuConf as QemuConfView,
+            QemuConfValue,
+        };
+        let mut warnings = Vec::new();
+        assert_eq!(host_facts(&HostView::default(), &mut warnings), None);
+
+        let image = |path: &str, stat: Option<FileStat>| FirmwareImage {
+            path: path.into(),
+            descriptor: Some("/usr/share/qemu/firmware/60-edk2.json".into()),
+            stat,
+        };
+        let stat = FileStat {
+            owner: "root".into(),
+            group: "kvm".into(),
+            mode: 0o640,
+        };
+        let pool = |size_kb, total, free| HugepagePool {
+            size_kb,
+            total,
+            free,
+        };
+        let mut view = HostView {
+            cpu_flags: Some(vec!["fpu".into(), "vmx".into()]),
+            kvm: Some(false),
+            acpi_tables: Some(vec!["DMAR".into(), "FACP".into()]),
+            interrupt_remapping: Some(true),
+            framebuffers: Some(vec![FramebufferView {
+                name: "bochsdrmfb".into(),
+                device: Some("0000:00:02.0".parse().unwrap()),
+            }]),
+            hugepages: Some(vec![
+                pool(2048, 0, 0),
+                pool(1_048_576, 4, 2),
+                pool(2048, 0, 0),
+            ]),
+            qemu_conf: Some(QemuConfView {
+                path: "/etc/libvirt/qemu.conf".into(),
+                user: QemuConfValue::Unset {
+                    hint: Some("libvirt-qemu".into()),
+                },
+                group: QemuConfValue::Set("kvm".into()),
+            }),
+            firmware: Some(vec![image("/usr/share/OVMF/OVMF_CODE_4M.fd", Some(stat))]),
+            ..HostView::default()
+        };
+        let facts = host_facts(&view, &mut warnings).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(facts.cpu_flags.as_deref().unwrap(), ["fpu", "vmx"]);
+        assert_eq!(
+            (facts.kvm, facts.interrupt_remapping),
+            (Some(false), Some(true))
+        );
+        assert_eq!(facts.acpi_tables.as_deref().unwrap(), ["DMAR", "FACP"]);
+        assert_eq!(facts.framebuffers.as_ref().unwrap()[0].name, "bochsdrmfb");
+        let pages = facts.hugepages.as_ref().unwrap();
+        assert_eq!((pages.size_kb, pages.total, pages.free), (1_048_576, 4, 2));
+        let conf = facts.qemu_conf.as_ref().unwrap();
+        assert_eq!(
+            (conf.user.as_str(), conf.group.as_str()),
+            ("libvirt-qemu", "kvm")
+        );
+        let firmware = facts.firmware.as_ref().unwrap();
+        assert_eq!(
+            (firmware[0].group.as_str(), firmware[0].mode.as_str()),
+            ("kvm", "0640")
+        );
+        // It loads back.
+        let machine = MachineFile {
+            machine: MachineInfo {
+                description: String::new(),
+                kernel: String::new(),
+                cmdline: String::new(),
+                iommu: IommuKind::Intel,
+                modules: Vec::new(),
+                missing: Vec::new(),
+            },
+            host: Some(facts),
+            devices: Vec::new(),
+        };
+        let again = MachineFile::parse(&render(&machine).unwrap(), Path::new("again")).unwrap();
+        assert_eq!(again, machine);
+
+        // No pool reserved: the first. A missing firmware file cannot be
+        // said: the fact stays unknown, with a warning.
+        view.hugepages = Some(vec![pool(2048, 0, 0), pool(1_048_576, 0, 0)]);
+        view.firmware = Some(vec![image("/usr/share/OVMF/OVMF_VARS_4M.fd", None)]);
+        let facts = host_facts(&view, &mut warnings).unwrap();
+        assert_eq!(facts.hugepages.unwrap().size_kb, 2048);
+        assert_eq!(facts.firmware, None);
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("OVMF_VARS_4M.fd"), "{warnings:?}");
     }
 }

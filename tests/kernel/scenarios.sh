@@ -291,6 +291,8 @@ scenario_sigkill() {
   nap 0.3
   drivers_now; state=$REPLY
   kill -KILL "$VFIOD_PID"
+  # The holder lets go while vfiod dies: the kernel ends the unbind (and
+  # only then can a real vfiod, blocked in it, exit).
   k_unhold
   wait "$VFIOD_PID" 2>/dev/null
   wait "$ctl_pid" 2>/dev/null; RC=$? ERR=killed
@@ -323,13 +325,15 @@ scenario_sigkill() {
   all_home
 }
 
-# The doctor's findings: those that follow from the PCI devices and the
-# kernel alone must agree between real and simulated; the others come from
-# a machine file's [host] section (/dev/kvm, ACPI tables, interrupt
-# remapping, memory, libvirt), which `vfioctl snapshot` does not write, and
-# from the userland of whichever machine runs the lane: those are shown,
-# not compared (tests/kernel/run lists the differences).
-KERNEL_FINDINGS='^(iommu[.]enabled|iommu[.]acs|modules[.]|groups|boot|reset|usb)'
+# The doctor's findings: those that follow from the PCI devices, the kernel
+# and the machine's [host] facts (the CPU, /dev/kvm, ACPI tables, interrupt
+# remapping, framebuffers, hugepages), which `vfioctl snapshot` writes, must
+# agree between real and simulated. libvirt's come from the userland of
+# whichever machine runs the lane (the guest reads its /etc/libvirt and its
+# firmware files) and from what a machine file cannot say (the hook): those
+# are shown, not compared (tests/kernel/run lists the differences). A
+# finding whose fact nobody could read is "unknown", not "ok".
+KERNEL_FINDINGS='^(cpu[.]|kvm|firmware[.]|iommu[.]|modules[.]|memory[.]|power[.]|groups|boot|reset|usb)'
 scenario_check() { # KEY
   ctl check
   local findings=() kernel=() json chunk id sev
@@ -339,6 +343,7 @@ scenario_check() { # KEY
     id=? sev=?
     [[ $chunk =~ \"id\":\"([^\"]*)\" ]] && id=${BASH_REMATCH[1]}
     [[ $chunk =~ \"severity\":\"([^\"]*)\" ]] && sev=${BASH_REMATCH[1]}
+    [[ $chunk == *'"message":"unknown: '* ]] && sev=unknown
     [ "$id$sev" = "??" ] && continue
     findings+=("$id:$sev")
     [[ $id =~ $KERNEL_FINDINGS ]] && kernel+=("$id:$sev")

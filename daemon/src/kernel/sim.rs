@@ -19,9 +19,20 @@
 //! uevents like any other change.
 //!
 //! Where the real kernel blocks, so does the simulator, without holding its
-//! lock: `unbind = "hang"` never returns, and unbinding vfio-pci from a
-//! device whose `/dev/vfio/N` a process holds waits until that process lets
-//! go (see [`SimKernel::remove_holder`]).
+//! lock: `unbind = "hang"` never returns, and an unbind whose driver waits
+//! for the device's users (a "waiting unbind") blocks until they let go.
+//! Which drivers wait follows the real 6.1 kernel, as the real-kernel lane
+//! sees it: vfio-pci while a process holds the group's `/dev/vfio/N` (it
+//! relays a device request and waits), a sound driver (`snd_*`) while a
+//! process holds one of the card's nodes (`snd_card_free` waits for every
+//! open file). DRM drivers do not wait (bochs-drm unbinds at once with
+//! `/dev/dri/card1` held: `drm_dev_unplug`). As on the real kernel, the
+//! `driver` link goes at once, before the driver's remove runs; the device
+//! lock stays taken, so reading or writing `driver_override`,
+//! `drivers_probe` and another unbind of that device block meanwhile; the
+//! `unbind` uevent comes when the removal ends. The pending removal is part
+//! of the running state: it survives the writer being killed, and ends when
+//! [`SimKernel::remove_holder`] takes the last hold away, whoever calls it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -72,8 +83,8 @@ pub struct SimKernel {
     board: Board,
     state_file: PathBuf,
     inner: Mutex<Inner>,
-    /// Woken after every change, for writers that wait on one (an unbind
-    /// of vfio-pci while a process holds the group).
+    /// Woken after every change, for writers and readers that wait on one
+    /// (a waiting unbind, and whatever needs the device lock it holds).
     changed: Condvar,
     /// Crash-point testing: the process kills itself (SIGKILL) right after
     /// this many more kernel writes have taken effect.
@@ -180,10 +191,14 @@ impl SimKernel {
 
     /// Binds `driver` (unbinding the current one first) or, with `None`,
     /// unbinds: what someone writing to sysfs by hand would do. Faults do not
-    /// apply; a driver vfiod has not seen is registered as if its module had
+    /// apply, nor does a driver's wait for its users (the unbind is at once); a driver vfiod has not seen is registered as if its module had
     /// been loaded. vfio-pci still needs an IOMMU, its module and an endpoint.
     pub fn set_driver(&self, address: &PciAddress, driver: Option<&str>) -> KernelResult<()> {
-        self.transact(|board, state, events| {
+        // Writing `bind` or `unbind` takes the device lock: it waits for a
+        // pending removal to end.
+        let inner = self.lock();
+        let mut inner = self.wait_for_device(inner, address);
+        self.commit(&mut inner, |board, state, events| {
             let entry = board.entry(address)?;
             let current = state
                 .present(address)
@@ -227,7 +242,10 @@ impl SimKernel {
 
     /// The process `pid` closes every node it held (whether the machine
     /// file or [`SimKernel::add_holder`] put it there). Returns how many
-    /// holds it let go; an unbind waiting on its group goes on.
+    /// holds it let go. A waiting unbind that no longer waits for anyone
+    /// ends here (its `unbind` uevent, its writer released), also when that
+    /// writer is gone: a `SimKernel` opened on the state file of a killed
+    /// vfiod ends it just the same.
     pub fn remove_holder(&self, pid: u32) -> KernelResult<usize> {
         self.transact(|_, state, _| {
             let before = state.holders.len();
@@ -264,6 +282,22 @@ impl SimKernel {
         })
     }
 
+    /// Waits, without holding the lock, until nothing holds the device
+    /// lock of `address` (a waiting unbind); returns with the lock.
+    fn wait_for_device<'a>(
+        &'a self,
+        mut inner: MutexGuard<'a, Inner>,
+        address: &PciAddress,
+    ) -> MutexGuard<'a, Inner> {
+        while inner.state.device_locked(address) {
+            inner = self
+                .changed
+                .wait(inner)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        inner
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every change is committed whole (see `commit`), so a panic in
         // another thread cannot have left the state half-written.
@@ -289,6 +323,8 @@ impl SimKernel {
         let mut next = inner.state.clone();
         let mut events = Vec::new();
         let outcome = change(&self.board, &mut next, &mut events)?;
+        // A change of holders can end a waiting unbind, whoever made it.
+        next.finish_removals(&self.board, &mut events);
         if next != inner.state {
             write_state(&self.state_file, &next).map_err(|source| {
                 KernelError::io("write", self.state_file.display().to_string(), source)
@@ -341,7 +377,9 @@ impl Kernel for SimKernel {
     }
 
     fn driver_override(&self, address: &PciAddress) -> KernelResult<Option<String>> {
+        // Reading it takes the device lock: it waits for a pending removal.
         let inner = self.lock();
+        let inner = self.wait_for_device(inner, address);
         let dev = inner
             .state
             .present(address)
@@ -433,63 +471,13 @@ impl Kernel for SimKernel {
         if value.is_some_and(|d| d.len() > OVERRIDE_MAX_LEN) {
             return Err(os_error("write", override_path(address), libc::EINVAL));
         }
-        let result = self.transact(|_, state, _| {
+        let inner = self.lock();
+        let mut inner = self.wait_for_device(inner, address);
+        let result = self.commit(&mut inner, |_, state, _| {
             let dev = state
                 .present_mut(address)
                 .ok_or(KernelError::NoDevice(*address))?;
             dev.driver_override = value.map(str::to_owned);
-            Ok(())
-        });
-        self.count_write();
-        result
-    }
-
-    fn unbind(&self, address: &PciAddress, driver: &str) -> KernelResult<()> {
-        let mut inner = self.lock();
-        loop {
-            let state = &inner.state;
-            let bound = state
-                .present(address)
-                .is_some_and(|dev| dev.driver.as_deref() == Some(driver));
-            if !bound {
-                // No such driver directory, or the device is not bound to it.
-                let errno = if state.registered(&self.board, driver) {
-                    libc::ENODEV
-                } else {
-                    libc::ENOENT
-                };
-                return Err(os_error("write", unbind_path(driver), errno));
-            }
-            let entry = self.board.entry(address)?;
-            match faults(entry).unbind {
-                Some(UnbindFault::Hang) => {
-                    drop(inner);
-                    hang_forever();
-                }
-                Some(UnbindFault::Busy) => {
-                    return Err(os_error("write", unbind_path(driver), libc::EBUSY));
-                }
-                None => {}
-            }
-            // vfio-pci asks the user of the group to let the device go and
-            // waits until it does (DESIGN §2: QEMU holding /dev/vfio/N).
-            let group_held = driver == VFIO_DRIVER
-                && entry
-                    .group
-                    .is_some_and(|group| state.holders.iter().any(|h| h.node == group_node(group)));
-            if !group_held {
-                break;
-            }
-            inner = self
-                .changed
-                .wait(inner)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        let result = self.commit(&mut inner, |board, state, events| {
-            state.unbind_device(address, events);
-            if faults(board.entry(address)?).vanish == Some(VanishFault::Unbind) {
-                state.remove_subtree(board, address, events);
-            }
             Ok(())
         });
         drop(inner);
@@ -497,14 +485,63 @@ impl Kernel for SimKernel {
         result
     }
 
+    fn unbind(&self, address: &PciAddress, driver: &str) -> KernelResult<()> {
+        let mut inner = self.lock();
+        let state = &inner.state;
+        let dev = state.present(address);
+        if dev.is_some_and(|dev| dev.unbinding.as_deref() == Some(driver)) {
+            // The driver still has the device, its removal pending: this
+            // write waits for the device lock, then finds it unbound.
+            let inner = self.wait_for_device(inner, address);
+            drop(inner);
+            self.count_write();
+            return Ok(());
+        }
+        if dev.is_none_or(|dev| dev.driver.as_deref() != Some(driver)) {
+            // No such driver directory, or the device is not bound to it.
+            let errno = if state.registered(&self.board, driver) {
+                libc::ENODEV
+            } else {
+                libc::ENOENT
+            };
+            return Err(os_error("write", unbind_path(driver), errno));
+        }
+        match faults(self.board.entry(address)?).unbind {
+            Some(UnbindFault::Hang) => {
+                drop(inner);
+                hang_forever();
+            }
+            Some(UnbindFault::Busy) => {
+                return Err(os_error("write", unbind_path(driver), libc::EBUSY));
+            }
+            None => {}
+        }
+        // The link goes at once; the removal ends in this same change when
+        // the driver waits for nobody, else when the last holder lets go
+        // (DESIGN §2), and this writer waits for it.
+        let result = self.commit(&mut inner, |_, state, _| {
+            state.start_removal(address, driver);
+            Ok(())
+        });
+        if result.is_ok() {
+            inner = self.wait_for_device(inner, address);
+        }
+        drop(inner);
+        self.count_write();
+        result
+    }
+
     fn probe(&self, address: &PciAddress) -> KernelResult<()> {
-        let result = self.transact(|board, state, events| {
+        let inner = self.lock();
+        let mut inner = self.wait_for_device(inner, address);
+        let result = self.commit(&mut inner, |board, state, events| {
             if state.present(address).is_none() {
                 return Err(os_error("write", probe_path(), libc::ENODEV));
             }
             state.probe_device(board, address, events);
             Ok(())
         });
+        drop(inner);
         self.count_write();
         result
     }
@@ -662,6 +699,7 @@ impl Board {
                     present: true,
                     driver: entry.driver.clone(),
                     driver_override: None,
+                    unbinding: None,
                 };
                 (entry.address, state)
             })
@@ -721,8 +759,16 @@ struct RunningState {
 #[serde(deny_unknown_fields)]
 struct DeviceState {
     present: bool,
+    /// The `driver` link: `None` from the moment an unbind starts.
     driver: Option<String>,
     driver_override: Option<String>,
+    /// A waiting unbind: the driver whose removal has started (its link is
+    /// gone) and not ended, because a process still holds what it waits
+    /// for. The device lock is taken meanwhile. Absent from the file when
+    /// none is pending, so a state written before waiting unbinds existed
+    /// still loads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unbinding: Option<String>,
 }
 
 impl RunningState {
@@ -769,11 +815,76 @@ impl RunningState {
         self.registered_drivers(board).any(|name| name == driver)
     }
 
+    /// `/dev/vfio/N` lives while a member is on vfio-pci, its removal
+    /// from vfio-pci still pending included.
     fn group_node_exists(&self, board: &Board, group: u32) -> bool {
         board.group_members(group).any(|entry| {
-            self.present(&entry.address)
-                .is_some_and(|dev| dev.driver.as_deref() == Some(VFIO_DRIVER))
+            self.present(&entry.address).is_some_and(|dev| {
+                dev.driver.as_deref() == Some(VFIO_DRIVER)
+                    || dev.unbinding.as_deref() == Some(VFIO_DRIVER)
+            })
         })
+    }
+
+    /// Whether the device lock is taken: a removal has started and not
+    /// ended.
+    fn device_locked(&self, address: &PciAddress) -> bool {
+        self.present(address)
+            .is_some_and(|dev| dev.unbinding.is_some())
+    }
+
+    /// Whether removing `driver` from the device has to wait now for a
+    /// process to let go (see the module documentation).
+    fn removal_waits(&self, entry: &DeviceEntry, driver: &str) -> bool {
+        if driver == VFIO_DRIVER {
+            // vfio-pci relays a device request to the group's user and
+            // waits until it lets go (DESIGN §2: QEMU holding /dev/vfio/N).
+            entry
+                .group
+                .is_some_and(|group| self.holders.iter().any(|h| h.node == group_node(group)))
+        } else if is_sound_driver(driver) {
+            // snd_card_free waits for every open file of the card.
+            self.holders.iter().any(|h| entry.nodes.contains(&h.node))
+        } else {
+            false
+        }
+    }
+
+    /// An unbind starts: the `driver` link goes at once, the removal ends
+    /// in [`RunningState::finish_removals`].
+    fn start_removal(&mut self, address: &PciAddress, driver: &str) {
+        if let Some(dev) = self.present_mut(address) {
+            dev.driver = None;
+            dev.unbinding = Some(driver.to_owned());
+        }
+    }
+
+    /// Ends every removal that no longer waits for anyone: announced with
+    /// its `unbind` uevent; a device that vanishes once unbound goes.
+    fn finish_removals(&mut self, board: &Board, events: &mut Vec<Uevent>) {
+        let done: Vec<(PciAddress, String)> = self
+            .devices
+            .iter()
+            .filter(|(_, dev)| dev.present)
+            .filter_map(|(address, dev)| Some((*address, dev.unbinding.clone()?)))
+            .filter(|(address, driver)| {
+                board
+                    .entry(address)
+                    .is_ok_and(|entry| !self.removal_waits(entry, driver))
+            })
+            .collect();
+        for (address, driver) in done {
+            if let Some(dev) = self.present_mut(&address) {
+                dev.unbinding = None;
+            }
+            events.push(uevent(UeventAction::Unbind, &address, Some(&driver)));
+            if board
+                .entry(&address)
+                .is_ok_and(|entry| faults(entry).vanish == Some(VanishFault::Unbind))
+            {
+                self.remove_subtree(board, &address, events);
+            }
+        }
     }
 
     fn load_module(&mut self, board: &Board, module: &str) -> KernelResult<()> {
@@ -848,9 +959,10 @@ impl RunningState {
         }
     }
 
+    /// Unbinds at once; a pending removal ends with it (a hot-unplug).
     fn unbind_device(&mut self, address: &PciAddress, events: &mut Vec<Uevent>) {
         if let Some(dev) = self.present_mut(address)
-            && let Some(old) = dev.driver.take()
+            && let Some(old) = dev.driver.take().or_else(|| dev.unbinding.take())
         {
             events.push(uevent(UeventAction::Unbind, address, Some(&old)));
         }
@@ -881,6 +993,7 @@ impl RunningState {
             present: true,
             driver: None,
             driver_override: None,
+            unbinding: None,
         };
         events.push(uevent(UeventAction::Add, address, None));
         self.probe_device(board, address, events);
@@ -896,6 +1009,8 @@ impl RunningState {
             }
         }
         self.devices = boot.devices;
+        // A removal whose holders let go while nothing ran ends now.
+        self.finish_removals(board, &mut Vec::new());
         self
     }
 }
@@ -981,6 +1096,12 @@ fn module_key(name: &str) -> String {
 
 fn faults(entry: &DeviceEntry) -> Faults {
     entry.fault.clone().unwrap_or_default()
+}
+
+/// ALSA's PCI drivers (`snd_hda_intel`, `snd_emu10k1`, ...): their remove
+/// frees the card, which waits until every open file of it is closed.
+fn is_sound_driver(driver: &str) -> bool {
+    driver.starts_with("snd_") || driver.starts_with("snd-")
 }
 
 /// PCI-to-PCI and CardBus bridges: no normal header, so vfio-pci refuses them.
@@ -1622,6 +1743,7 @@ nodes = ["/dev/dri/card1"]
     fn unbinding_vfio_pci_waits_while_a_process_holds_the_group() {
         let dir = TempDir::new();
         let kernel = Arc::new(z77(&dir));
+        let events = kernel.subscribe();
         let gpu = addr(GPU);
         bind_vfio(&kernel, &gpu).unwrap();
         let qemu = holder(4242, "qemu-system-x86", "/dev/vfio/1");
@@ -1630,6 +1752,7 @@ nodes = ["/dev/dri/card1"]
             kernel.holders(&[PathBuf::from("/dev/vfio/1")]).unwrap(),
             [qemu]
         );
+        while events.try_recv().is_ok() {}
 
         let writer = {
             let kernel = Arc::clone(&kernel);
@@ -1640,11 +1763,222 @@ nodes = ["/dev/dri/card1"]
             !writer.is_finished(),
             "the unbind must wait for QEMU to let go"
         );
-        assert_eq!(driver_of(&kernel, GPU).as_deref(), Some(VFIO_DRIVER));
+        // The link is gone before vfio-pci's remove runs; the group (and
+        // its node) stay until the removal ends, and no uevent yet.
+        assert_eq!(driver_of(&kernel, GPU), None);
+        assert_eq!(
+            kernel.vfio_group_node(1),
+            Some(PathBuf::from("/dev/vfio/1"))
+        );
+        assert!(events.try_recv().is_err());
 
         assert_eq!(kernel.remove_holder(4242).unwrap(), 1);
         writer.join().unwrap().unwrap();
         assert_eq!(driver_of(&kernel, GPU), None);
+        assert_eq!(
+            events.try_recv().unwrap(),
+            event(UeventAction::Unbind, GPU, Some(VFIO_DRIVER))
+        );
+    }
+
+    /// The lane's machine: 01:00.1 is an HDA function on snd_hda_intel with
+    /// ALSA nodes, 01:00.0 a display on bochs-drm with /dev/dri/card1.
+    fn lane_machine() -> MachineFile {
+        MachineFile::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../machines/qemu-q35.toml"
+        )))
+        .unwrap()
+    }
+
+    const LANE_GPU: &str = "0000:01:00.0";
+    const LANE_AUDIO: &str = "0000:01:00.1";
+
+    #[test]
+    fn a_sound_driver_unbind_waits_for_the_cards_open_files_with_the_link_gone_at_once() {
+        let dir = TempDir::new();
+        let kernel = Arc::new(sim(&dir, lane_machine()));
+        let events = kernel.subscribe();
+        let audio = addr(LANE_AUDIO);
+        kernel
+            .add_holder(holder(700, "pipewire", "/dev/snd/controlC0"))
+            .unwrap();
+        kernel
+            .add_holder(holder(701, "aplay", "/dev/snd/pcmC0D0p"))
+            .unwrap();
+        kernel.load_module(VFIO_MODULE).unwrap();
+        kernel
+            .set_driver_override(&audio, Some(VFIO_DRIVER))
+            .unwrap();
+
+        let writer = {
+            let kernel = Arc::clone(&kernel);
+            thread::spawn(move || kernel.unbind(&audio, "snd_hda_intel"))
+        };
+        thread::sleep(BLOCKED);
+        assert!(!writer.is_finished(), "snd_card_free waits for the holders");
+        assert_eq!(
+            driver_of(&kernel, LANE_AUDIO),
+            None,
+            "the link goes at once"
+        );
+        assert!(events.try_recv().is_err(), "the uevent comes at the end");
+        // The device lock is taken: driver_override reads block, and so do
+        // drivers_probe and another unbind of the same device.
+        let reader = {
+            let kernel = Arc::clone(&kernel);
+            thread::spawn(move || kernel.driver_override(&audio))
+        };
+        let prober = {
+            let kernel = Arc::clone(&kernel);
+            thread::spawn(move || kernel.probe(&audio))
+        };
+        thread::sleep(BLOCKED);
+        assert!(
+            !reader.is_finished(),
+            "reading driver_override takes the device lock"
+        );
+        assert!(!prober.is_finished(), "drivers_probe takes the device lock");
+        // Everything else answers.
+        assert_eq!(driver_of(&kernel, LANE_GPU).as_deref(), Some("bochs-drm"));
+        assert_eq!(
+            kernel.devices().unwrap().len(),
+            lane_machine().devices.len()
+        );
+
+        // One holder leaves: still waiting. The last one: done.
+        assert_eq!(kernel.remove_holder(700).unwrap(), 1);
+        thread::sleep(BLOCKED);
+        assert!(!writer.is_finished());
+        assert_eq!(kernel.remove_holder(701).unwrap(), 1);
+        writer.join().unwrap().unwrap();
+        assert_eq!(
+            reader.join().unwrap().unwrap().as_deref(),
+            Some(VFIO_DRIVER)
+        );
+        prober.join().unwrap().unwrap();
+        assert_eq!(driver_of(&kernel, LANE_AUDIO).as_deref(), Some(VFIO_DRIVER));
+        assert_eq!(
+            events.try_recv().unwrap(),
+            event(UeventAction::Unbind, LANE_AUDIO, Some("snd_hda_intel"))
+        );
+    }
+
+    #[test]
+    fn a_drm_driver_unbinds_at_once_with_its_card_held() {
+        // bochs-drm on 6.1 (the lane's DeviceBusy/--force scenario).
+        let dir = TempDir::new();
+        let kernel = sim(&dir, lane_machine());
+        let gpu = addr(LANE_GPU);
+        kernel
+            .add_holder(holder(700, "vfio-probe", "/dev/dri/card1"))
+            .unwrap();
+        bind_vfio(&kernel, &gpu).unwrap();
+        assert_eq!(driver_of(&kernel, LANE_GPU).as_deref(), Some(VFIO_DRIVER));
+    }
+
+    #[test]
+    fn a_waiting_unbind_outlives_its_killed_writer_and_ends_when_the_holder_goes() {
+        let dir = TempDir::new();
+        let audio = addr(LANE_AUDIO);
+        {
+            let kernel = Arc::new(sim(&dir, lane_machine()));
+            kernel
+                .add_holder(holder(700, "vfio-probe", "/dev/snd/controlC0"))
+                .unwrap();
+            kernel.load_module(VFIO_MODULE).unwrap();
+            kernel
+                .set_driver_override(&audio, Some(VFIO_DRIVER))
+                .unwrap();
+            let kernel2 = Arc::clone(&kernel);
+            // The writer is "killed": its thread stays parked, the kernel
+            // object is left behind and a new one reads the state file.
+            thread::spawn(move || kernel2.unbind(&audio, "snd_hda_intel"));
+            thread::sleep(BLOCKED);
+            assert_eq!(driver_of(&kernel, LANE_AUDIO), None);
+        }
+        let kernel = Arc::new(sim(&dir, lane_machine()));
+        assert_eq!(driver_of(&kernel, LANE_AUDIO), None, "still pending");
+        let reader = {
+            let kernel = Arc::clone(&kernel);
+            thread::spawn(move || kernel.driver_override(&audio))
+        };
+        thread::sleep(BLOCKED);
+        assert!(!reader.is_finished(), "the device lock is still taken");
+        // A second unbind of the same driver waits too, then succeeds.
+        let second = {
+            let kernel = Arc::clone(&kernel);
+            thread::spawn(move || kernel.unbind(&audio, "snd_hda_intel"))
+        };
+        thread::sleep(BLOCKED);
+        assert!(!second.is_finished());
+
+        let events = kernel.subscribe();
+        assert_eq!(kernel.remove_holder(700).unwrap(), 1);
+        second.join().unwrap().unwrap();
+        assert_eq!(
+            reader.join().unwrap().unwrap().as_deref(),
+            Some(VFIO_DRIVER)
+        );
+        assert_eq!(
+            events.try_recv().unwrap(),
+            event(UeventAction::Unbind, LANE_AUDIO, Some("snd_hda_intel"))
+        );
+        // Nobody probed: the device is left without a driver, as the real
+        // kernel leaves it when the writer was killed.
+        assert_eq!(driver_of(&kernel, LANE_AUDIO), None);
+        kernel.probe(&audio).unwrap();
+        assert_eq!(driver_of(&kernel, LANE_AUDIO).as_deref(), Some(VFIO_DRIVER));
+    }
+
+    #[test]
+    fn a_removal_whose_holder_left_while_nothing_ran_ends_at_the_next_start() {
+        let dir = TempDir::new();
+        let audio = addr(LANE_AUDIO);
+        {
+            let kernel = Arc::new(sim(&dir, lane_machine()));
+            kernel
+                .add_holder(holder(700, "vfio-probe", "/dev/snd/controlC0"))
+                .unwrap();
+            let kernel2 = Arc::clone(&kernel);
+            thread::spawn(move || kernel2.unbind(&audio, "snd_hda_intel"));
+            thread::sleep(BLOCKED);
+        }
+        // Another process (a tool run while vfiod is down) lets go.
+        {
+            let kernel = sim(&dir, lane_machine());
+            assert_eq!(kernel.remove_holder(700).unwrap(), 1);
+            assert_eq!(kernel.driver_override(&audio).unwrap(), None);
+        }
+        let kernel = sim(&dir, lane_machine());
+        assert_eq!(kernel.driver_override(&audio).unwrap(), None);
+        assert_eq!(driver_of(&kernel, LANE_AUDIO), None);
+        let text = std::fs::read_to_string(kernel.state_file()).unwrap();
+        assert!(!text.contains("unbinding"), "{text}");
+    }
+
+    #[test]
+    fn hot_unplug_ends_a_waiting_unbind() {
+        let dir = TempDir::new();
+        let kernel = Arc::new(sim(&dir, lane_machine()));
+        let audio = addr(LANE_AUDIO);
+        kernel
+            .add_holder(holder(700, "vfio-probe", "/dev/snd/controlC0"))
+            .unwrap();
+        let writer = {
+            let kernel = Arc::clone(&kernel);
+            thread::spawn(move || kernel.unbind(&audio, "snd_hda_intel"))
+        };
+        thread::sleep(BLOCKED);
+        assert!(!writer.is_finished());
+        kernel.remove_device(&audio).unwrap();
+        writer.join().unwrap().unwrap();
+        assert!(kernel.device(&audio).unwrap().is_none());
+        kernel.restore_device(&audio).unwrap();
+        assert_eq!(
+            driver_of(&kernel, LANE_AUDIO).as_deref(),
+            Some("snd_hda_intel")
+        );
     }
 
     #[test]

@@ -135,8 +135,16 @@ fn cpu_flags(cpuinfo: &str) -> Option<Vec<String>> {
     })
 }
 
+/// The tables' signatures (`DMAR`, `IVRS`, `SSDT1`...). The directory also
+/// holds the subdirectories `data` and `dynamic`: signatures are upper case.
 fn acpi_tables(tree: &Rooted) -> Option<Vec<String>> {
-    let mut tables = list(tree, ACPI_TABLES)?;
+    let mut tables: Vec<String> = list(tree, ACPI_TABLES)?
+        .into_iter()
+        .filter(|name| {
+            name.chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+        })
+        .collect();
     tables.sort();
     Some(tables)
 }

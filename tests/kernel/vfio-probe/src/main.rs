@@ -16,6 +16,11 @@
 //!     SetDriver - and times how long vfiod's Device.Driver property takes
 //!     to say so, with the kernel's and udevd's uevents for comparison.
 //!     Exit 0 when, for each DRIVER, the median is within MS (default 100).
+//! vfio-probe sim-unhold MACHINE STATE_DIR PID
+//!     The simulated kernel of `vfiod --machine MACHINE --state-dir
+//!     STATE_DIR`, while no vfiod runs on it (killed): process PID lets go
+//!     of the nodes it held, as a real holder exiting would - a waiting
+//!     unbind it held up ends. Prints how many holds it let go.
 //! ```
 //! Exit 2 for a usage error. Kept out of the daemon: it is a test tool.
 
@@ -29,8 +34,7 @@ use std::time::{Duration, Instant};
 use vfiod_dbus::proxy::DeviceProxy;
 use zbus::proxy::CacheProperties;
 
-const USAGE: &str =
-    "usage: vfio-probe group GROUP BDF | hold PATH... | follow [--sim] [--within-ms MS] BDF DRIVER";
+const USAGE: &str = "usage: vfio-probe group GROUP BDF | hold PATH... | follow [--sim] [--within-ms MS] BDF DRIVER | sim-unhold MACHINE STATE_DIR PID";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,6 +42,7 @@ fn main() -> ExitCode {
         Some("group") if args.len() == 3 => group(&args[1], &args[2]),
         Some("hold") if args.len() > 1 => hold(&args[1..]),
         Some("follow") => follow_command(&args[1..]),
+        Some("sim-unhold") if args.len() == 4 => sim_unhold(&args[1], &args[2], &args[3]),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -50,6 +55,17 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A holder of the simulated kernel lets go while vfiod is down: the
+/// simulator's own control surface, on its persisted running state.
+fn sim_unhold(machine: &str, state_dir: &str, pid: &str) -> Result<u8, String> {
+    let pid: u32 = pid.parse().map_err(|e| format!("pid {pid}: {e}"))?;
+    let kernel = vfiod::kernel::sim::SimKernel::open(Path::new(machine), Path::new(state_dir))
+        .map_err(|e| e.to_string())?;
+    let released = kernel.remove_holder(pid).map_err(|e| e.to_string())?;
+    println!("{released}");
+    Ok(0)
 }
 
 /// The VFIO ioctls (linux/vfio.h): `_IO(';', 100 + n)`, each taking an
