@@ -494,7 +494,7 @@ fn bind_reasons(
             .flat_map(|d| d.nodes.iter().cloned())
             .collect();
         if !nodes.is_empty() {
-            let holders = kernel.holders(&nodes).map_err(kernel_error)?;
+            let holders = settled_holders(kernel, &nodes)?;
             for d in to_move {
                 let mine: Vec<Holder> = holders
                     .iter()
@@ -512,6 +512,27 @@ fn bind_reasons(
     }
     reasons.extend(ownership_reasons(members, ledger, options));
     Ok(reasons)
+}
+
+/// udevd's workers open a device's nodes for a moment to probe them (a USB
+/// disk that just came back): wait for them to let go rather than refuse.
+const UDEV_WORKERS: [&str; 2] = ["(udev-worker)", "systemd-udevd"];
+const UDEV_PATIENCE: Duration = Duration::from_millis(1000);
+
+/// The holders of `nodes`, once no udev worker is among them (or after
+/// [`UDEV_PATIENCE`], whoever holds them then).
+fn settled_holders(kernel: &dyn Kernel, nodes: &[PathBuf]) -> Result<Vec<Holder>, Error> {
+    let started = std::time::Instant::now();
+    loop {
+        let holders = kernel.holders(nodes).map_err(kernel_error)?;
+        let probing = holders
+            .iter()
+            .any(|h| UDEV_WORKERS.contains(&h.comm.as_str()));
+        if !probing || started.elapsed() >= UDEV_PATIENCE {
+            return Ok(holders);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn release_reasons(

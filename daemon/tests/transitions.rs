@@ -586,3 +586,30 @@ fn release_brings_back_a_device_left_driverless_behind_our_back() {
     assert_eq!(rig.driver("01:00.1").as_deref(), Some("snd_hda_intel"));
     assert_eq!(rig.overrides("01:00.1"), None);
 }
+
+#[test]
+fn a_udev_worker_probing_a_node_is_waited_for_not_refused() {
+    let rig = Rig::shipped("z77-rx580");
+    let worker = Holder {
+        pid: 330,
+        comm: "(udev-worker)".into(),
+        node: "/dev/snd/controlC1".into(),
+    };
+    rig.sim.add_holder(worker.clone()).unwrap();
+    std::thread::scope(|s| {
+        // The worker lets go after 200 ms, as udevd's probe would.
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            rig.sim.remove_holder(330).unwrap();
+        });
+        rig.bind("rx580").expect("the bind waits for udev's probe");
+    });
+    rig.release("rx580").unwrap();
+    // A worker that never lets go is named like any other holder.
+    rig.sim.add_holder(worker).unwrap();
+    let err = rig.bind("rx580").unwrap_err();
+    assert!(
+        matches!(err, Error::DeviceBusy(_)) && err.message().contains("(udev-worker) (pid 330)"),
+        "{err:?}"
+    );
+}
