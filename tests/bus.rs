@@ -578,18 +578,7 @@ fn polkit_decides_for_unprivileged_callers() {
     assert_exit(&out, 0);
     assert_eq!(rig.driver("03:00.0"), "vfio-pci");
     // Denied by the rule: AccessDenied, exit 4, nothing moved.
-    let out = rig.run(
-        "setpriv",
-        &[
-            "--reuid=daemon",
-            "--regid=daemon",
-            "--clear-groups",
-            "--",
-            vfioctl,
-            "release",
-            "usb3",
-        ],
-    );
+    let out = rig.as_user("daemon", "daemon", vfioctl, &["release", "usb3"]);
     assert_exit(&out, 4);
     assert!(stderr(&out).contains("not authorized"), "{}", stderr(&out));
     assert_eq!(rig.driver("03:00.0"), "vfio-pci");

@@ -365,18 +365,7 @@ fn the_vfio_group_rule_lets_the_group_in_and_no_one_else() {
     assert_eq!(rig.driver("03:00.0"), "vfio-pci");
     // Not in the group: the action's default (an admin's password, which
     // no agent gives here) applies.
-    let out = rig.run(
-        "setpriv",
-        &[
-            "--reuid=daemon",
-            "--regid=daemon",
-            "--clear-groups",
-            "--",
-            vfioctl,
-            "release",
-            "usb3",
-        ],
-    );
+    let out = rig.as_user("daemon", "daemon", vfioctl, &["release", "usb3"]);
     assert_exit(&out, 4);
     assert_eq!(rig.driver("03:00.0"), "vfio-pci");
     assert_exit(&rig.as_nobody(vfioctl, &["release", "usb3"]), 0);

@@ -526,11 +526,13 @@ impl Engine {
         Ok(())
     }
 
+    /// Remembers the device's host driver for the way back, then moves it
+    /// to vfio-pci.
     fn bind_one(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
-        let current = self.kernel.driver(&address).map_err(|e| Failure {
+        let current = read_driver(&*self.kernel, &address).map_err(|cause| Failure {
             device: Some(address),
             step: "read driver".into(),
-            cause: StepFailure::Kernel(e),
+            cause,
         })?;
         if let Some(host) = current.as_deref().filter(|d| *d != VFIO_DRIVER) {
             self.ledger()
@@ -541,30 +543,7 @@ impl Engine {
                     cause: StepFailure::Unexpected(e.to_string()),
                 })?;
         }
-        self.step(
-            address,
-            &format!("set driver_override {VFIO_DRIVER}"),
-            run,
-            move |k| k.set_driver_override(&address, Some(VFIO_DRIVER)),
-            |k| expect_override(k, &address, Some(VFIO_DRIVER)),
-        )?;
-        if let Some(host) = current.filter(|d| d != VFIO_DRIVER) {
-            let driver = host.clone();
-            self.step(
-                address,
-                &format!("unbind {host}"),
-                run,
-                move |k| k.unbind(&address, &driver),
-                |k| expect_driver(k, &address, None),
-            )?;
-        }
-        self.step(
-            address,
-            &format!("probe {VFIO_DRIVER}"),
-            run,
-            move |k| k.probe(&address),
-            |k| expect_driver(k, &address, Some(VFIO_DRIVER)),
-        )
+        self.to_vfio(address, run)
     }
 
     /// The host driver to return a device to: the remembered one when the
@@ -645,7 +624,8 @@ impl Engine {
         )
     }
 
-    /// host driver (or nothing) -> vfio-pci, used to undo a failed release.
+    /// host driver (or nothing) -> vfio-pci: a bind, or the undoing of a
+    /// failed release.
     fn to_vfio(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
         let current = read_driver(&*self.kernel, &address).map_err(|cause| Failure {
             device: Some(address),

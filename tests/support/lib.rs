@@ -244,9 +244,16 @@ impl Rig {
 
     /// A command run as the unprivileged user `nobody` (the test runs as root).
     pub fn as_nobody(&self, program: &str, args: &[&str]) -> Output {
+        self.as_user("nobody", "nogroup", program, args)
+    }
+
+    /// A command run as another user, with only that user's group.
+    pub fn as_user(&self, user: &str, group: &str, program: &str, args: &[&str]) -> Output {
+        let reuid = format!("--reuid={user}");
+        let regid = format!("--regid={group}");
         let mut all = vec![
-            "--reuid=nobody",
-            "--regid=nogroup",
+            reuid.as_str(),
+            regid.as_str(),
             "--clear-groups",
             "--",
             program,
