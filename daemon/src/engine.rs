@@ -168,10 +168,15 @@ impl Engine {
 
     /// The `State` property of a device as the engine sees it now.
     pub fn device_state(&self, device: &PciDevice) -> DeviceState {
-        match self.activity(&device.address) {
+        self.state_of(&device.address, device.driver.as_deref())
+    }
+
+    /// The same for a device whose driver is already known.
+    pub fn state_of(&self, address: &PciAddress, driver: Option<&str>) -> DeviceState {
+        match self.activity(address) {
             Some(Activity::Stuck(_)) => DeviceState::Stuck,
             Some(Activity::Moving) => DeviceState::Moving,
-            None => match device.driver.as_deref() {
+            None => match driver {
                 Some(VFIO_DRIVER) => DeviceState::Vfio,
                 Some(_) => DeviceState::Host,
                 None => DeviceState::Unbound,

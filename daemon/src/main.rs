@@ -181,10 +181,7 @@ async fn refresh_after(
     let mut devices: Vec<PciAddress> = events.iter().map(|e| e.address).collect();
     devices.sort();
     devices.dedup();
-    for address in devices {
-        service.refresh_device(connection, address).await?;
-    }
-    Ok(())
+    service.refresh_devices(connection, devices).await
 }
 
 async fn reload(

@@ -47,6 +47,13 @@ pub fn profile_object_path(name: &str) -> OwnedObjectPath {
         .expect("escaped profile paths are valid object paths")
 }
 
+/// What a refresh reads again.
+enum Scope {
+    WholeBus,
+    Devices(Vec<PciAddress>),
+    States(Vec<PciAddress>),
+}
+
 pub struct Service {
     engine: Arc<Engine>,
     bouncer: Arc<Bouncer>,
@@ -144,23 +151,35 @@ impl Service {
     /// Re-reads the kernel and publishes what changed: objects added and
     /// removed, one PropertiesChanged per changed object.
     pub async fn refresh(self: &Arc<Self>, connection: &Connection) -> Result<(), Error> {
-        self.refresh_with(connection, None).await
+        self.refresh_with(connection, Scope::WholeBus).await
     }
 
-    /// Like [`Service::refresh`], reading only `address` from the kernel:
-    /// a bind or unbind uevent changes one device.
-    pub async fn refresh_device(
+    /// Like [`Service::refresh`], reading only these devices from the
+    /// kernel: a bind or unbind uevent, or a move, changes only them.
+    pub async fn refresh_devices(
         self: &Arc<Self>,
         connection: &Connection,
-        address: PciAddress,
+        addresses: Vec<PciAddress>,
     ) -> Result<(), Error> {
-        self.refresh_with(connection, Some(address)).await
+        self.refresh_with(connection, Scope::Devices(addresses))
+            .await
+    }
+
+    /// Publishes what the engine says of these devices (moving, stuck,
+    /// owner) without reading the kernel.
+    pub async fn refresh_states(
+        self: &Arc<Self>,
+        connection: &Connection,
+        addresses: Vec<PciAddress>,
+    ) -> Result<(), Error> {
+        self.refresh_with(connection, Scope::States(addresses))
+            .await
     }
 
     async fn refresh_with(
         self: &Arc<Self>,
         connection: &Connection,
-        only: Option<PciAddress>,
+        scope: Scope,
     ) -> Result<(), Error> {
         let _one_at_a_time = self.refreshing.lock().await;
         let engine = self.engine.clone();
@@ -170,9 +189,10 @@ impl Service {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let current = self.snapshot().clone();
-        let taking = tokio::task::spawn_blocking(move || match only {
-            Some(address) => current.with_device(&engine, &address, &errors),
-            None => Snapshot::take(&engine, &errors),
+        let taking = tokio::task::spawn_blocking(move || match scope {
+            Scope::WholeBus => Snapshot::take(&engine, &errors),
+            Scope::Devices(addresses) => current.with_devices(&engine, &addresses, &errors),
+            Scope::States(addresses) => Ok(current.with_states(&engine, &addresses, &errors)),
         });
         let fresh = match tokio::time::timeout(SNAPSHOT_TIMEOUT, taking).await {
             Ok(joined) => {
@@ -341,7 +361,13 @@ impl Service {
                 Err(e) => errors.insert(target.to_string(), e.to_signal_field()),
             };
         }
-        if let Err(e) = self.refresh(connection).await {
+        // The moved devices' uevents refresh them too; reading just them
+        // here means the reply never goes out before the bus shows the move.
+        let refreshed = match &outcome {
+            Ok(devices) => self.refresh_devices(connection, devices.clone()).await,
+            Err(_) => self.refresh(connection).await,
+        };
+        if let Err(e) = refreshed {
             warn!(error = %e, "refresh after a move failed");
         }
         let error_field = outcome

@@ -25,7 +25,7 @@ pub enum Narration {
         target: String,
         device: PciAddress,
         step: String,
-        /// The move's first step: its devices now show `moving`.
+        /// The move's first step: its device now shows `moving`.
         first: bool,
     },
     Finished {
@@ -75,7 +75,7 @@ async fn narrate(
                     &step,
                 )
                 .await;
-                if first && let Err(e) = service.refresh(&connection).await {
+                if first && let Err(e) = service.refresh_states(&connection, vec![device]).await {
                     warn!(error = %e, "refresh at the start of a move failed");
                 }
                 sent

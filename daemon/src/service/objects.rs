@@ -136,28 +136,49 @@ impl Snapshot {
         ))
     }
 
-    /// This view with one device read again (after its bind or unbind
-    /// uevent): far cheaper than [`Snapshot::take`]. Blocking.
-    pub fn with_device(
+    /// This view with some devices read again (after their bind or unbind
+    /// uevents, or a move): far cheaper than [`Snapshot::take`]. Blocking.
+    pub fn with_devices(
         &self,
         engine: &Engine,
-        address: &PciAddress,
+        addresses: &[PciAddress],
         last_errors: &BTreeMap<String, String>,
     ) -> Result<Snapshot, vfiod_dbus::Error> {
         let mut devices = self.devices.clone();
-        match engine
-            .kernel()
-            .device(address)
-            .map_err(crate::plan::kernel_error)?
-        {
-            Some(device) => devices.insert(*address, DeviceProps::of(engine, &device)),
-            None => devices.remove(address),
-        };
+        for address in addresses {
+            match engine
+                .kernel()
+                .device(address)
+                .map_err(crate::plan::kernel_error)?
+            {
+                Some(device) => devices.insert(*address, DeviceProps::of(engine, &device)),
+                None => devices.remove(address),
+            };
+        }
         Ok(Snapshot::with_profiles(
             devices,
             &engine.config(),
             last_errors,
         ))
+    }
+
+    /// This view with what the engine says of some devices (their state and
+    /// owner) brought up to date, reading nothing from the kernel.
+    pub fn with_states(
+        &self,
+        engine: &Engine,
+        addresses: &[PciAddress],
+        last_errors: &BTreeMap<String, String>,
+    ) -> Snapshot {
+        let mut devices = self.devices.clone();
+        for address in addresses {
+            if let Some(props) = devices.get_mut(address) {
+                let driver = (!props.driver.is_empty()).then_some(props.driver.as_str());
+                props.state = engine.state_of(address, driver).to_string();
+                props.owner = engine.owner(address).unwrap_or_default();
+            }
+        }
+        Snapshot::with_profiles(devices, &engine.config(), last_errors)
     }
 
     fn with_profiles(
