@@ -534,11 +534,7 @@ impl Engine {
     /// Remembers the device's host driver for the way back, then moves it
     /// to vfio-pci.
     fn bind_one(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
-        let current = read_driver(&*self.kernel, &address).map_err(|cause| Failure {
-            device: Some(address),
-            step: "read driver".into(),
-            cause,
-        })?;
+        let current = self.current_driver(address)?;
         if let Some(host) = current.as_deref().filter(|d| *d != VFIO_DRIVER) {
             self.ledger()
                 .set_host_driver(address, host)
@@ -573,23 +569,12 @@ impl Engine {
             move |k| k.set_driver_override(&address, name.as_deref()),
             |k| expect_override(k, &address, host.as_deref()),
         )?;
-        let current = self.kernel.driver(&address).map_err(|e| Failure {
-            device: Some(address),
-            step: "read driver".into(),
-            cause: StepFailure::Kernel(e),
-        })?;
+        let current = self.current_driver(address)?;
         if let Some(driver) = current.clone() {
             if Some(&driver) == host.as_ref() {
                 return self.clear_override_after(address, &host, run);
             }
-            let leaving = driver.clone();
-            self.step(
-                address,
-                &format!("unbind {driver}"),
-                run,
-                move |k| k.unbind(&address, &leaving),
-                |k| expect_driver(k, &address, None),
-            )?;
+            self.unbind_step(address, driver, run)?;
         }
         let step = format!("probe {}", host.as_deref().unwrap_or("host driver"));
         let wanted = host.clone();
@@ -629,14 +614,31 @@ impl Engine {
         )
     }
 
-    /// host driver (or nothing) -> vfio-pci: a bind, or the undoing of a
-    /// failed release.
-    fn to_vfio(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
-        let current = read_driver(&*self.kernel, &address).map_err(|cause| Failure {
+    /// The driver bound now; a device gone from the bus is a failure.
+    fn current_driver(&self, address: PciAddress) -> Result<Option<String>, Failure> {
+        read_driver(&*self.kernel, &address).map_err(|cause| Failure {
             device: Some(address),
             step: "read driver".into(),
             cause,
-        })?;
+        })
+    }
+
+    /// Unbinds `driver` and checks that the device has no driver left.
+    fn unbind_step(&self, address: PciAddress, driver: String, run: &Run) -> Result<(), Failure> {
+        let step = format!("unbind {driver}");
+        self.step(
+            address,
+            &step,
+            run,
+            move |k| k.unbind(&address, &driver),
+            |k| expect_driver(k, &address, None),
+        )
+    }
+
+    /// host driver (or nothing) -> vfio-pci: a bind, or the undoing of a
+    /// failed release.
+    fn to_vfio(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
+        let current = self.current_driver(address)?;
         if current.as_deref() == Some(VFIO_DRIVER) {
             return Ok(());
         }
@@ -648,14 +650,7 @@ impl Engine {
             |k| expect_override(k, &address, Some(VFIO_DRIVER)),
         )?;
         if let Some(driver) = current {
-            let leaving = driver.clone();
-            self.step(
-                address,
-                &format!("unbind {driver}"),
-                run,
-                move |k| k.unbind(&address, &leaving),
-                |k| expect_driver(k, &address, None),
-            )?;
+            self.unbind_step(address, driver, run)?;
         }
         self.step(
             address,
@@ -795,12 +790,7 @@ impl Engine {
     }
 
     fn settle_present(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
-        let read = |e| Failure {
-            device: Some(address),
-            step: "read driver".into(),
-            cause: StepFailure::Kernel(e),
-        };
-        let driver = self.kernel.driver(&address).map_err(read)?;
+        let driver = self.current_driver(address)?;
         // driver_override takes the device lock: an unbind still waiting
         // in the kernel would hold this read, and vfiod's start, forever.
         let limit = self.write_limit(run).map_err(|cause| Failure {
