@@ -172,7 +172,7 @@ pub fn snapshot(
             boot_vga: device.boot_vga,
             console: extras.console,
             reset: device.reset_methods.clone(),
-            nodes: device.nodes.clone(),
+            nodes: extras.nodes,
             holders: Vec::new(),
             usb: extras.usb,
             mounts: extras.mounts,
@@ -288,6 +288,7 @@ struct Extras {
     console: bool,
     usb: Vec<vfiod_pci::UsbDevice>,
     mounts: Vec<String>,
+    nodes: Vec<std::path::PathBuf>,
 }
 
 impl Extras {
@@ -296,6 +297,7 @@ impl Extras {
             console: kernel.console_on(address)?,
             usb: kernel.usb_behind(address)?,
             mounts: kernel.mounts_behind(address)?,
+            nodes: kernel.nodes(address)?,
         })
     }
 }

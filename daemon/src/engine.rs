@@ -15,6 +15,7 @@ use crate::journal::{Journal, MoveEntry, MoveId};
 use crate::kernel::{Kernel, KernelError, KernelResult, VFIO_DRIVER, VFIO_MODULE};
 use crate::ledger::Ledger;
 use crate::plan::{self, MoveOptions, Plan, kernel_error};
+use crate::workers::Workers;
 
 /// Called before each step of a move: (device, step) with the step in
 /// plain words, e.g. "unbind amdgpu".
@@ -48,6 +49,8 @@ pub struct Engine {
     /// One lock per IOMMU group (or per device without one): moves within a
     /// group are serialized, moves on different groups run side by side.
     busy_groups: Arc<(Mutex<BTreeSet<LockKey>>, Condvar)>,
+    /// The threads kernel calls run on.
+    workers: Workers,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -122,6 +125,7 @@ impl Engine {
             journal: Journal::disabled(),
             activity: Arc::default(),
             busy_groups: Arc::default(),
+            workers: Workers::default(),
         }
     }
 
@@ -385,9 +389,8 @@ impl Engine {
         let activity = self.activity.clone();
         let worker_slot = slot.clone();
         let step_name = step.to_string();
-        std::thread::Builder::new()
-            .name("vfiod-kernel-write".into())
-            .spawn(move || {
+        self.workers
+            .run(move || {
                 let result = write(&*kernel);
                 let (lock, ready) = &*worker_slot;
                 let mut slot = lock.lock().unwrap_or_else(|e| e.into_inner());

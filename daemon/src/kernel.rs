@@ -95,6 +95,10 @@ pub trait Kernel: Send + Sync + 'static {
     fn driver_registered(&self, driver: &str) -> bool;
     /// True when the module is loaded, built in, or can be loaded.
     fn module_available(&self, module: &str) -> bool;
+    /// Device nodes under /dev that belong to the function (DRM, sound,
+    /// fb, disks and input behind a controller). Read apart from
+    /// [`Kernel::devices`]: only the functions a move takes need them.
+    fn nodes(&self, address: &PciAddress) -> KernelResult<Vec<PathBuf>>;
     /// Processes that hold any of `nodes` open.
     fn holders(&self, nodes: &[PathBuf]) -> KernelResult<Vec<Holder>>;
     /// Mount points of filesystems that live on block devices behind the device.

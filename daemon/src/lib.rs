@@ -12,3 +12,4 @@ pub mod plan;
 pub mod service;
 pub mod state_file;
 pub mod uevents;
+pub mod workers;

@@ -7,7 +7,7 @@ use tracing::{error, info, warn};
 use vfiod::bouncer::Bouncer;
 use vfiod::cli::{Args, default_state_dir};
 use vfiod::config::{BootState, Config};
-use vfiod::engine::Engine;
+use vfiod::engine::{Activity, Engine};
 use vfiod::journal::Journal;
 use vfiod::kernel::sim::SimKernel;
 use vfiod::kernel::sysfs::SysfsKernel;
@@ -181,6 +181,13 @@ async fn refresh_after(
     let mut devices: Vec<PciAddress> = events.iter().map(|e| e.address).collect();
     devices.sort();
     devices.dedup();
+    // A device in a move of ours is read again as the move ends, before
+    // its reply: reading it at every step only competes with the move.
+    let engine = service.engine();
+    devices.retain(|address| engine.activity(address) != Some(Activity::Moving));
+    if devices.is_empty() {
+        return Ok(());
+    }
     service.refresh_devices(connection, devices).await
 }
 

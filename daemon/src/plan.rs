@@ -485,20 +485,20 @@ fn bind_reasons(
         }
     }
     if !options.force {
-        let to_move: Vec<&PciDevice> = members
-            .iter()
-            .filter(|d| !d.is_bound_to(VFIO_DRIVER))
-            .collect();
+        let mut to_move: Vec<(&PciDevice, Vec<PathBuf>)> = Vec::new();
+        for d in members.iter().filter(|d| !d.is_bound_to(VFIO_DRIVER)) {
+            to_move.push((d, kernel.nodes(&d.address).map_err(kernel_error)?));
+        }
         let nodes: Vec<PathBuf> = to_move
             .iter()
-            .flat_map(|d| d.nodes.iter().cloned())
+            .flat_map(|(_, nodes)| nodes.iter().cloned())
             .collect();
         if !nodes.is_empty() {
             let holders = settled_holders(kernel, &nodes)?;
-            for d in to_move {
+            for (d, own) in to_move {
                 let mine: Vec<Holder> = holders
                     .iter()
-                    .filter(|h| d.nodes.contains(&h.node))
+                    .filter(|h| own.contains(&h.node))
                     .cloned()
                     .collect();
                 if !mine.is_empty() {

@@ -21,8 +21,6 @@ pub struct PciDevice {
     pub boot_vga: bool,
     /// `reset_method` (kernel >= 5.15), or `["unknown"]`-free empty list when no reset.
     pub reset_methods: Vec<String>,
-    /// Device nodes under /dev that belong to this function (DRM, sound, fb, ...).
-    pub nodes: Vec<PathBuf>,
 }
 
 impl PciDevice {

@@ -405,6 +405,14 @@ impl Kernel for SimKernel {
         self.lock().state.modules.contains(&module) || !self.board.missing_modules.contains(&module)
     }
 
+    fn nodes(&self, address: &PciAddress) -> KernelResult<Vec<PathBuf>> {
+        let inner = self.lock();
+        if inner.state.present(address).is_none() {
+            return Err(KernelError::NoDevice(*address));
+        }
+        Ok(self.board.entry(address)?.nodes.clone())
+    }
+
     fn holders(&self, nodes: &[PathBuf]) -> KernelResult<Vec<Holder>> {
         let inner = self.lock();
         let mut holders: Vec<Holder> = inner
@@ -793,7 +801,6 @@ impl RunningState {
             parent: entry.parent,
             boot_vga: entry.boot_vga,
             reset_methods: entry.reset.clone(),
-            nodes: entry.nodes.clone(),
         })
     }
 
@@ -1316,7 +1323,7 @@ nodes = ["/dev/dri/card1"]
         assert_eq!(gpu.parent, Some(addr(ROOT_PORT)));
         assert_eq!(gpu.reset_methods, ["bus"]);
         assert_eq!(
-            gpu.nodes,
+            kernel.nodes(&gpu.address).unwrap(),
             [
                 PathBuf::from("/dev/dri/card1"),
                 PathBuf::from("/dev/dri/renderD129")
@@ -2008,7 +2015,7 @@ nodes = ["/dev/dri/card1"]
         let pipewire = holder(1300, "pipewire", "/dev/snd/controlC1");
         kernel.add_holder(pipewire.clone()).unwrap();
         kernel.add_holder(pipewire.clone()).unwrap();
-        let audio_nodes = kernel.device(&addr(AUDIO)).unwrap().unwrap().nodes;
+        let audio_nodes = kernel.nodes(&addr(AUDIO)).unwrap();
         assert_eq!(kernel.holders(&audio_nodes).unwrap(), [pipewire]);
         assert_eq!(kernel.remove_holder(1300).unwrap(), 1);
         assert_eq!(kernel.holders(&audio_nodes).unwrap(), []);

@@ -182,6 +182,10 @@ impl Kernel for SysfsKernel {
         modules::module_available(&self.tree, module)
     }
 
+    fn nodes(&self, address: &PciAddress) -> KernelResult<Vec<PathBuf>> {
+        device::nodes(&self.tree, &self.existing_function_dir(address)?)
+    }
+
     fn holders(&self, nodes: &[PathBuf]) -> KernelResult<Vec<Holder>> {
         holders::holders(&self.tree, nodes)
     }

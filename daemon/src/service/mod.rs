@@ -311,6 +311,7 @@ impl Service {
         direction: Direction,
         options: &HashMap<String, OwnedVariant>,
     ) -> Result<Vec<OwnedObjectPath>, Error> {
+        tracing::debug!(target, %direction, "move requested");
         validate_target(target)?;
         let options = parse_move_options(options)?;
         self.bouncer.authorize_move(connection, header).await?;
@@ -383,6 +384,7 @@ impl Service {
             emitted,
         });
         let _ = sent.await;
+        tracing::debug!(target, %direction, "move answered");
         outcome.map(|devices| devices.iter().map(device_object_path).collect())
     }
 

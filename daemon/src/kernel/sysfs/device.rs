@@ -51,7 +51,6 @@ pub(super) fn read(
         parent: parent(dir),
         boot_vga: boot_vga(tree, dir)?,
         reset_methods: reset_methods(tree, dir)?,
-        nodes: nodes(tree, dir)?,
     })
 }
 
@@ -111,7 +110,7 @@ fn reset_methods(tree: &Rooted, dir: &Path) -> KernelResult<Vec<String>> {
 /// `/dev/DEVNAME` of every device below the function. Only directories
 /// with a `dev` attribute (a major:minor) can have a node, so only their
 /// `uevent` is read.
-fn nodes(tree: &Rooted, dir: &Path) -> KernelResult<Vec<PathBuf>> {
+pub(super) fn nodes(tree: &Rooted, dir: &Path) -> KernelResult<Vec<PathBuf>> {
     let mut nodes = Vec::new();
     subtree::walk(tree, dir, |sub| {
         if sub.has_file("dev")

@@ -308,6 +308,7 @@ impl Fixture {
     /// A process with fds open on `targets` (fd 3, 4, ...).
     pub(crate) fn process(&self, pid: u32, comm: &str, targets: &[&str]) {
         self.write(format!("proc/{pid}/comm"), &format!("{comm}\n"));
+        self.raw_link(format!("proc/{pid}/exe"), format!("/usr/bin/{comm}"));
         self.mkdir(format!("proc/{pid}/fd"));
         for (offset, target) in targets.iter().enumerate() {
             self.raw_link(format!("proc/{pid}/fd/{}", offset + 3), target);

@@ -11,7 +11,7 @@ use crate::kernel::KernelResult;
 /// Each (pid, node) once, sorted. `nodes` are compared with the fd links
 /// as the kernel writes them (`/dev/dri/card0`), whatever the root.
 /// Processes that can't be read (another user's without privilege, or
-/// gone since the listing) are skipped.
+/// gone since the listing) are skipped, and so are kernel threads.
 pub(super) fn holders(tree: &Rooted, nodes: &[PathBuf]) -> KernelResult<Vec<Holder>> {
     let mut holders = Vec::new();
     if nodes.is_empty() {
@@ -30,6 +30,9 @@ pub(super) fn holders(tree: &Rooted, nodes: &[PathBuf]) -> KernelResult<Vec<Hold
             continue;
         };
         let process_dir = proc_dir.join(pid.to_string());
+        if is_kernel_thread(tree, &process_dir) {
+            continue;
+        }
         let Ok(fds) = fs::read_dir(tree.host_path(&process_dir.join("fd"))) else {
             continue;
         };
@@ -54,4 +57,14 @@ pub(super) fn holders(tree: &Rooted, nodes: &[PathBuf]) -> KernelResult<Vec<Hold
     holders.sort();
     holders.dedup_by(|a, b| a.pid == b.pid && a.node == b.node);
     Ok(holders)
+}
+
+/// Kernel threads (half the processes on a desktop) have no `exe` and no
+/// files: one readlink spares listing their empty `fd` directory. Only
+/// "no such link" says so; a process we may not inspect is still scanned.
+fn is_kernel_thread(tree: &Rooted, process_dir: &Path) -> bool {
+    matches!(
+        fs::read_link(tree.host_path(&process_dir.join("exe"))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound
+    )
 }

@@ -2,11 +2,15 @@
 //! would see them: absolute link targets start again at the root and `..`
 //! never climbs above it. Sysfs is a forest of relative links; resolving
 //! them ourselves keeps a fixture tree from leading a read, or worse a
-//! write, out into the machine's real /sys.
+//! write, out into the machine's real /sys. Under `/` itself there is
+//! nothing to escape to, and the kernel resolves in a few syscalls what
+//! the walk below resolves in one or two per component.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::kernel::{KernelError, KernelResult};
@@ -17,11 +21,14 @@ const MAX_LINKS: usize = 40;
 #[derive(Debug, Clone)]
 pub(super) struct Rooted {
     root: PathBuf,
+    /// The root is `/`: the kernel's own resolution is the chrooted one.
+    is_host_root: bool,
 }
 
 impl Rooted {
     pub(super) fn new(root: PathBuf) -> Self {
-        Rooted { root }
+        let is_host_root = root == Path::new("/");
+        Rooted { root, is_host_root }
     }
 
     pub(super) fn root(&self) -> &Path {
@@ -44,6 +51,13 @@ impl Rooted {
     /// resolving `sys/bus/pci/devices` once spares its four components
     /// a stat for every device.
     pub(super) fn resolve_in(&self, base: &Path, rel: &Path) -> io::Result<PathBuf> {
+        if self.is_host_root {
+            return resolve_by_kernel(&self.root.join(base).join(rel));
+        }
+        self.resolve_by_walk(base, rel)
+    }
+
+    fn resolve_by_walk(&self, base: &Path, rel: &Path) -> io::Result<PathBuf> {
         // Components still to walk, the next one last.
         let mut pending: Vec<OsString> = Vec::new();
         push_components(&mut pending, rel);
@@ -96,6 +110,9 @@ impl Rooted {
 
     /// True when `rel` exists (a dangling link does not).
     pub(super) fn exists(&self, rel: &Path) -> bool {
+        if self.is_host_root {
+            return fs::metadata(self.host_path(rel)).is_ok();
+        }
         self.resolve(rel).is_ok()
     }
 
@@ -180,14 +197,19 @@ impl Rooted {
         contents: &str,
     ) -> KernelResult<()> {
         // Resolve first so a link in a fixture cannot aim the write outside the root.
-        let target = self
-            .resolve(rel)
-            .map_err(|err| self.io_error(op, rel, err))?;
+        let target = if self.is_host_root {
+            self.host_path(rel)
+        } else {
+            let resolved = self
+                .resolve(rel)
+                .map_err(|err| self.io_error(op, rel, err))?;
+            self.root.join(resolved)
+        };
         // O_TRUNC as a shell's `>` does: sysfs ignores it, a fixture needs it.
         let mut file = OpenOptions::new()
             .write(true)
             .truncate(true)
-            .open(self.root.join(&target))
+            .open(target)
             .map_err(|err| self.io_error(op, rel, err))?;
         let written = file
             .write(contents.as_bytes())
@@ -216,6 +238,9 @@ impl Rooted {
 
 /// Reads a whole small file with plain read(2)s: `fs::read` first asks
 /// for the size (a statx and an lseek), which sysfs can't answer anyway.
+/// A read that does not fill the buffer has reached the end: sysfs hands
+/// out an attribute (a page at most) whole, and a regular file stops
+/// short only at its end.
 fn read_small(path: &Path) -> io::Result<Vec<u8>> {
     let mut file = File::open(path)?;
     let mut bytes = Vec::with_capacity(128);
@@ -223,11 +248,30 @@ fn read_small(path: &Path) -> io::Result<Vec<u8>> {
     loop {
         match file.read(&mut chunk) {
             Ok(0) => return Ok(bytes),
+            Ok(count) if count < chunk.len() => {
+                bytes.extend_from_slice(&chunk[..count]);
+                return Ok(bytes);
+            }
             Ok(count) => bytes.extend_from_slice(&chunk[..count]),
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) => return Err(err),
         }
     }
+}
+
+/// `path` (absolute, on this machine) with every link followed, relative
+/// to `/`: the kernel resolves it in an O_PATH open, and the descriptor's
+/// link in /proc/self/fd names where it went.
+fn resolve_by_kernel(path: &Path) -> io::Result<PathBuf> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH)
+        .open(path)?;
+    let resolved = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    Ok(resolved
+        .strip_prefix("/")
+        .map(Path::to_path_buf)
+        .unwrap_or(resolved))
 }
 
 /// Pushes the components of `path` so that the first is popped first.
@@ -241,4 +285,49 @@ fn push_components(pending: &mut Vec<OsString>, path: &Path) {
         }
     }
     pending[start..].reverse();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Under `/` the kernel's resolution and the walk must agree: links
+    /// relative and absolute, chained, through `..`, dangling.
+    #[test]
+    fn the_kernel_resolves_under_slash_as_the_walk_does() {
+        let template = std::env::temp_dir().join("vfiod-rooted-XXXXXX");
+        let dir = nix::unistd::mkdtemp(&template).expect("mkdtemp");
+        let real = fs::canonicalize(&dir).unwrap();
+        fs::create_dir_all(real.join("a/b/c")).unwrap();
+        fs::write(real.join("a/b/c/attr"), "1\n").unwrap();
+        std::os::unix::fs::symlink("../a/b", real.join("a/up")).unwrap();
+        std::os::unix::fs::symlink(real.join("a/b/c"), real.join("abs")).unwrap();
+        std::os::unix::fs::symlink("abs", real.join("chain")).unwrap();
+        std::os::unix::fs::symlink("nowhere", real.join("dangling")).unwrap();
+        let host = Rooted::new(PathBuf::from("/"));
+        let rel = real.strip_prefix("/").unwrap();
+        for case in ["a/up/c/attr", "abs/attr", "chain/../c/attr", "a/b/../up/c"] {
+            let path = rel.join(case);
+            let by_kernel = host.resolve(&path).unwrap();
+            let by_walk = host.resolve_by_walk(Path::new(""), &path).unwrap();
+            assert_eq!(by_kernel, by_walk, "{case}");
+            assert!(!by_kernel.has_root(), "{case}: root-relative");
+        }
+        for missing in ["dangling", "a/none"] {
+            let path = rel.join(missing);
+            assert_eq!(
+                host.resolve(&path).unwrap_err().kind(),
+                io::ErrorKind::NotFound
+            );
+            assert_eq!(
+                host.resolve_by_walk(Path::new(""), &path)
+                    .unwrap_err()
+                    .kind(),
+                io::ErrorKind::NotFound
+            );
+            assert!(!host.exists(&path));
+        }
+        assert!(host.exists(&rel.join("chain/attr")));
+        fs::remove_dir_all(&real).unwrap();
+    }
 }
