@@ -396,9 +396,16 @@ mod tests {
             group: u32,
         ) {
             let address = dir.rsplit('/').next().unwrap();
-            self.write(&format!("{dir}/vendor"), &format!("0x{}\n", id.0));
-            self.write(&format!("{dir}/device"), &format!("0x{}\n", id.1));
-            self.write(&format!("{dir}/class"), &format!("{class}\n"));
+            // What vfiod reads the ids and the class from.
+            let class_hex = u32::from_str_radix(class.trim_start_matches("0x"), 16).unwrap();
+            self.write(
+                &format!("{dir}/uevent"),
+                &format!(
+                    "PCI_CLASS={class_hex:04X}\nPCI_ID={}:{}\nPCI_SLOT_NAME={address}\n",
+                    id.0.to_uppercase(),
+                    id.1.to_uppercase()
+                ),
+            );
             self.write(&format!("{dir}/driver_override"), "(null)\n");
             self.link(&format!("sys/bus/pci/devices/{address}"), dir);
             self.link(

@@ -503,9 +503,8 @@ fn reset_methods_none_legacy_and_listed() {
 /// good_host with an RX 580 instead of the NVIDIA card.
 fn polaris_host(reset_method: &str) -> Fixture {
     let fx = good_host();
+    fx.set_id(GPU, "1002:67df");
     let dir = fx.function_dir(GPU);
-    fx.write(dir.join("vendor"), "0x1002\n");
-    fx.write(dir.join("device"), "0x67df\n");
     fx.write(dir.join("reset_method"), &format!("{reset_method}\n"));
     fx
 }
@@ -695,9 +694,7 @@ fn usb_devices_behind_the_controller_with_input_devices_called_out() {
 #[test]
 fn usb_controllers_with_reported_kernel_trouble_warn_on_affected_kernels() {
     let fx = good_host();
-    let card = fx.function_dir(USB_CARD);
-    fx.write(card.join("vendor"), "0x1022\n");
-    fx.write(card.join("device"), "0x149c\n");
+    fx.set_id(USB_CARD, "1022:149c");
     // The fixture runs 6.1: Matisse's FLR trouble was fixed in 5.8.
     let message = expect(&run(&fx, "usb"), "usb.kernel", Severity::Ok);
     assert!(
@@ -711,13 +708,11 @@ fn usb_controllers_with_reported_kernel_trouble_warn_on_affected_kernels() {
         "{message}"
     );
     // Renesas uPD720202: reported on every kernel.
-    fx.write(card.join("vendor"), "0x1912\n");
-    fx.write(card.join("device"), "0x0015\n");
+    fx.set_id(USB_CARD, "1912:0015");
     let message = expect(&run(&fx, "usb"), "usb.kernel", Severity::Warn);
     assert!(message.contains("renesas_usb_fw.mem"), "{message}");
     fx.remove("proc/sys/kernel/osrelease");
-    fx.write(card.join("vendor"), "0x1033\n");
-    fx.write(card.join("device"), "0x0194\n");
+    fx.set_id(USB_CARD, "1033:0194");
     expect_unknown(&run(&fx, "usb"), "usb.kernel");
 }
 

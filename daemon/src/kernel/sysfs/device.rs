@@ -22,24 +22,31 @@ pub(super) fn read(
     address: PciAddress,
     dir: &Path,
 ) -> KernelResult<PciDevice> {
-    let attr = |name: &str| dir.join(name);
-    let id = PciId {
-        vendor: read_hex_u16(tree, &attr("vendor"))?,
-        device: read_hex_u16(tree, &attr("device"))?,
+    // `uevent` holds the ids and the class in one read, where `vendor`,
+    // `device`, `subsystem_*` and `class` take five.
+    let uevent_path = dir.join("uevent");
+    let uevent = tree.read(&uevent_path)?;
+    let malformed = |reason: String| tree.malformed(&uevent_path, reason);
+    let field = |key: &str| {
+        uevent
+            .lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
     };
-    let subsystem = match (
-        read_optional_hex_u16(tree, &attr("subsystem_vendor"))?,
-        read_optional_hex_u16(tree, &attr("subsystem_device"))?,
-    ) {
-        (Some(vendor), Some(device)) => Some(PciId { vendor, device }),
-        _ => None,
-    };
-    let class_path = attr("class");
-    let class_text = tree.read(&class_path)?;
-    let class: PciClass = class_text
-        .trim()
-        .parse()
-        .map_err(|err| tree.malformed(&class_path, format!("{err}")))?;
+    let id = field("PCI_ID")
+        .ok_or_else(|| malformed("no PCI_ID".into()))
+        .and_then(|text| parse_id(text).ok_or_else(|| malformed(format!("PCI_ID {text:?}"))))?;
+    let subsystem = field("PCI_SUBSYS_ID")
+        .map(|text| parse_id(text).ok_or_else(|| malformed(format!("PCI_SUBSYS_ID {text:?}"))))
+        .transpose()?;
+    let class = field("PCI_CLASS")
+        .ok_or_else(|| malformed("no PCI_CLASS".into()))
+        .and_then(|text| {
+            u32::from_str_radix(text, 16)
+                .ok()
+                .filter(|class| *class <= 0xff_ffff)
+                .map(PciClass)
+                .ok_or_else(|| malformed(format!("PCI_CLASS {text:?}")))
+        })?;
     Ok(PciDevice {
         address,
         id,
@@ -154,26 +161,16 @@ fn uevent_node(tree: &Rooted, dir: &Path) -> KernelResult<Option<PathBuf>> {
     Ok(Some(Path::new("/dev").join(devname)))
 }
 
-fn read_hex_u16(tree: &Rooted, path: &Path) -> KernelResult<u16> {
-    parse_hex_u16(tree, path, &tree.read(path)?)
-}
-
-fn read_optional_hex_u16(tree: &Rooted, path: &Path) -> KernelResult<Option<u16>> {
-    tree.read_optional(path)?
-        .map(|text| parse_hex_u16(tree, path, &text))
-        .transpose()
-}
-
-/// `0x1002` as sysfs shows ids.
-fn parse_hex_u16(tree: &Rooted, path: &Path, text: &str) -> KernelResult<u16> {
-    let text = text.trim();
-    text.strip_prefix("0x")
-        .filter(|hex| hex.len() == 4 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-        .and_then(|hex| u16::from_str_radix(hex, 16).ok())
-        .ok_or_else(|| {
-            tree.malformed(
-                path,
-                format!("expected 0x and 4 hex digits, found {text:?}"),
-            )
-        })
+/// `1002:67DF`, as the kernel writes ids in `uevent`.
+fn parse_id(text: &str) -> Option<PciId> {
+    let (vendor, device) = text.split_once(':')?;
+    let hex = |part: &str| {
+        (part.len() == 4 && part.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| u16::from_str_radix(part, 16).ok())
+            .flatten()
+    };
+    Some(PciId {
+        vendor: hex(vendor)?,
+        device: hex(device)?,
+    })
 }

@@ -139,6 +139,24 @@ impl Fixture {
     }
 
     /// The real directory of an added function.
+    /// Gives an existing function other ids (`vvvv:dddd`), in `uevent` and
+    /// in `vendor` and `device`.
+    pub(crate) fn set_id(&self, address: &str, id: &str) {
+        let dir = self.function_dir(address);
+        let (vendor, device) = id.split_once(':').expect("vvvv:dddd");
+        self.write(dir.join("vendor"), &format!("0x{vendor}\n"));
+        self.write(dir.join("device"), &format!("0x{device}\n"));
+        let uevent = fs::read_to_string(self.path(dir.join("uevent"))).expect("uevent");
+        let uevent: String = uevent
+            .lines()
+            .map(|line| match line.strip_prefix("PCI_ID=") {
+                Some(_) => format!("PCI_ID={}\n", id.to_uppercase()),
+                None => format!("{line}\n"),
+            })
+            .collect();
+        self.write(dir.join("uevent"), &uevent);
+    }
+
     pub(crate) fn function_dir(&self, address: &str) -> PathBuf {
         let entry = self.path(format!("sys/bus/pci/devices/{address}"));
         let real = fs::canonicalize(&entry).expect("no such PCI function in fixture");
@@ -557,10 +575,7 @@ impl PciFunction<'_> {
         fx.write(dir.join("driver_override"), &format!("{driver_override}\n"));
         fx.write(
             dir.join("uevent"),
-            &format!(
-                "PCI_ID={}\nPCI_SLOT_NAME={address}\n",
-                self.id.to_uppercase()
-            ),
+            &pci_uevent(address, &self.class, &self.id, self.subsystem.as_deref()),
         );
         fx.write(dir.join("power/control"), "on\n");
         if let Some(boot_vga) = self.boot_vga {
@@ -583,4 +598,16 @@ impl PciFunction<'_> {
         }
         dir
     }
+}
+
+/// A PCI function's `uevent` as the kernel writes it (`pci_uevent`):
+/// class and ids in upper-case hex without `0x`.
+fn pci_uevent(address: &str, class: &str, id: &str, subsystem: Option<&str>) -> String {
+    let class = u32::from_str_radix(class.trim_start_matches("0x"), 16).expect("hex class");
+    let mut text = format!("PCI_CLASS={class:04X}\nPCI_ID={}\n", id.to_uppercase());
+    if let Some(subsystem) = subsystem {
+        text.push_str(&format!("PCI_SUBSYS_ID={}\n", subsystem.to_uppercase()));
+    }
+    text.push_str(&format!("PCI_SLOT_NAME={address}\n"));
+    text
 }

@@ -13,23 +13,48 @@ use crate::kernel::KernelResult;
 /// Processes that can't be read (another user's without privilege, or
 /// gone since the listing) are skipped, and so are kernel threads.
 pub(super) fn holders(tree: &Rooted, nodes: &[PathBuf]) -> KernelResult<Vec<Holder>> {
-    let mut holders = Vec::new();
     if nodes.is_empty() {
-        return Ok(holders);
+        return Ok(Vec::new());
     }
     let proc_dir = Path::new("proc");
     // An unreadable /proc is an error: "no holders" would be a guess.
-    let entries = fs::read_dir(tree.host_path(proc_dir))
-        .map_err(|err| tree.io_error("list", proc_dir, err))?;
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let process_dir = proc_dir.join(pid.to_string());
+    let pids: Vec<u32> = fs::read_dir(tree.host_path(proc_dir))
+        .map_err(|err| tree.io_error("list", proc_dir, err))?
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect();
+    // Every process's every fd is a syscall or two: the scan is most of
+    // a move's planning, so the CPUs share it.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_THREADS);
+    let per_thread = pids.len().div_ceil(threads).max(MIN_PIDS_PER_THREAD);
+    let mut holders: Vec<Holder> = std::thread::scope(|scope| {
+        let scans: Vec<_> = pids
+            .chunks(per_thread)
+            .skip(1)
+            .map(|pids| scope.spawn(move || scan(tree, nodes, pids)))
+            .collect();
+        let mut found = scan(tree, nodes, pids.chunks(per_thread).next().unwrap_or(&[]));
+        for other in scans {
+            // A scan thread only reads; if it died, its share is unknown.
+            found.extend(other.join().unwrap_or_default());
+        }
+        found
+    });
+    holders.sort();
+    holders.dedup_by(|a, b| a.pid == b.pid && a.node == b.node);
+    Ok(holders)
+}
+
+const MAX_THREADS: usize = 4;
+/// Below this a thread costs more than it saves.
+const MIN_PIDS_PER_THREAD: usize = 32;
+
+fn scan(tree: &Rooted, nodes: &[PathBuf], pids: &[u32]) -> Vec<Holder> {
+    let mut holders = Vec::new();
+    for &pid in pids {
+        let process_dir = Path::new("proc").join(pid.to_string());
         if is_kernel_thread(tree, &process_dir) {
             continue;
         }
@@ -54,9 +79,7 @@ pub(super) fn holders(tree: &Rooted, nodes: &[PathBuf]) -> KernelResult<Vec<Hold
             node: node.clone(),
         }));
     }
-    holders.sort();
-    holders.dedup_by(|a, b| a.pid == b.pid && a.node == b.node);
-    Ok(holders)
+    holders
 }
 
 /// Kernel threads (half the processes on a desktop) have no `exe` and no

@@ -413,11 +413,16 @@ fn a_function_that_is_not_on_the_bus() {
 
 #[test]
 fn malformed_attributes_are_errors_naming_the_file() {
-    let cases: [(&str, &str, &str); 8] = [
-        ("vendor", "0xzzzz\n", "vendor"),
-        ("device", "67df\n", "device"),
-        ("subsystem_vendor", "0x1da2e\n", "subsystem_vendor"),
-        ("class", "0x0300\n", "class"),
+    let cases: [(&str, &str, &str); 9] = [
+        ("uevent", "PCI_CLASS=30000\nPCI_ID=ZZZZ:67DF\n", "uevent"),
+        ("uevent", "PCI_CLASS=30000\nPCI_ID=1002:67DF0\n", "uevent"),
+        ("uevent", "PCI_CLASS=30000\n", "uevent"),
+        (
+            "uevent",
+            "PCI_CLASS=30000\nPCI_ID=1002:67DF\nPCI_SUBSYS_ID=1DA2E:E366\n",
+            "uevent",
+        ),
+        ("uevent", "PCI_CLASS=0x0300\nPCI_ID=1002:67DF\n", "uevent"),
         ("boot_vga", "2\n", "boot_vga"),
         (
             "drm/card1/uevent",
@@ -437,7 +442,7 @@ fn malformed_attributes_are_errors_naming_the_file() {
         }
         let kernel = fx.kernel();
         // Device nodes are read apart from the rest of the device.
-        let err = if file.ends_with("uevent") {
+        let err = if file.ends_with("/uevent") {
             kernel.nodes(&addr(GPU)).unwrap_err()
         } else {
             kernel.device(&addr(GPU)).unwrap_err()
@@ -451,7 +456,7 @@ fn malformed_attributes_are_errors_naming_the_file() {
             err.to_string().contains(&fx.root().display().to_string()),
             "{file}: {err}"
         );
-        if !file.ends_with("uevent") {
+        if !file.ends_with("/uevent") {
             assert!(kernel.devices().is_err(), "{file}");
         }
     }
@@ -583,6 +588,29 @@ fn holders_are_the_processes_with_a_node_open() {
         kernel.holders(&igpu).unwrap(),
         [holder(1234, "Xorg", "/dev/dri/card0")]
     );
+}
+
+#[test]
+fn holders_are_found_in_every_share_of_a_long_process_list() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    // Enough processes that the scan is split between threads; holders
+    // at the start, in the middle and at the end of the list.
+    for pid in 3000..3150 {
+        let held: &[&str] = match pid {
+            3000 | 3077 | 3149 => &["/dev/snd/controlC1"],
+            _ => &["/dev/null"],
+        };
+        fx.process(pid, "filler", held);
+    }
+    let audio = kernel.nodes(&addr(GPU_AUDIO)).unwrap();
+    let pids: Vec<u32> = kernel
+        .holders(&audio)
+        .unwrap()
+        .iter()
+        .map(|h| h.pid)
+        .collect();
+    assert_eq!(pids, [2000, 2000, 3000, 3077, 3149]);
 }
 
 #[test]
