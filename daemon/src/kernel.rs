@@ -109,6 +109,9 @@ pub trait Kernel: Send + Sync + 'static {
     fn console_on(&self, address: &PciAddress) -> KernelResult<bool>;
     /// `/dev/vfio/N` when it exists.
     fn vfio_group_node(&self, group: u32) -> Option<PathBuf>;
+    /// Whether a process (a VM) has `/dev/vfio/N` open; `None` when that
+    /// can't be told without looking for the holders.
+    fn vfio_group_open(&self, group: u32) -> Option<bool>;
     /// What the doctor reads beyond PCI moves: CPU, firmware, command
     /// line, modules, framebuffers, memory, libvirt. A fact that cannot be
     /// read is unknown (`None`), not an error.

@@ -190,6 +190,11 @@ impl fmt::Display for Reason {
                 "{device} is in use: {} (force takes it anyway)",
                 list_holders(holders)
             ),
+            // The kernel said it is open, but no process we can see has it.
+            Reason::VfioGroupHeld { group, holders } if holders.is_empty() => write!(
+                f,
+                "IOMMU group {group} is open in a process vfiod cannot see; stop the VM first"
+            ),
             Reason::VfioGroupHeld { group, holders } => write!(
                 f,
                 "IOMMU group {group} is held by {}; stop the VM first",
@@ -550,11 +555,18 @@ fn release_reasons(
         .filter_map(|d| d.iommu_group)
         .collect();
     for group in groups {
-        if let Some(node) = kernel.vfio_group_node(group) {
-            let holders = kernel.holders(&[node]).map_err(kernel_error)?;
-            if !holders.is_empty() {
-                reasons.push(Reason::VfioGroupHeld { group, holders });
-            }
+        let Some(node) = kernel.vfio_group_node(group) else {
+            continue;
+        };
+        // Asking the group is one open; looking for its holders reads
+        // every process's every fd, so only a held group is searched.
+        let held = kernel.vfio_group_open(group);
+        if held == Some(false) {
+            continue;
+        }
+        let holders = kernel.holders(&[node]).map_err(kernel_error)?;
+        if held == Some(true) || !holders.is_empty() {
+            reasons.push(Reason::VfioGroupHeld { group, holders });
         }
     }
     reasons.extend(ownership_reasons(members, ledger, options));

@@ -226,10 +226,18 @@ scenario_busy() {
   outcome busy.force
   group_usable "$g" "$GPU"
   k_unhold
+  # A VM holding the group: vfio-pci's unbind would wait for it to let go.
+  k_hold "/dev/vfio/$g"
+  ctl release gpu
+  want_rc 1 DeviceBusy "vfioctl release gpu while /dev/vfio/$g is held"
+  want_said "group $g" vfio-probe "pid $HOLD_PID" "/dev/vfio/$g"
+  want_vfio "$GPU" "$AUD"
+  outcome busy.group_held
+  k_unhold
   ctl release gpu
   want_rc 0 - "vfioctl release gpu" && want_host "$GPU" "$AUD"
   outcome busy.release
-  verdict "a process holding $node: bind gpu is refused with DeviceBusy naming it (pid, comm, node), nothing moves; --force takes the pair"
+  verdict "a process holding $node: bind gpu is refused with DeviceBusy naming it (pid, comm, node), nothing moves; --force takes the pair; release is refused while a process holds /dev/vfio/$g"
   all_home
 }
 

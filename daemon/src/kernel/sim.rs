@@ -455,6 +455,11 @@ impl Kernel for SimKernel {
             .then(|| group_node(group))
     }
 
+    fn vfio_group_open(&self, group: u32) -> Option<bool> {
+        let node = group_node(group);
+        Some(self.lock().state.holders.iter().any(|h| h.node == node))
+    }
+
     fn boot_id(&self) -> KernelResult<String> {
         Ok(self.lock().state.boot_id.clone())
     }

@@ -23,6 +23,7 @@ mod usb;
 
 use std::fmt;
 use std::io;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -207,6 +208,32 @@ impl Kernel for SysfsKernel {
     fn vfio_group_node(&self, group: u32) -> Option<PathBuf> {
         let node = Path::new(VFIO_GROUPS).join(group.to_string());
         self.tree.exists(&node).then(|| Path::new("/").join(node))
+    }
+
+    fn vfio_group_open(&self, group: u32) -> Option<bool> {
+        // A group opens once at a time: EBUSY means a VM has it. Ours is
+        // closed again at once and sets nothing up.
+        let node = self
+            .tree
+            .host_path(&Path::new(VFIO_GROUPS).join(group.to_string()));
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&node)
+        {
+            Ok(file)
+                if file
+                    .metadata()
+                    .is_ok_and(|m| m.file_type().is_char_device()) =>
+            {
+                Some(false)
+            }
+            Err(err) if err.raw_os_error() == Some(nix::libc::EBUSY) => Some(true),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Some(false),
+            // Not a device node (a fixture), or not ours to open (a device
+            // cgroup): only the holders can say.
+            _ => None,
+        }
     }
 
     fn host(&self) -> KernelResult<HostView> {
