@@ -141,11 +141,7 @@ pub async fn execute(work: &Work, out: &Output) -> Result<Exit, Failure> {
         Direction::Bind => bind_all(&mut mover, &work.plan.targets, &options, out).await,
         Direction::Release => release_all(&mut mover, &work.plan.targets, &options, out).await,
     };
-    let objects = if report.done.is_empty() {
-        None
-    } else {
-        bus.objects().await.ok()
-    };
+    let objects = moves::read_moved(&bus, &report, out).await;
     moves::show_report(&report, objects.as_ref(), out)?;
     Ok(report.exit())
 }

@@ -8,6 +8,7 @@ mod model;
 mod output;
 mod snapshot;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -21,18 +22,23 @@ use crate::error::{Exit, Failure};
 use crate::output::Output;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => return usage(&e),
+    let cli = match Cli::parse_plain(std::env::args_os()) {
+        Some(cli) => cli,
+        None => match Cli::try_parse() {
+            Ok(cli) => cli,
+            Err(e) => return usage(&e),
+        },
     };
     let out = Output::detect(cli.json);
-    match run(cli.action, &out) {
-        Ok(exit) => exit.into(),
-        Err(failure) => {
-            out.fail(&failure);
-            failure.exit.into()
-        }
-    }
+    outcome(run(cli.action, &out), &out).into()
+}
+
+/// The exit status; a failure's reason is shown first.
+fn outcome(result: Result<Exit, Failure>, out: &Output) -> Exit {
+    result.unwrap_or_else(|failure| {
+        out.fail(&failure);
+        failure.exit
+    })
 }
 
 /// clap's message on stderr (help and version on stdout, exit 0); with
@@ -63,7 +69,7 @@ fn run(action: Action, out: &Output) -> Result<Exit, Failure> {
                 return Ok(Exit::Done);
             };
             match hook::prepare_work(&args.domain, direction, args.config, out)? {
-                Some(work) => block_on(hook::execute(&work, out)),
+                Some(work) => block_on(async { exit_now(hook::execute(&work, out).await, out) }),
                 None => Ok(Exit::Done),
             }
         }
@@ -79,7 +85,8 @@ fn run(action: Action, out: &Output) -> Result<Exit, Failure> {
             };
             block_on(async {
                 let bus = Bus::connect_for_moves().await?;
-                moves::run(&bus, out, Direction::Bind, &args.targets, &options).await
+                let result = moves::run(&bus, out, Direction::Bind, &args.targets, &options).await;
+                exit_now(result, out)
             })
         }
         Action::Release(args) => {
@@ -90,7 +97,9 @@ fn run(action: Action, out: &Output) -> Result<Exit, Failure> {
             };
             block_on(async {
                 let bus = Bus::connect_for_moves().await?;
-                moves::run(&bus, out, Direction::Release, &args.targets, &options).await
+                let result =
+                    moves::run(&bus, out, Direction::Release, &args.targets, &options).await;
+                exit_now(result, out)
             })
         }
         Action::Check { target } => {
@@ -98,6 +107,16 @@ fn run(action: Action, out: &Output) -> Result<Exit, Failure> {
         }
         Action::Watch => block_on(async { watch::run(&Bus::connect().await?, out).await }),
     }
+}
+
+/// Ends a move's process once its outcome is written, without taking
+/// down the connection and the runtime: that only costs time, and the
+/// kernel closes the socket anyway.
+fn exit_now(result: Result<Exit, Failure>, out: &Output) -> Result<Exit, Failure> {
+    let exit = outcome(result, out);
+    // Nothing better to do when stdout is gone; stderr is unbuffered.
+    let _ = std::io::stdout().flush();
+    std::process::exit(i32::from(exit as u8))
 }
 
 /// One thread is enough for a client that waits on one socket.

@@ -6,9 +6,9 @@ use std::pin::pin;
 
 use serde_json::{Value, json};
 use vfiod_dbus::Direction;
-use vfiod_dbus::proxy::{ManagerProxy, Options, TransitionProgress, TransitionProgressStream};
+use vfiod_dbus::proxy::{ManagerProxy, Options, TransitionProgress};
 use vfiod_pci::PciAddress;
-use zbus::Variant;
+use zbus::{MessageStream, Variant};
 
 use crate::bus::{self, Bus};
 use crate::error::{Exit, Failure};
@@ -46,7 +46,7 @@ impl MoveOptions {
 pub struct Mover<'b> {
     bus: &'b Bus,
     manager: ManagerProxy<'static>,
-    progress: Option<TransitionProgressStream>,
+    progress: Option<MessageStream>,
     out: Output,
 }
 
@@ -56,12 +56,7 @@ impl<'b> Mover<'b> {
     pub async fn new(bus: &'b Bus, out: &Output) -> Result<Mover<'b>, Failure> {
         let manager = bus.manager().await?;
         let progress = if out.stderr_tty {
-            Some(
-                manager
-                    .receive_transition_progress()
-                    .await
-                    .map_err(|e| bus.failure(e))?,
-            )
+            Some(bus.progress_signals().await?)
         } else {
             None
         };
@@ -102,7 +97,7 @@ impl<'b> Mover<'b> {
 /// Awaits the call while printing the progress of `target`.
 async fn with_progress<T>(
     call: impl Future<Output = T>,
-    stream: Option<&mut TransitionProgressStream>,
+    stream: Option<&mut MessageStream>,
     target: &str,
     out: &Output,
 ) -> T {
@@ -129,7 +124,14 @@ async fn with_progress<T>(
     }
 }
 
-fn show_progress(signal: &TransitionProgress, target: &str, out: &Output) {
+fn show_progress(message: &zbus::Result<zbus::Message>, target: &str, out: &Output) {
+    let Some(signal) = message
+        .as_ref()
+        .ok()
+        .and_then(|m| TransitionProgress::from_message(m.clone()))
+    else {
+        return;
+    };
     let Ok(args) = signal.args() else { return };
     if same_target(args.target(), target) {
         out.note(&format!("  {}  {}", args.device(), args.step()));
@@ -219,15 +221,26 @@ pub async fn run(
             }
         }
     }
-    // Where the devices are now is read after the moves, in one call; if
-    // that fails the addresses still show.
-    let objects = if report.done.is_empty() {
-        None
-    } else {
-        bus.objects().await.ok()
-    };
+    let objects = read_moved(bus, &report, out).await;
     show_report(&report, objects.as_ref(), out)?;
     Ok(report.exit())
+}
+
+/// Where the moved devices are now, read after the moves: those devices
+/// alone (and for JSON the profiles, as a device's JSON names its own), not
+/// every object. If that fails the addresses still show.
+pub async fn read_moved(bus: &Bus, report: &Report, out: &Output) -> Option<Objects> {
+    if report.done.is_empty() {
+        return None;
+    }
+    let mut paths: Vec<&str> = report
+        .done
+        .iter()
+        .flat_map(|m| m.devices.iter().map(String::as_str))
+        .collect();
+    paths.sort_unstable();
+    paths.dedup();
+    bus.devices(&paths, out.json).await.ok()
 }
 
 /// Prints the report: results on stdout, the failure on stderr (and in

@@ -45,7 +45,9 @@ mkdir -p /run/lane-bus /run/dbus
 dbus-daemon --config-file=/run/lane-bus/bus.conf --fork --print-address=1 > /run/lane-bus/address
 read -r VFIOD_BUS < /run/lane-bus/address
 dbus-daemon --system --fork
-DBUS_SYSTEM_BUS_ADDRESS=$VFIOD_BUS "$bin/vfiod" --config "$LANE_DIR/vfiod.toml" --state-dir /run/vfiod \
+# Debug level: "move requested" and "move answered" split vfioctl's time
+# into the client's, the planning, the steps and the reply (PHASES).
+DBUS_SYSTEM_BUS_ADDRESS=$VFIOD_BUS VFIOD_LOG=debug "$bin/vfiod" --config "$LANE_DIR/vfiod.toml" --state-dir /run/vfiod \
   2> "$out/vfiod.log" &
 for _ in $(seq 200); do DBUS_SYSTEM_BUS_ADDRESS=$VFIOD_BUS "$bin/vfioctl" status > /dev/null 2>&1 && break; nap 0.05; done
 mkdir -p /run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt /run/lvconf
@@ -98,6 +100,7 @@ timed() { # TOOL TARGET OP ROUND PROFILE DEVS...
   local t0=${EPOCHREALTIME/./}
   "${tool}_${op}" "$@" > /tmp/op.out 2>&1
   local rc=$? t1=${EPOCHREALTIME/./}
+  [ "$tool" = V ] && echo "$tgt $op $r $t0 $t1" >> "$out/vfioctl-times.txt"
   udevadm settle -t 60
   # The xHCI back on its driver: its USB disk comes back asynchronously,
   # and udevd opens it to probe it; every tool starts from a quiet machine.
