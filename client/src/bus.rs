@@ -139,30 +139,28 @@ impl Bus {
     }
 
     async fn get_all(&self, path: &str, interface: &str) -> Result<(String, Properties), Failure> {
-        let reply = self
-            .conn
-            .call_method(
-                Some(BUS_NAME),
-                path,
-                Some(PROPERTIES_INTERFACE),
-                "GetAll",
-                &interface,
-            )
-            .await
-            .map_err(|e| self.failure(e))?;
-        let properties = reply.body().deserialize().map_err(|e| self.failure(e))?;
+        let properties = self.properties_call(path, "GetAll", &interface).await?;
         Ok((path.to_owned(), properties))
     }
 
     async fn get(&self, path: &str, interface: &str, name: &str) -> Result<OwnedVariant, Failure> {
+        self.properties_call(path, "Get", &(interface, name)).await
+    }
+
+    /// One call of org.freedesktop.DBus.Properties on vfiod's object at `path`.
+    async fn properties_call<B, R>(&self, path: &str, method: &str, body: &B) -> Result<R, Failure>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+        R: for<'d> zbus::zvariant::DynamicDeserialize<'d>,
+    {
         let reply = self
             .conn
             .call_method(
                 Some(BUS_NAME),
                 path,
                 Some(PROPERTIES_INTERFACE),
-                "Get",
-                &(interface, name),
+                method,
+                body,
             )
             .await
             .map_err(|e| self.failure(e))?;
