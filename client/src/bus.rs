@@ -107,34 +107,33 @@ impl Bus {
     /// be read, nothing is returned, as when GetManagedObjects fails.
     pub async fn devices(&self, paths: &[&str], with_profiles: bool) -> Result<Objects, Failure> {
         let devices = join_all(paths.iter().map(|p| self.get_all(p, DEVICE_INTERFACE)));
-        let mut objects = ManagedObjects::new();
-        let profiles = if with_profiles {
+        let (devices, profile_paths) = if with_profiles {
             let profiles = self.get(MANAGER_PATH, MANAGER_INTERFACE, "Profiles");
             let (devices, profiles) = tokio::join!(devices, profiles);
-            insert(
-                &mut objects,
-                DEVICE_INTERFACE,
-                devices.into_iter().flatten(),
-            );
-            let paths: Vec<OwnedObjectPath> = profiles?
+            (devices, Some(profiles?))
+        } else {
+            (devices.await, None)
+        };
+        let mut objects = ManagedObjects::new();
+        insert(
+            &mut objects,
+            DEVICE_INTERFACE,
+            devices.into_iter().flatten(),
+        );
+        if let Some(profile_paths) = profile_paths {
+            let paths: Vec<OwnedObjectPath> = profile_paths
                 .try_into()
                 .map_err(|e: zbus::Error| self.failure(e))?;
-            join_all(
+            let profiles = join_all(
                 paths
                     .iter()
                     .map(|p| self.get_all(p.as_str(), PROFILE_INTERFACE)),
             )
             .await
-        } else {
-            insert(
-                &mut objects,
-                DEVICE_INTERFACE,
-                devices.await.into_iter().flatten(),
-            );
-            Vec::new()
-        };
-        let profiles = profiles.into_iter().collect::<Result<Vec<_>, _>>()?;
-        insert(&mut objects, PROFILE_INTERFACE, profiles);
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+            insert(&mut objects, PROFILE_INTERFACE, profiles);
+        }
         Ok(Objects::from_managed(objects))
     }
 

@@ -138,7 +138,6 @@ impl Fixture {
         }
     }
 
-    /// The real directory of an added function.
     /// Gives an existing function other ids (`vvvv:dddd`), in `uevent` and
     /// in `vendor` and `device`.
     pub(crate) fn set_id(&self, address: &str, id: &str) {
@@ -157,6 +156,7 @@ impl Fixture {
         self.write(dir.join("uevent"), &uevent);
     }
 
+    /// The real directory of an added function.
     pub(crate) fn function_dir(&self, address: &str) -> PathBuf {
         let entry = self.path(format!("sys/bus/pci/devices/{address}"));
         let real = fs::canonicalize(&entry).expect("no such PCI function in fixture");

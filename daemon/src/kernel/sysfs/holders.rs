@@ -30,18 +30,37 @@ pub(super) fn holders(tree: &Rooted, nodes: &[PathBuf]) -> KernelResult<Vec<Hold
         .clamp(1, MAX_THREADS);
     let per_thread = pids.len().div_ceil(threads).max(MIN_PIDS_PER_THREAD);
     let mut holders: Vec<Holder> = std::thread::scope(|scope| {
-        let scans: Vec<_> = pids
-            .chunks(per_thread)
-            .skip(1)
-            .map(|pids| scope.spawn(move || scan(tree, nodes, pids)))
-            .collect();
-        let mut found = scan(tree, nodes, pids.chunks(per_thread).next().unwrap_or(&[]));
-        for other in scans {
-            // A scan thread only reads; if it died, its share is unknown.
-            found.extend(other.join().unwrap_or_default());
+        let mut found = Vec::new();
+        let mut helpers = Vec::new();
+        for (i, share) in pids.chunks(per_thread).enumerate() {
+            let helper = (i > 0)
+                .then(|| {
+                    std::thread::Builder::new()
+                        .name("vfiod-holders".into())
+                        .spawn_scoped(scope, move || scan(tree, nodes, share))
+                        .ok()
+                })
+                .flatten();
+            match helper {
+                Some(helper) => helpers.push(helper),
+                // The first share, or no thread to be had: scan it here.
+                None => found.extend(scan(tree, nodes, share)),
+            }
         }
-        found
-    });
+        for helper in helpers {
+            // A share that was not scanned could hide a holder: no answer
+            // is better than a wrong "nobody".
+            let share = helper.join().map_err(|_| {
+                tree.io_error(
+                    "scan",
+                    Path::new("proc"),
+                    std::io::Error::other("a scanning thread failed"),
+                )
+            })?;
+            found.extend(share);
+        }
+        Ok::<_, crate::kernel::KernelError>(found)
+    })?;
     holders.sort();
     holders.dedup_by(|a, b| a.pid == b.pid && a.node == b.node);
     Ok(holders)
