@@ -357,16 +357,7 @@ fn devices_that_vanish_and_return_lose_and_gain_their_objects() {
 
 #[test]
 fn a_status_read_answers_while_a_move_hangs() {
-    let machine = std::fs::read_to_string(vfiod_tests::machine("z77-rx580.toml"))
-        .unwrap()
-        .replace(
-            "address = \"0000:01:00.1\"\n",
-            "address = \"0000:01:00.1\"\nfault = { unbind = \"hang\" }\n",
-        );
-    let config = std::fs::read_to_string(vfiod_tests::machine("z77-rx580.vfiod.toml"))
-        .unwrap()
-        .replace("unbind_timeout_ms = 10000", "unbind_timeout_ms = 1500");
-    let rig = Rig::with_text(&machine, &config);
+    let rig = Rig::z77_hung_audio(1500);
     std::thread::scope(|s| {
         let mover = s.spawn(|| rig.vfioctl(&["bind", "rx580"]));
         std::thread::sleep(Duration::from_millis(400));

@@ -124,16 +124,7 @@ fn main() {
 
     // Reads while a move hangs: the unbind of the RX 580's audio never
     // returns (until its 5 s timeout); reads must not wait for it.
-    let machine = std::fs::read_to_string(vfiod_tests::machine("z77-rx580.toml"))
-        .unwrap()
-        .replace(
-            "address = \"0000:01:00.1\"\n",
-            "address = \"0000:01:00.1\"\nfault = { unbind = \"hang\" }\n",
-        );
-    let config = std::fs::read_to_string(vfiod_tests::machine("z77-rx580.vfiod.toml"))
-        .unwrap()
-        .replace("unbind_timeout_ms = 10000", "unbind_timeout_ms = 5000");
-    let hung = Rig::with_text(&machine, &config);
+    let hung = Rig::z77_hung_audio(5000);
     let mut during = runtime.block_on(async {
         let connection = zbus::connection::Builder::address(hung.address.as_str())
             .build()

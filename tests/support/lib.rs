@@ -99,6 +99,24 @@ impl Rig {
         Rig::start(&machine("z77-rx580.toml"), &machine("z77-rx580.vfiod.toml"))
     }
 
+    /// The Z77 machine whose RX 580 audio function never returns from an
+    /// unbind, with vfiod giving up on a write after `unbind_timeout_ms`.
+    pub fn z77_hung_audio(unbind_timeout_ms: u32) -> Rig {
+        let machine_text = std::fs::read_to_string(machine("z77-rx580.toml"))
+            .expect("z77 machine")
+            .replace(
+                "address = \"0000:01:00.1\"\n",
+                "address = \"0000:01:00.1\"\nfault = { unbind = \"hang\" }\n",
+            );
+        let config = std::fs::read_to_string(machine("z77-rx580.vfiod.toml"))
+            .expect("z77 config")
+            .replace(
+                "unbind_timeout_ms = 10000",
+                &format!("unbind_timeout_ms = {unbind_timeout_ms}"),
+            );
+        Rig::with_text(&machine_text, &config)
+    }
+
     /// A machine given as text, with a config given as text.
     pub fn with_text(machine_text: &str, config_text: &str) -> Rig {
         let dir = TempDir::new();
