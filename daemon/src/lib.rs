@@ -11,5 +11,4 @@ pub mod ledger;
 pub mod plan;
 pub mod service;
 pub mod state_file;
-pub mod uevents;
 pub mod workers;

@@ -1,3 +1,7 @@
+// The udev monitor lives in the binary: the library (which vfioctl links
+// too) then needs no libudev, and vfioctl can be linked statically.
+mod uevents;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -16,7 +20,6 @@ use vfiod::ledger::Ledger;
 use vfiod::plan::MoveOptions;
 use vfiod::service::Service;
 use vfiod::service::simulator::{SIMULATOR_PATH, SimulatorInterface};
-use vfiod::uevents;
 use vfiod_dbus::Direction;
 use vfiod_pci::PciAddress;
 

@@ -9,7 +9,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tracing::{debug, warn};
 use vfiod_pci::PciAddress;
 
-use crate::kernel::{Uevent, UeventAction};
+use vfiod::kernel::{Uevent, UeventAction};
 
 /// Events from the simulated kernel. A plain thread bridges its blocking
 /// channel into the async world; it ends when either side goes away.

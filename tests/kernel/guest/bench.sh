@@ -21,6 +21,9 @@ out=${LANE_OUT:-/lane-out}
 [ -f "$out/env" ] && . "$out/env"
 ROUNDS=${ROUNDS:-10}
 bin=$top/target/${BIN:-release}
+# What `make` installs: the static vfioctl (the ordinary build if absent).
+vfioctl=$bin/dist/vfioctl
+[ -x "$vfioctl" ] || vfioctl=$bin/vfioctl
 RES=$out/results.txt
 : > "$RES"
 GPU=0000:01:00.0 AUD=0000:01:00.1 XHCI=0000:02:00.0
@@ -49,7 +52,7 @@ dbus-daemon --system --fork
 # into the client's, the planning, the steps and the reply (PHASES).
 DBUS_SYSTEM_BUS_ADDRESS=$VFIOD_BUS VFIOD_LOG=debug "$bin/vfiod" --config "$LANE_DIR/vfiod.toml" --state-dir /run/vfiod \
   2> "$out/vfiod.log" &
-for _ in $(seq 200); do DBUS_SYSTEM_BUS_ADDRESS=$VFIOD_BUS "$bin/vfioctl" status > /dev/null 2>&1 && break; nap 0.05; done
+for _ in $(seq 200); do DBUS_SYSTEM_BUS_ADDRESS=$VFIOD_BUS "$vfioctl" status > /dev/null 2>&1 && break; nap 0.05; done
 mkdir -p /run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt /run/lvconf
 cat > /run/lvconf/libvirtd.conf <<EOC
 auth_unix_ro = "none"
@@ -65,11 +68,11 @@ log "libvirtd answering after $(echo "$EPOCHREALTIME - $t0" | bc) s"
 us() { local t=${EPOCHREALTIME/./}; REPLY=$((10#$t)); }
 t0=${EPOCHREALTIME/./}; for _ in $(seq 20); do /bin/true; done; us
 echo "RES calib all true 0 $(( (REPLY - 10#$t0) / 20 )) rc=0 ok=1" >> "$RES"
-t0=${EPOCHREALTIME/./}; for _ in $(seq 10); do "$bin/vfioctl" --version > /dev/null; done; us
+t0=${EPOCHREALTIME/./}; for _ in $(seq 10); do "$vfioctl" --version > /dev/null; done; us
 echo "RES calib all vfioctl-version 0 $(( (REPLY - 10#$t0) / 10 )) rc=0 ok=1" >> "$RES"
 
-V_bind() { DBUS_SYSTEM_BUS_ADDRESS=$VFIOD_BUS "$bin/vfioctl" bind "$1"; }
-V_rel() { DBUS_SYSTEM_BUS_ADDRESS=$VFIOD_BUS "$bin/vfioctl" release "$1"; }
+V_bind() { DBUS_SYSTEM_BUS_ADDRESS=$VFIOD_BUS "$vfioctl" bind "$1"; }
+V_rel() { DBUS_SYSTEM_BUS_ADDRESS=$VFIOD_BUS "$vfioctl" release "$1"; }
 A_bind() { shift; local d rc=0; for d; do
   echo vfio-pci > "/sys/bus/pci/devices/$d/driver_override" || rc=1
   [ -e "/sys/bus/pci/devices/$d/driver" ] && { echo "$d" > "/sys/bus/pci/devices/$d/driver/unbind" || rc=1; }
