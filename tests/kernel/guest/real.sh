@@ -12,7 +12,8 @@ top=$(cd "$LANE_DIR/../.." && pwd)
 bin=$top/target/debug
 out=${LANE_OUT:-/lane-out}
 LANE_KIND=real
-VFIOCTL=$bin/vfioctl
+# The static vfioctl, as `make` installs it (tests/kernel/run builds it).
+VFIOCTL=$bin/dist/vfioctl
 WORK=/run/lane
 OUTCOMES=$out/outcomes.txt
 mkdir -p "$WORK"
