@@ -3,7 +3,7 @@
 //! rolls back what it did when a step fails.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
@@ -20,6 +20,64 @@ use crate::workers::Workers;
 /// Called before each step of a move: (device, step) with the step in
 /// plain words, e.g. "unbind amdgpu".
 pub type ProgressFn<'a> = &'a (dyn Fn(&PciAddress, &str) + Sync);
+
+/// The verdict on a move's caller, decided on the bus while the move plans
+/// (planning only reads): [`Engine::run`] writes nothing before it.
+pub struct Gate {
+    verdict: Option<Mutex<mpsc::Receiver<bool>>>,
+}
+
+/// Delivers the verdict to its [`Gate`]; dropped unsent, it means no.
+pub struct GateKey(mpsc::SyncSender<bool>);
+
+impl GateKey {
+    pub fn decide(self, allowed: bool) {
+        // The move may be gone already (its caller left); nothing to tell.
+        let _ = self.0.send(allowed);
+    }
+}
+
+impl Gate {
+    /// A gate already open: moves vfiod starts itself, and tests.
+    pub fn open() -> Gate {
+        Gate { verdict: None }
+    }
+
+    /// A gate that opens when its key says so.
+    pub fn pending() -> (GateKey, Gate) {
+        let (key, verdict) = mpsc::sync_channel(1);
+        let gate = Gate {
+            verdict: Some(Mutex::new(verdict)),
+        };
+        (GateKey(key), gate)
+    }
+
+    /// The verdict, if given (`wait`: block until it is).
+    fn verdict(&self, wait: bool) -> Option<bool> {
+        let Some(verdict) = &self.verdict else {
+            return Some(true);
+        };
+        let verdict = verdict.lock().unwrap_or_else(|e| e.into_inner());
+        if wait {
+            return Some(verdict.recv().unwrap_or(false));
+        }
+        match verdict.try_recv() {
+            Ok(allowed) => Some(allowed),
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => Some(false),
+        }
+    }
+}
+
+/// The bus answers the caller with the bouncer's own reason; this one only
+/// stops the move.
+fn gate_passed(allowed: bool) -> Result<(), Error> {
+    if allowed {
+        Ok(())
+    } else {
+        Err(Error::AccessDenied("the caller was not authorized".into()))
+    }
+}
 
 /// One move in progress: what was asked, since when, and who listens.
 struct Run<'a> {
@@ -206,7 +264,7 @@ impl Engine {
         options: &MoveOptions,
         progress: ProgressFn,
     ) -> Result<Vec<PciAddress>, Error> {
-        self.transition(target, Direction::Bind, options, progress)
+        self.run(target, Direction::Bind, options, progress, &Gate::open())
     }
 
     pub fn release(
@@ -215,49 +273,33 @@ impl Engine {
         options: &MoveOptions,
         progress: ProgressFn,
     ) -> Result<Vec<PciAddress>, Error> {
-        self.transition(target, Direction::Release, options, progress)
+        self.run(target, Direction::Release, options, progress, &Gate::open())
     }
 
-    fn transition(
+    /// A move whose caller is authorized while it plans: nothing is
+    /// written before `gate` opens, and a closed gate discards the plan.
+    pub fn run(
         &self,
         target: &str,
         direction: Direction,
         options: &MoveOptions,
         progress: ProgressFn,
+        gate: &Gate,
     ) -> Result<Vec<PciAddress>, Error> {
         let started = Instant::now();
-        // Lock the groups the target touches, then plan under the locks so
-        // nothing moves between the checks and the writes.
-        // One listing of the bus serves both when nobody else is moving
-        // these groups; after a wait, what the other move did is read again.
-        let mut devices = self.kernel.devices().map_err(kernel_error)?;
-        let mut keys = self.lock_keys_for(&devices, target)?;
-        let (plan, _held) = loop {
-            let (held, waited) = self.lock_groups(&keys);
-            if waited {
-                devices = self.kernel.devices().map_err(kernel_error)?;
+        let planned = self.plan_locked(target, direction, options);
+        let (plan, _held) = match gate.verdict(false) {
+            Some(allowed) => {
+                gate_passed(allowed)?;
+                planned?
             }
-            let plan = {
-                let config = self.config();
-                let ledger = self.ledger();
-                plan::plan_on(
-                    &*self.kernel,
-                    &devices,
-                    &config,
-                    &ledger,
-                    target,
-                    direction,
-                    options,
-                )?
-            };
-            let planned = lock_keys(&plan.devices);
-            if planned.iter().all(|k| keys.contains(k)) {
-                break (plan, held);
+            None => {
+                // Authorization can take long (polkit may ask the user):
+                // no group stays locked meanwhile, and the plan is redone.
+                drop(planned);
+                gate_passed(gate.verdict(true).unwrap_or(false))?;
+                self.plan_locked(target, direction, options)?
             }
-            // The set changed while we waited (a device appeared): relock.
-            drop(held);
-            devices = self.kernel.devices().map_err(kernel_error)?;
-            keys = planned;
         };
         if let Some(busy) = plan
             .devices
@@ -307,6 +349,47 @@ impl Engine {
             Err(e) => warn!(target, %direction, error = %e, "move failed"),
         }
         outcome.map(|()| plan.addresses())
+    }
+
+    /// Locks the groups the target touches, then plans under the locks so
+    /// nothing moves between the checks and the writes. One listing of the
+    /// bus serves both when nobody else is moving these groups; after a
+    /// wait, what the other move did is read again.
+    fn plan_locked(
+        &self,
+        target: &str,
+        direction: Direction,
+        options: &MoveOptions,
+    ) -> Result<(Plan, GroupGuard), Error> {
+        let mut devices = self.kernel.devices().map_err(kernel_error)?;
+        let mut keys = self.lock_keys_for(&devices, target)?;
+        loop {
+            let (held, waited) = self.lock_groups(&keys);
+            if waited {
+                devices = self.kernel.devices().map_err(kernel_error)?;
+            }
+            let plan = {
+                let config = self.config();
+                let ledger = self.ledger();
+                plan::plan_on(
+                    &*self.kernel,
+                    &devices,
+                    &config,
+                    &ledger,
+                    target,
+                    direction,
+                    options,
+                )?
+            };
+            let planned = lock_keys(&plan.devices);
+            if planned.iter().all(|k| keys.contains(k)) {
+                return Ok((plan, held));
+            }
+            // The set changed while we waited (a device appeared): relock.
+            drop(held);
+            devices = self.kernel.devices().map_err(kernel_error)?;
+            keys = planned;
+        }
     }
 
     fn lock_keys_for(&self, devices: &[PciDevice], target: &str) -> Result<Vec<LockKey>, Error> {

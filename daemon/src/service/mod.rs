@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use vfiod_dbus::names::{
     BUS_NAME, DEVICE_INTERFACE, MANAGER_INTERFACE, MANAGER_PATH, PROFILE_INTERFACE,
@@ -26,7 +27,7 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
 use crate::bouncer::Bouncer;
 use crate::doctor;
-use crate::engine::Engine;
+use crate::engine::{Engine, Gate};
 use crate::plan::validate_target;
 pub use interfaces::{DeviceInterface, ManagerInterface, ProfileInterface};
 use narrator::{Narration, Narrator};
@@ -301,8 +302,10 @@ impl Service {
         emit_changes(connection, &manager, MANAGER_INTERFACE, manager_changes).await
     }
 
-    /// Bind or Release from the bus: check the arguments, ask the bouncer,
-    /// then move with Transition* signals around it.
+    /// Bind or Release from the bus: check the arguments, then ask the
+    /// bouncer while the move plans (planning only reads; nothing is written
+    /// and nothing announced before the bouncer says yes), then move with
+    /// Transition* signals around it.
     pub(crate) async fn move_request(
         self: &Arc<Self>,
         connection: &Connection,
@@ -314,9 +317,17 @@ impl Service {
         tracing::debug!(target, %direction, "move requested");
         validate_target(target)?;
         let options = parse_move_options(options)?;
-        self.bouncer.authorize_move(connection, header).await?;
-        self.transition(connection, target, direction, options)
-            .await
+        let (key, gate) = Gate::pending();
+        let job = self.start_move(connection, target, direction, options, gate);
+        if let Err(denied) = self.bouncer.authorize_move(connection, header).await {
+            key.decide(false);
+            // Only planned: nothing to announce or undo.
+            let _ = job.await;
+            return Err(denied);
+        }
+        self.announce_start(connection, target, direction);
+        key.decide(true);
+        self.finish_move(connection, target, direction, job).await
     }
 
     /// Runs one move off the event loop and narrates it on the bus.
@@ -327,28 +338,57 @@ impl Service {
         direction: Direction,
         options: crate::plan::MoveOptions,
     ) -> Result<Vec<OwnedObjectPath>, Error> {
-        let narrator = self.narrator(connection);
-        let _ = narrator.send(Narration::Started {
+        self.announce_start(connection, target, direction);
+        let job = self.start_move(connection, target, direction, options, Gate::open());
+        self.finish_move(connection, target, direction, job).await
+    }
+
+    fn announce_start(
+        self: &Arc<Self>,
+        connection: &Connection,
+        target: &str,
+        direction: Direction,
+    ) {
+        let _ = self.narrator(connection).send(Narration::Started {
             target: target.to_string(),
             direction,
         });
+    }
+
+    /// The move on a blocking thread, its steps narrated as they start.
+    fn start_move(
+        self: &Arc<Self>,
+        connection: &Connection,
+        target: &str,
+        direction: Direction,
+        options: crate::plan::MoveOptions,
+        gate: Gate,
+    ) -> JoinHandle<Result<Vec<PciAddress>, Error>> {
+        let narrator = self.narrator(connection);
         let engine = self.engine.clone();
-        let job_target = target.to_string();
-        let job = tokio::task::spawn_blocking(move || {
+        let target = target.to_string();
+        tokio::task::spawn_blocking(move || {
             let first = std::sync::atomic::AtomicBool::new(true);
             let progress = |device: &PciAddress, step: &str| {
                 let _ = narrator.send(Narration::Progress {
-                    target: job_target.clone(),
+                    target: target.clone(),
                     device: *device,
                     step: step.to_string(),
                     first: first.swap(false, std::sync::atomic::Ordering::Relaxed),
                 });
             };
-            match direction {
-                Direction::Bind => engine.bind(&job_target, &options, &progress),
-                Direction::Release => engine.release(&job_target, &options, &progress),
-            }
-        });
+            engine.run(&target, direction, &options, &progress, &gate)
+        })
+    }
+
+    /// Waits for the move, shows its outcome on the bus, then answers.
+    async fn finish_move(
+        self: &Arc<Self>,
+        connection: &Connection,
+        target: &str,
+        direction: Direction,
+        job: JoinHandle<Result<Vec<PciAddress>, Error>>,
+    ) -> Result<Vec<OwnedObjectPath>, Error> {
         let outcome = job.await.unwrap_or_else(|e| {
             Err(Error::Kernel(format!(
                 "the move of {target} failed inside vfiod: {e}"
