@@ -1,6 +1,6 @@
-//! The move journal: before every kernel write the intended step is on
-//! disk (fsync), so a vfiod that dies mid-move can finish or undo it when
-//! it starts again. Entries carry the kernel's boot id: after a reboot the
+//! The move journal: before every kernel write the intended step is in
+//! the journal file, so a vfiod that dies mid-move can finish or undo it
+//! when it starts again. Entries carry the kernel's boot id: after a reboot the
 //! devices are back at their boot state, and nothing is replayed.
 
 use std::collections::BTreeMap;
@@ -114,7 +114,7 @@ impl Journal {
             return Ok(());
         };
         let bytes = serde_json::to_vec(file).expect("journal entries always serialize");
-        write_atomically(path, &bytes, true).map_err(|e| JournalError {
+        write_atomically(path, &bytes).map_err(|e| JournalError {
             path: path.clone(),
             reason: e.to_string(),
         })

@@ -105,7 +105,7 @@ impl Ledger {
         };
         let bytes =
             serde_json::to_vec_pretty(&self.records).expect("ledger records always serialize");
-        write_atomically(path, &bytes, false).map_err(|e| LedgerError {
+        write_atomically(path, &bytes).map_err(|e| LedgerError {
             path: path.clone(),
             reason: e.to_string(),
         })

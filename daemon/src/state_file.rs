@@ -6,22 +6,16 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
 
-/// Replaces `path` with `bytes` atomically. With `sync`, the data and the
-/// rename reach the disk before this returns (for a journal); without, they
-/// survive the death of the process but not a power cut.
-pub fn write_atomically(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
+/// Replaces `path` with `bytes` atomically. Nothing is synced: the files
+/// must outlive vfiod, which the page cache does, not the kernel. After a
+/// kernel crash the devices are back at their boot state, and the journal
+/// knows it from the boot id.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = Path::new(&tmp_name);
     let mut file = fs::File::create(tmp)?;
     file.write_all(bytes)?;
-    if sync {
-        file.sync_all()?;
-    }
     drop(file);
-    fs::rename(tmp, path)?;
-    if sync && let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    fs::rename(tmp, path)
 }
