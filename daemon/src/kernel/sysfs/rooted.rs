@@ -35,6 +35,11 @@ impl Rooted {
         &self.root
     }
 
+    /// The root is the machine's own `/`.
+    pub(super) fn is_host_root(&self) -> bool {
+        self.is_host_root
+    }
+
     /// Where a root-relative path is on this machine. A leading `/` is
     /// ignored so that `/dev/sda2` means `ROOT/dev/sda2`.
     pub(super) fn host_path(&self, rel: &Path) -> PathBuf {
