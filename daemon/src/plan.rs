@@ -430,6 +430,32 @@ fn bind_reasons(
     ledger: &Ledger,
     options: &MoveOptions,
 ) -> Result<Vec<Reason>, Error> {
+    // The holders scan reads every process's fds: it runs beside the
+    // other checks, which read a few files each.
+    std::thread::scope(|scope| {
+        let holders = (!options.force).then(|| scope.spawn(|| holder_reasons(kernel, members)));
+        let mut reasons = host_reasons(kernel, all, members, options)?;
+        if let Some(holders) = holders {
+            let holders = holders.join().unwrap_or_else(|_| {
+                Err(Error::Kernel(
+                    "the scan for processes holding the devices failed".into(),
+                ))
+            })?;
+            reasons.extend(holders);
+        }
+        reasons.extend(ownership_reasons(members, ledger, options));
+        Ok(reasons)
+    })
+}
+
+/// Everything but holders and ownership: the IOMMU, vfio-pci, what the
+/// host needs (mounts, the console, USB input) and the group.
+fn host_reasons(
+    kernel: &dyn Kernel,
+    all: &[PciDevice],
+    members: &[PciDevice],
+    options: &MoveOptions,
+) -> Result<Vec<Reason>, Error> {
     let mut reasons = Vec::new();
     if !kernel.iommu_enabled().map_err(kernel_error)? {
         reasons.push(Reason::NoIommu);
@@ -489,33 +515,38 @@ fn bind_reasons(
             }
         }
     }
-    if !options.force {
-        let mut to_move: Vec<(&PciDevice, Vec<PathBuf>)> = Vec::new();
-        for d in members.iter().filter(|d| !d.is_bound_to(VFIO_DRIVER)) {
-            to_move.push((d, kernel.nodes(&d.address).map_err(kernel_error)?));
-        }
-        let nodes: Vec<PathBuf> = to_move
+    Ok(reasons)
+}
+
+/// Processes holding the nodes of the devices that would leave their
+/// drivers.
+fn holder_reasons(kernel: &dyn Kernel, members: &[PciDevice]) -> Result<Vec<Reason>, Error> {
+    let mut reasons = Vec::new();
+    let mut to_move: Vec<(&PciDevice, Vec<PathBuf>)> = Vec::new();
+    for d in members.iter().filter(|d| !d.is_bound_to(VFIO_DRIVER)) {
+        to_move.push((d, kernel.nodes(&d.address).map_err(kernel_error)?));
+    }
+    let nodes: Vec<PathBuf> = to_move
+        .iter()
+        .flat_map(|(_, nodes)| nodes.iter().cloned())
+        .collect();
+    if nodes.is_empty() {
+        return Ok(reasons);
+    }
+    let holders = settled_holders(kernel, &nodes)?;
+    for (d, own) in to_move {
+        let mine: Vec<Holder> = holders
             .iter()
-            .flat_map(|(_, nodes)| nodes.iter().cloned())
+            .filter(|h| own.contains(&h.node))
+            .cloned()
             .collect();
-        if !nodes.is_empty() {
-            let holders = settled_holders(kernel, &nodes)?;
-            for (d, own) in to_move {
-                let mine: Vec<Holder> = holders
-                    .iter()
-                    .filter(|h| own.contains(&h.node))
-                    .cloned()
-                    .collect();
-                if !mine.is_empty() {
-                    reasons.push(Reason::Holders {
-                        device: d.into(),
-                        holders: mine,
-                    });
-                }
-            }
+        if !mine.is_empty() {
+            reasons.push(Reason::Holders {
+                device: d.into(),
+                holders: mine,
+            });
         }
     }
-    reasons.extend(ownership_reasons(members, ledger, options));
     Ok(reasons)
 }
 
