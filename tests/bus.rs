@@ -787,3 +787,125 @@ fn a_vfiod_that_holds_its_name_but_never_answers_is_unreachable() {
     );
     assert!(stderr(&out).contains("no answer"), "{}", stderr(&out));
 }
+
+#[test]
+fn vfioctl_shows_where_each_moved_device_is() {
+    let rig = Rig::z77();
+    let out = rig.vfioctl(&["bind", "rx580"]);
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(text.starts_with("bound rx580:\n"), "{text}");
+    assert!(
+        text.contains(
+            "0000:01:00.0  vfio-pci  Ellesmere [Radeon RX 470/480/570/570X/580/580X/590]"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("0000:01:00.1  vfio-pci  Ellesmere HDMI Audio"),
+        "{text}"
+    );
+    let out = rig.vfioctl(&["release", "rx580"]);
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(text.contains("0000:01:00.0  amdgpu  "), "{text}");
+    assert!(text.contains("0000:01:00.1  snd_hda_intel  "), "{text}");
+}
+
+/// vfiod sends the caller of a move, and no one else, each moved device's
+/// properties just before the answer: what GetAll would say, without the
+/// round trip.
+#[test]
+fn a_mover_alone_is_told_every_property_of_its_devices_before_the_answer() {
+    use std::collections::HashMap;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+    use vfiod_dbus::Direction;
+    use vfiod_dbus::proxy::{ManagerProxy, Options};
+    use zbus::export::futures_core::Stream;
+    use zbus::message::Type;
+    use zbus::{MatchRule, MessageStream, OwnedVariant};
+
+    type Properties = HashMap<String, OwnedVariant>;
+    fn queued(stream: &mut MessageStream) -> Vec<zbus::Message> {
+        let mut messages = Vec::new();
+        while let Poll::Ready(Some(Ok(m))) =
+            Pin::new(&mut *stream).poll_next(&mut Context::from_waker(Waker::noop()))
+        {
+            messages.push(m);
+        }
+        messages
+    }
+    fn told_in(messages: &[zbus::Message]) -> Vec<(String, Option<String>, String, Properties)> {
+        messages
+            .iter()
+            .filter(|m| {
+                let h = m.header();
+                h.message_type() == Type::Signal
+                    && h.member().is_some_and(|m| m == "PropertiesChanged")
+            })
+            .map(|m| {
+                let h = m.header();
+                let (_, properties, _): (String, Properties, Vec<String>) =
+                    m.body().deserialize().unwrap();
+                (
+                    h.path().unwrap().to_string(),
+                    h.destination().map(|d| d.to_string()),
+                    h.sender().unwrap().to_string(),
+                    properties,
+                )
+            })
+            .collect()
+    }
+
+    let rig = Rig::z77();
+    rig.block_on(async {
+        let (caller, bystander) = (rig.connect().await, rig.connect().await);
+        let every_change = MatchRule::builder()
+            .msg_type(Type::Signal)
+            .member("PropertiesChanged")
+            .build()
+            .unwrap();
+        let mut seen = MessageStream::for_match_rule(every_change, &bystander, None)
+            .await
+            .unwrap();
+        let mut inbox = MessageStream::from(&caller);
+        let manager = ManagerProxy::new(&caller).await.unwrap();
+        let (paths, reply) = manager
+            .move_answered(Direction::Bind, "rx580", Options::new())
+            .await
+            .unwrap();
+        let daemon = reply.header().sender().unwrap().to_string();
+        let me = caller.unique_name().unwrap().to_string();
+        let told = told_in(&queued(&mut inbox));
+        assert_eq!(paths.len(), 2);
+        for path in &paths {
+            let (_, _, _, properties) = told
+                .iter()
+                .find(|(p, to, from, _)| {
+                    p == path.as_str() && to.as_deref() == Some(&me) && *from == daemon
+                })
+                .unwrap_or_else(|| panic!("nothing told of {path}: {told:?}"));
+            let all: Properties = caller
+                .call_method(
+                    Some("org.vfiod1"),
+                    path.as_str(),
+                    Some("org.freedesktop.DBus.Properties"),
+                    "GetAll",
+                    &("org.vfiod1.Device"),
+                )
+                .await
+                .unwrap()
+                .body()
+                .deserialize()
+                .unwrap();
+            assert_eq!(properties.len(), 11, "{properties:?}");
+            assert_eq!(*properties, all);
+        }
+        // The bystander sees the changes, never the caller's copy.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let seen = told_in(&queued(&mut seen));
+        assert!(!seen.is_empty(), "the bystander saw no change at all");
+        assert!(seen.iter().all(|(_, to, _, _)| to.is_none()), "{seen:?}");
+    });
+}

@@ -43,10 +43,9 @@ fn valid_device_steps(steps: &[String], host: &str) -> bool {
         "probe vfio-pci".to_string(),
     ];
     let release = [
-        format!("set driver_override {host}"),
+        "clear driver_override".to_string(),
         "unbind vfio-pci".to_string(),
         format!("probe {host}"),
-        "clear driver_override".to_string(),
     ];
     let mut rest = steps;
     while !rest.is_empty() {
@@ -64,18 +63,11 @@ fn valid_device_steps(steps: &[String], host: &str) -> bool {
 #[test]
 fn sixty_four_clients_bind_and_release_at_once() {
     let rig = Rig::z77();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let progress: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
     let outcomes: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
 
-    runtime.block_on(async {
-        let watcher = zbus::connection::Builder::address(rig.address.as_str())
-            .build()
-            .await
-            .unwrap();
+    rig.block_on(async {
+        let watcher = rig.connect().await;
         let manager = ManagerProxy::new(&watcher).await.unwrap();
         let mut stream = manager.receive_transition_progress().await.unwrap();
         let seen = progress.clone();
@@ -217,15 +209,8 @@ fn sixty_four_clients_bind_and_release_at_once() {
 #[test]
 fn a_vm_cannot_take_another_vms_devices_even_in_a_crowd() {
     let rig = Rig::z77();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let connection = zbus::connection::Builder::address(rig.address.as_str())
-            .build()
-            .await
-            .unwrap();
+    rig.block_on(async {
+        let connection = rig.connect().await;
         let manager = ManagerProxy::new(&connection).await.unwrap();
         manager.bind("rx580", options(Some("win10"))).await.unwrap();
         let mut calls = Vec::new();

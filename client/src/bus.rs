@@ -183,6 +183,12 @@ impl Bus {
             .map_err(|e| self.failure(e))
     }
 
+    /// Every message this connection receives from now on, unfiltered and
+    /// without asking the bus for anything: it must be read all along.
+    pub fn inbox(&self) -> MessageStream {
+        MessageStream::from(&self.conn)
+    }
+
     /// The daemon's `Version`.
     pub async fn version(&self) -> Result<String, Failure> {
         let manager = self.manager().await?;
@@ -190,7 +196,14 @@ impl Bus {
     }
 }
 
-type Properties = HashMap<String, OwnedVariant>;
+pub type Properties = HashMap<String, OwnedVariant>;
+
+/// Devices as GetManagedObjects would give them, from `(path, properties)`.
+pub fn device_objects(devices: impl IntoIterator<Item = (String, Properties)>) -> Objects {
+    let mut objects = ManagedObjects::new();
+    insert(&mut objects, DEVICE_INTERFACE, devices);
+    Objects::from_managed(objects)
+}
 
 /// Files `(path, properties)` of one interface as GetManagedObjects would.
 fn insert(

@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 
-use zbus::{OwnedObjectPath, Variant, proxy};
+use zbus::{Message, OwnedObjectPath, Variant, proxy};
 
-use crate::Error;
+use crate::{Direction, Error};
 
 /// `a{sv}` options of Bind and Release: `force` (b), `vm` (s), `timeout_ms` (u).
 pub type Options<'a> = HashMap<&'a str, Variant<'a>>;
@@ -40,6 +40,26 @@ pub trait Manager {
         direction: String,
         error: String,
     ) -> zbus::Result<()>;
+}
+
+impl ManagerProxy<'_> {
+    /// Bind or Release, with the reply itself: its sender is vfiod's
+    /// unique name, which vouches for what vfiod sent the caller alone
+    /// just before answering (every property of each moved device).
+    pub async fn move_answered(
+        &self,
+        direction: Direction,
+        target: &str,
+        options: Options<'_>,
+    ) -> Result<(Vec<OwnedObjectPath>, Message), Error> {
+        let method = match direction {
+            Direction::Bind => "Bind",
+            Direction::Release => "Release",
+        };
+        let reply = self.inner().call_method(method, &(target, options)).await?;
+        let devices = reply.body().deserialize()?;
+        Ok((devices, reply))
+    }
 }
 
 #[proxy(interface = "org.vfiod1.Device", default_service = "org.vfiod1")]

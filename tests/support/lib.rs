@@ -222,6 +222,23 @@ impl Rig {
         c
     }
 
+    /// Runs `future` on a one-thread runtime, as the client does.
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(future)
+    }
+
+    /// A connection of its own to the rig's bus.
+    pub async fn connect(&self) -> zbus::Connection {
+        zbus::connection::Builder::address(self.address.as_str())
+            .build()
+            .await
+            .expect("the rig's bus answers")
+    }
+
     pub fn run(&self, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Output {
         self.command(program)
             .args(args)

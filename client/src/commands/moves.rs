@@ -1,16 +1,19 @@
 //! `bind` and `release`: Manager.Bind/Release, one target after another,
 //! with live progress on a terminal.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
 
 use serde_json::{Value, json};
 use vfiod_dbus::Direction;
+use vfiod_dbus::names::{DEVICE_INTERFACE, DEVICE_PATH_PREFIX};
 use vfiod_dbus::proxy::{ManagerProxy, Options, TransitionProgress};
 use vfiod_pci::PciAddress;
-use zbus::{MessageStream, Variant};
+use zbus::message::Type;
+use zbus::{Message, MessageStream, Variant};
 
-use crate::bus::{self, Bus};
+use crate::bus::{self, Bus, Properties};
 use crate::error::{Exit, Failure};
 use crate::model::{Objects, address_from_path};
 use crate::output::{self, Output, or_dash};
@@ -47,6 +50,11 @@ pub struct Mover<'b> {
     bus: &'b Bus,
     manager: ManagerProxy<'static>,
     progress: Option<MessageStream>,
+    /// Every message the connection receives: vfiod sends the caller of a
+    /// move each moved device's properties just before the answer.
+    inbox: MessageStream,
+    /// Those properties by object path, the latest of each.
+    told: HashMap<String, Properties>,
     out: Output,
 }
 
@@ -54,6 +62,7 @@ impl<'b> Mover<'b> {
     /// Progress is shown when stderr is a terminal; the subscription is
     /// made here, before any call, so that no early step is missed.
     pub async fn new(bus: &'b Bus, out: &Output) -> Result<Mover<'b>, Failure> {
+        let inbox = bus.inbox();
         let manager = bus.manager().await?;
         let progress = if out.stderr_tty {
             Some(bus.progress_signals().await?)
@@ -64,6 +73,8 @@ impl<'b> Mover<'b> {
             bus,
             manager,
             progress,
+            inbox,
+            told: HashMap::new(),
             out: *out,
         })
     }
@@ -81,47 +92,128 @@ impl<'b> Mover<'b> {
         }
         let manager = &self.manager;
         let call = async move {
-            let options = options.to_dbus(direction);
-            match direction {
-                Direction::Bind => manager.bind(target, options).await,
-                Direction::Release => manager.release(target, options).await,
-            }
+            manager
+                .move_answered(direction, target, options.to_dbus(direction))
+                .await
         };
-        let result = with_progress(call, self.progress.as_mut(), target, &self.out).await;
-        result
-            .map(|paths| paths.iter().map(|p| p.as_str().to_owned()).collect())
-            .map_err(|e| self.bus.failure(e))
+        let watch = Watch {
+            progress: self.progress.as_mut(),
+            inbox: &mut self.inbox,
+            target,
+            out: &self.out,
+        };
+        let (result, received) = watch.during(call).await;
+        let (paths, reply) = result.map_err(|e| self.bus.failure(e))?;
+        let paths: Vec<String> = paths.iter().map(|p| p.as_str().to_owned()).collect();
+        if let Some(daemon) = reply.header().sender() {
+            self.told
+                .extend(told_properties(&received, daemon.as_str(), &paths));
+        }
+        Ok(paths)
+    }
+
+    /// What vfiod sent with its answers so far: properties by object path.
+    pub fn told(&self) -> &HashMap<String, Properties> {
+        &self.told
     }
 }
 
-/// Awaits the call while printing the progress of `target`.
-async fn with_progress<T>(
-    call: impl Future<Output = T>,
-    stream: Option<&mut MessageStream>,
-    target: &str,
-    out: &Output,
-) -> T {
-    let Some(stream) = stream else {
-        return call.await;
-    };
-    let mut call = pin!(call);
-    let mut open = true;
-    loop {
-        tokio::select! {
-            biased;
-            signal = bus::next(stream), if open => match signal {
-                Some(signal) => show_progress(&signal, target, out),
-                None => open = false,
-            },
-            result = &mut call => {
-                // Signals sent before the reply are queued already: show them.
-                while let Some(signal) = bus::next_queued(stream) {
-                    show_progress(&signal, target, out);
+/// The streams a move's call is awaited with.
+struct Watch<'m> {
+    progress: Option<&'m mut MessageStream>,
+    inbox: &'m mut MessageStream,
+    target: &'m str,
+    out: &'m Output,
+}
+
+impl Watch<'_> {
+    /// Awaits the call while printing the progress of the target and
+    /// keeping what may be vfiod's word to the caller alone; the inbox is
+    /// read all along, as an unread one would stall the connection.
+    async fn during<T>(mut self, call: impl Future<Output = T>) -> (T, Vec<Message>) {
+        let mut call = pin!(call);
+        let mut received = Vec::new();
+        let mut progress_open = self.progress.is_some();
+        loop {
+            tokio::select! {
+                biased;
+                signal = next_of(self.progress.as_deref_mut()), if progress_open => match signal {
+                    Some(signal) => show_progress(&signal, self.target, self.out),
+                    None => progress_open = false,
+                },
+                message = bus::next(self.inbox) => {
+                    if let Some(Ok(message)) = message {
+                        keep_if_told(&mut received, message);
+                    }
                 }
-                return result;
+                result = &mut call => {
+                    // What came before the reply is queued already.
+                    if let Some(stream) = self.progress.as_deref_mut() {
+                        while let Some(signal) = bus::next_queued(stream) {
+                            show_progress(&signal, self.target, self.out);
+                        }
+                    }
+                    while let Some(message) = bus::next_queued(self.inbox) {
+                        if let Ok(message) = message {
+                            keep_if_told(&mut received, message);
+                        }
+                    }
+                    return (result, received);
+                }
             }
         }
     }
+}
+
+/// The next item of an optional stream; none never comes.
+async fn next_of(stream: Option<&mut MessageStream>) -> Option<zbus::Result<Message>> {
+    match stream {
+        Some(stream) => bus::next(stream).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Keeps a PropertiesChanged of a device object sent to this connection
+/// alone; who sent it is checked against the answer's sender later.
+fn keep_if_told(received: &mut Vec<Message>, message: Message) {
+    let header = message.header();
+    let addressed = header.destination().is_some();
+    let is_device_change = header.message_type() == Type::Signal
+        && header.member().is_some_and(|m| m == "PropertiesChanged")
+        && header
+            .path()
+            .is_some_and(|p| p.as_str().starts_with(DEVICE_PATH_PREFIX));
+    if addressed && is_device_change {
+        received.push(message);
+    }
+}
+
+/// The Device properties `daemon` sent for `paths`, by path.
+fn told_properties(
+    received: &[Message],
+    daemon: &str,
+    paths: &[String],
+) -> HashMap<String, Properties> {
+    let mut told = HashMap::new();
+    for message in received {
+        let header = message.header();
+        let (Some(sender), Some(path)) = (header.sender(), header.path()) else {
+            continue;
+        };
+        if sender.as_str() != daemon || !paths.iter().any(|p| p == path.as_str()) {
+            continue;
+        }
+        let Ok((interface, properties, _)) = message
+            .body()
+            .deserialize::<(String, Properties, Vec<String>)>()
+        else {
+            continue;
+        };
+        if interface == DEVICE_INTERFACE {
+            told.insert(path.as_str().to_owned(), properties);
+        }
+    }
+    told
 }
 
 fn show_progress(message: &zbus::Result<zbus::Message>, target: &str, out: &Output) {
@@ -221,15 +313,21 @@ pub async fn run(
             }
         }
     }
-    let objects = read_moved(bus, &report, out).await;
+    let objects = read_moved(bus, &report, out, mover.told()).await;
     show_report(&report, objects.as_ref(), out)?;
     Ok(report.exit())
 }
 
-/// Where the moved devices are now, read after the moves: those devices
-/// alone (and for JSON the profiles, as a device's JSON names its own), not
-/// every object. If that fails the addresses still show.
-pub async fn read_moved(bus: &Bus, report: &Report, out: &Output) -> Option<Objects> {
+/// Where the moved devices are now: what vfiod sent with its answers
+/// (`told`), or else read after the moves: those devices alone (and for
+/// JSON the profiles, as a device's JSON names its own), not every object.
+/// If that fails the addresses still show.
+pub async fn read_moved(
+    bus: &Bus,
+    report: &Report,
+    out: &Output,
+    told: &HashMap<String, Properties>,
+) -> Option<Objects> {
     if report.done.is_empty() {
         return None;
     }
@@ -240,6 +338,10 @@ pub async fn read_moved(bus: &Bus, report: &Report, out: &Output) -> Option<Obje
         .collect();
     paths.sort_unstable();
     paths.dedup();
+    if !out.json && paths.iter().all(|p| told.contains_key(*p)) {
+        let devices = paths.iter().map(|p| (p.to_string(), told[*p].clone()));
+        return Some(bus::device_objects(devices));
+    }
     bus.devices(&paths, out.json).await.ok()
 }
 
@@ -371,6 +473,7 @@ fn report_json(report: &Report, objects: Option<&Objects>) -> Value {
 mod tests {
     use super::*;
     use crate::model::tests::sample;
+    use zbus::OwnedVariant;
 
     #[test]
     fn sends_only_known_options_and_only_when_set() {
@@ -398,6 +501,52 @@ mod tests {
         assert!(same_target("0000:0A:00.0", "0a:00.0"));
         assert!(!same_target("0000:01:00.0", "01:00.1"));
         assert!(!same_target("rx580", "usb3"));
+    }
+
+    /// A PropertiesChanged of `path` from `sender`, to `destination` if any.
+    fn device_change(path: &str, sender: &str, destination: Option<&str>, driver: &str) -> Message {
+        let mut builder =
+            Message::signal(path, "org.freedesktop.DBus.Properties", "PropertiesChanged")
+                .sender(sender);
+        if let Some(destination) = destination {
+            builder = builder.destination(destination);
+        }
+        let properties: HashMap<&str, Variant> = HashMap::from([("Driver", Variant::from(driver))]);
+        builder
+            .build(&(DEVICE_INTERFACE, properties, Vec::<String>::new()))
+            .unwrap()
+    }
+
+    #[test]
+    fn only_what_vfiod_told_this_caller_of_its_devices_counts() {
+        let gpu = "/org/vfiod1/device/0000_01_00_0";
+        let audio = "/org/vfiod1/device/0000_01_00_1";
+        let mut received = Vec::new();
+        for message in [
+            device_change(gpu, ":1.5", Some(":1.9"), "amdgpu"),
+            // Later news of the same device wins.
+            device_change(gpu, ":1.5", Some(":1.9"), "vfio-pci"),
+            // Broadcast to every listener: not the caller's copy.
+            device_change(audio, ":1.5", None, "vfio-pci"),
+            // From someone else than the daemon that answered.
+            device_change(audio, ":1.7", Some(":1.9"), "snd_hda_intel"),
+            // A device the move did not return.
+            device_change(
+                "/org/vfiod1/device/0000_03_00_0",
+                ":1.5",
+                Some(":1.9"),
+                "xhci_hcd",
+            ),
+        ] {
+            keep_if_told(&mut received, message);
+        }
+        assert_eq!(received.len(), 4, "the broadcast is not kept");
+        let told = told_properties(&received, ":1.5", &[gpu.to_owned(), audio.to_owned()]);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(
+            told[gpu]["Driver"],
+            OwnedVariant::try_from(Variant::from("vfio-pci")).unwrap()
+        );
     }
 
     fn report(failed: bool) -> Report {

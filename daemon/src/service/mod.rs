@@ -21,7 +21,7 @@ use vfiod_dbus::names::{
 use vfiod_dbus::{Direction, Error, names};
 use vfiod_pci::PciAddress;
 use zbus::message::Header;
-use zbus::names::InterfaceName;
+use zbus::names::{InterfaceName, UniqueName};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
@@ -327,7 +327,9 @@ impl Service {
         }
         self.announce_start(connection, target, direction);
         key.decide(true);
-        self.finish_move(connection, target, direction, job).await
+        let caller = header.sender().map(|s| s.to_owned());
+        self.finish_move(connection, target, direction, job, caller.as_ref())
+            .await
     }
 
     /// Runs one move off the event loop and narrates it on the bus.
@@ -340,7 +342,8 @@ impl Service {
     ) -> Result<Vec<OwnedObjectPath>, Error> {
         self.announce_start(connection, target, direction);
         let job = self.start_move(connection, target, direction, options, Gate::open());
-        self.finish_move(connection, target, direction, job).await
+        self.finish_move(connection, target, direction, job, None)
+            .await
     }
 
     fn announce_start(
@@ -381,13 +384,16 @@ impl Service {
         })
     }
 
-    /// Waits for the move, shows its outcome on the bus, then answers.
+    /// Waits for the move, shows its outcome on the bus, then answers. The
+    /// caller is first sent every property of each moved device, so that it
+    /// needs no second round trip to show where they are.
     async fn finish_move(
         self: &Arc<Self>,
         connection: &Connection,
         target: &str,
         direction: Direction,
         job: JoinHandle<Result<Vec<PciAddress>, Error>>,
+        caller: Option<&UniqueName<'static>>,
     ) -> Result<Vec<OwnedObjectPath>, Error> {
         let outcome = job.await.unwrap_or_else(|e| {
             Err(Error::Kernel(format!(
@@ -411,6 +417,11 @@ impl Service {
         if let Err(e) = refreshed {
             warn!(error = %e, "refresh after a move failed");
         }
+        if let (Ok(devices), Some(caller)) = (&outcome, caller)
+            && let Err(e) = self.tell_caller(connection, caller, devices).await
+        {
+            warn!(error = %e, caller = %caller, "the moved devices were not sent to the caller");
+        }
         let error_field = outcome
             .as_ref()
             .err()
@@ -426,6 +437,34 @@ impl Service {
         let _ = sent.await;
         tracing::debug!(target, %direction, "move answered");
         outcome.map(|devices| devices.iter().map(device_object_path).collect())
+    }
+
+    /// A PropertiesChanged with every property of each device, sent to
+    /// `caller` alone: what a GetAll would answer, without the round trip.
+    async fn tell_caller(
+        &self,
+        connection: &Connection,
+        caller: &UniqueName<'static>,
+        devices: &[PciAddress],
+    ) -> Result<(), Error> {
+        let told: Vec<_> = {
+            let snapshot = self.snapshot();
+            devices
+                .iter()
+                .filter_map(|a| Some((device_object_path(a), snapshot.devices.get(a)?.all())))
+                .collect()
+        };
+        for (path, properties) in told {
+            emit_properties(
+                connection,
+                &path,
+                DEVICE_INTERFACE,
+                properties,
+                Some(caller),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     pub async fn check(&self, target: &str) -> Result<Vec<(String, String, String)>, Error> {
@@ -453,7 +492,21 @@ async fn emit_changes(
     if changed.is_empty() {
         return Ok(());
     }
-    let emitter = SignalEmitter::new(connection, path.clone())?;
+    emit_properties(connection, path, interface, changed, None).await
+}
+
+/// PropertiesChanged to every listener, or to `destination` alone.
+async fn emit_properties(
+    connection: &Connection,
+    path: &OwnedObjectPath,
+    interface: &'static str,
+    changed: HashMap<&'static str, Variant<'static>>,
+    destination: Option<&UniqueName<'static>>,
+) -> Result<(), Error> {
+    let mut emitter = SignalEmitter::new(connection, path.clone())?;
+    if let Some(destination) = destination {
+        emitter = emitter.set_destination(destination.clone().into());
+    }
     let interface = InterfaceName::from_static_str_unchecked(interface);
     zbus::fdo::Properties::properties_changed(&emitter, interface, changed, Cow::Borrowed(&[]))
         .await?;

@@ -64,20 +64,35 @@ impl DeviceProps {
         }
     }
 
+    /// Name → value of every property, as GetAll gives them.
+    pub fn all(&self) -> HashMap<&'static str, Variant<'static>> {
+        self.entries().into_iter().collect()
+    }
+
     /// Name → value of every property that differs from `old`.
     pub fn changes(&self, old: &DeviceProps) -> HashMap<&'static str, Variant<'static>> {
-        let mut changed = HashMap::new();
-        macro_rules! diff {
-            ($($field:ident => $name:literal),*) => {
-                $(if self.$field != old.$field {
-                    changed.insert($name, Variant::from(self.$field.clone()));
-                })*
-            };
-        }
-        diff!(address => "Address", vendor_id => "VendorId", device_id => "DeviceId", class => "Class",
-              name => "Name", driver => "Driver", host_driver => "HostDriver", iommu_group => "IommuGroup",
-              state => "State", owner => "Owner", boot_vga => "BootVga");
-        changed
+        self.entries()
+            .into_iter()
+            .zip(old.entries())
+            .filter(|(new, old)| new.1 != old.1)
+            .map(|(new, _)| new)
+            .collect()
+    }
+
+    fn entries(&self) -> [(&'static str, Variant<'static>); 11] {
+        [
+            ("Address", Variant::from(self.address.clone())),
+            ("VendorId", Variant::from(self.vendor_id)),
+            ("DeviceId", Variant::from(self.device_id)),
+            ("Class", Variant::from(self.class)),
+            ("Name", Variant::from(self.name.clone())),
+            ("Driver", Variant::from(self.driver.clone())),
+            ("HostDriver", Variant::from(self.host_driver.clone())),
+            ("IommuGroup", Variant::from(self.iommu_group)),
+            ("State", Variant::from(self.state.clone())),
+            ("Owner", Variant::from(self.owner.clone())),
+            ("BootVga", Variant::from(self.boot_vga)),
+        ]
     }
 }
 
