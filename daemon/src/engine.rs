@@ -640,57 +640,97 @@ impl Engine {
             .filter(|d| self.kernel.driver_registered(d))
     }
 
-    /// vfio-pci (or nothing) -> host driver. With a known host driver the
-    /// override names it, so nothing else can grab the device on the way.
+    /// vfio-pci (or nothing) -> host driver, the way the kernel itself
+    /// does it (and driverctl, and libvirt): override cleared, unbound,
+    /// probed. The driver the kernel picks must be the remembered one; when
+    /// it is not (vfio-pci by `ids=`, another driver of the same device),
+    /// the override names the host driver and the device moves again.
     fn to_host(&self, address: PciAddress, host: Option<String>, run: &Run) -> Result<(), Failure> {
-        let name = host.clone();
-        let step = match &host {
-            Some(h) => format!("set driver_override {h}"),
-            None => "clear driver_override".to_string(),
-        };
-        self.step(
-            address,
-            &step,
-            run,
-            move |k| k.set_driver_override(&address, name.as_deref()),
-            |k| expect_override(k, &address, host.as_deref()),
-        )?;
-        let current = self.current_driver(address)?;
-        if let Some(driver) = current.clone() {
+        let overridden = self.kernel.driver_override(&address).map_err(|e| Failure {
+            device: Some(address),
+            step: "read driver_override".into(),
+            cause: StepFailure::Kernel(e),
+        })?;
+        if overridden.is_some() {
+            self.clear_override(address, run)?;
+        }
+        if let Some(driver) = self.current_driver(address)? {
             if Some(&driver) == host.as_ref() {
-                return self.clear_override_after(address, &host, run);
+                return Ok(());
             }
             self.unbind_step(address, driver, run)?;
         }
-        let step = format!("probe {}", host.as_deref().unwrap_or("host driver"));
+        let Some(host) = host else {
+            // Whatever the kernel picks, as long as it is a host driver.
+            return self.step(
+                address,
+                "probe host driver",
+                run,
+                move |k| k.probe(&address),
+                |k| match read_driver(k, &address)? {
+                    Some(got) if got != VFIO_DRIVER => Ok(()),
+                    got => Err(StepFailure::Unexpected(format!(
+                        "the host driver did not come back: expected a host driver, found {}",
+                        got.as_deref().unwrap_or("no driver")
+                    ))),
+                },
+            );
+        };
+        // What bound is read right after, to choose the way on.
+        self.step(
+            address,
+            &format!("probe {host}"),
+            run,
+            move |k| k.probe(&address),
+            |_| Ok(()),
+        )?;
+        let picked = self.current_driver(address)?;
+        if picked.as_deref() == Some(host.as_str()) {
+            return Ok(());
+        }
+        warn!(device = %address, picked = picked.as_deref().unwrap_or("no driver"), host = %host, "the kernel picked another driver; naming the host driver");
+        self.to_named_host(address, host, picked, run)
+    }
+
+    /// `current` (or nothing) -> `host`, named by the override so that
+    /// nothing else can grab the device on the way; the override is
+    /// cleared once it is there.
+    fn to_named_host(
+        &self,
+        address: PciAddress,
+        host: String,
+        current: Option<String>,
+        run: &Run,
+    ) -> Result<(), Failure> {
+        let name = host.clone();
+        self.step(
+            address,
+            &format!("set driver_override {host}"),
+            run,
+            move |k| k.set_driver_override(&address, Some(&name)),
+            |k| expect_override(k, &address, Some(&host)),
+        )?;
+        if let Some(driver) = current {
+            self.unbind_step(address, driver, run)?;
+        }
         let wanted = host.clone();
         self.step(
             address,
-            &step,
+            &format!("probe {host}"),
             run,
             move |k| k.probe(&address),
-            |k| match (read_driver(k, &address)?, wanted.as_deref()) {
-                (Some(got), Some(want)) if got == want => Ok(()),
-                (Some(got), None) if got != VFIO_DRIVER => Ok(()),
-                (got, want) => Err(StepFailure::Unexpected(format!(
-                    "the host driver did not come back: expected {}, found {}",
-                    want.unwrap_or("a host driver"),
+            |k| match read_driver(k, &address)? {
+                Some(got) if got == wanted => Ok(()),
+                got => Err(StepFailure::Unexpected(format!(
+                    "the host driver did not come back: expected {wanted}, found {}",
                     got.as_deref().unwrap_or("no driver")
                 ))),
             },
         )?;
-        self.clear_override_after(address, &host, run)
+        self.clear_override(address, run)
     }
 
-    fn clear_override_after(
-        &self,
-        address: PciAddress,
-        host: &Option<String>,
-        run: &Run,
-    ) -> Result<(), Failure> {
-        if host.is_none() {
-            return Ok(());
-        }
+    fn clear_override(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
         self.step(
             address,
             "clear driver_override",
@@ -897,7 +937,7 @@ impl Engine {
             // Already on a host driver: only a leftover override to clear.
             Some(d) if d != VFIO_DRIVER => {
                 if overridden.is_some() {
-                    self.clear_override_after(address, &Some(d.to_string()), run)?;
+                    self.clear_override(address, run)?;
                 }
                 Ok(())
             }

@@ -676,3 +676,63 @@ fn a_gate_opened_after_planning_lets_the_move_run() {
     assert_eq!(moved, addrs(&["0000:01:00.0", "0000:01:00.1"]));
     assert_eq!(rig.driver("01:00.1").as_deref(), Some("vfio-pci"));
 }
+
+/// The steps of one release of `target`, in words.
+fn release_steps(rig: &Rig, target: &str) -> Vec<String> {
+    let steps = std::sync::Mutex::new(Vec::new());
+    rig.engine
+        .release(target, &MoveOptions::default(), &|d, s| {
+            steps.lock().unwrap().push(format!("{d} {s}"))
+        })
+        .unwrap();
+    steps.into_inner().unwrap()
+}
+
+#[test]
+fn a_release_moves_each_device_as_the_kernel_would_in_three_writes() {
+    let rig = Rig::shipped("z77-rx580");
+    rig.bind("rx580").unwrap();
+    assert_eq!(
+        release_steps(&rig, "rx580"),
+        [
+            "0000:01:00.0 clear driver_override",
+            "0000:01:00.0 unbind vfio-pci",
+            "0000:01:00.0 probe amdgpu",
+            "0000:01:00.1 clear driver_override",
+            "0000:01:00.1 unbind vfio-pci",
+            "0000:01:00.1 probe snd_hda_intel",
+        ]
+    );
+    assert_eq!(rig.overrides("01:00.0"), None);
+}
+
+#[test]
+fn a_release_the_kernel_sends_elsewhere_names_the_remembered_driver() {
+    let rig = Rig::shipped("z77-rx580");
+    // On radeon before the bind, by hand: the kernel's own pick is amdgpu.
+    rig.sim
+        .set_driver(&addr("01:00.0"), Some("radeon"))
+        .unwrap();
+    rig.bind("rx580").unwrap();
+    assert_eq!(
+        rig.engine.host_driver(&addr("01:00.0")).as_deref(),
+        Some("radeon")
+    );
+    let steps = release_steps(&rig, "rx580");
+    assert_eq!(
+        steps[..7],
+        [
+            "0000:01:00.0 clear driver_override",
+            "0000:01:00.0 unbind vfio-pci",
+            "0000:01:00.0 probe radeon",
+            // amdgpu came: the override names radeon, and it moves again.
+            "0000:01:00.0 set driver_override radeon",
+            "0000:01:00.0 unbind amdgpu",
+            "0000:01:00.0 probe radeon",
+            "0000:01:00.0 clear driver_override",
+        ]
+    );
+    assert_eq!(rig.driver("01:00.0").as_deref(), Some("radeon"));
+    assert_eq!(rig.overrides("01:00.0"), None);
+    assert_eq!(rig.driver("01:00.1").as_deref(), Some("snd_hda_intel"));
+}
