@@ -287,18 +287,26 @@ impl Engine {
         gate: &Gate,
     ) -> Result<Vec<PciAddress>, Error> {
         let started = Instant::now();
-        let planned = self.plan_locked(target, direction, options);
+        // Before the verdict, only while no other move holds these groups:
+        // a caller who may not move anything never waits for one.
+        let planned = self.plan_locked(target, direction, options, false);
         let (plan, _held) = match gate.verdict(false) {
             Some(allowed) => {
                 gate_passed(allowed)?;
-                planned?
+                match planned? {
+                    Some(planned) => planned,
+                    None => self
+                        .plan_locked(target, direction, options, true)?
+                        .expect("waited"),
+                }
             }
             None => {
-                // Authorization can take long (polkit may ask the user):
-                // no group stays locked meanwhile, and the plan is redone.
+                // No group stays locked while the verdict is awaited, and
+                // the plan is made again after it.
                 drop(planned);
                 gate_passed(gate.verdict(true).unwrap_or(false))?;
-                self.plan_locked(target, direction, options)?
+                self.plan_locked(target, direction, options, true)?
+                    .expect("waited")
             }
         };
         if let Some(busy) = plan
@@ -354,17 +362,21 @@ impl Engine {
     /// Locks the groups the target touches, then plans under the locks so
     /// nothing moves between the checks and the writes. One listing of the
     /// bus serves both when nobody else is moving these groups; after a
-    /// wait, what the other move did is read again.
+    /// wait, what the other move did is read again. Without `wait`, `None`
+    /// when another move holds one of the groups.
     fn plan_locked(
         &self,
         target: &str,
         direction: Direction,
         options: &MoveOptions,
-    ) -> Result<(Plan, GroupGuard), Error> {
+        wait: bool,
+    ) -> Result<Option<(Plan, GroupGuard)>, Error> {
         let mut devices = self.kernel.devices().map_err(kernel_error)?;
         let mut keys = self.lock_keys_for(&devices, target)?;
         loop {
-            let (held, waited) = self.lock_groups(&keys);
+            let Some((held, waited)) = self.lock_groups(&keys, wait) else {
+                return Ok(None);
+            };
             if waited {
                 devices = self.kernel.devices().map_err(kernel_error)?;
             }
@@ -383,7 +395,7 @@ impl Engine {
             };
             let planned = lock_keys(&plan.devices);
             if planned.iter().all(|k| keys.contains(k)) {
-                return Ok((plan, held));
+                return Ok(Some((plan, held)));
             }
             // The set changed while we waited (a device appeared): relock.
             drop(held);
@@ -403,13 +415,16 @@ impl Engine {
         Ok(lock_keys(&members))
     }
 
-    /// Takes all the keys at once (or waits until it can), so two movers
-    /// can never each hold part of what the other needs.
-    /// Also says whether it had to wait for another move.
-    fn lock_groups(&self, keys: &[LockKey]) -> (GroupGuard, bool) {
+    /// Takes all the keys at once (or waits until it can, unless not to
+    /// `wait`), so two movers can never each hold part of what the other
+    /// needs. Also says whether it had to wait for another move.
+    fn lock_groups(&self, keys: &[LockKey], wait: bool) -> Option<(GroupGuard, bool)> {
         let (lock, freed) = &*self.busy_groups;
         let busy = lock.lock().unwrap_or_else(|e| e.into_inner());
         let waited = keys.iter().any(|k| busy.contains(k));
+        if waited && !wait {
+            return None;
+        }
         let mut busy = freed
             .wait_while(busy, |busy| keys.iter().any(|k| busy.contains(k)))
             .unwrap_or_else(|e| e.into_inner());
@@ -418,7 +433,7 @@ impl Engine {
             table: self.busy_groups.clone(),
             keys: keys.to_vec(),
         };
-        (guard, waited)
+        Some((guard, waited))
     }
 
     fn set_activity(&self, devices: &[PciAddress], activity: Option<Activity>) {

@@ -736,3 +736,23 @@ fn a_release_the_kernel_sends_elsewhere_names_the_remembered_driver() {
     assert_eq!(rig.overrides("01:00.0"), None);
     assert_eq!(rig.driver("01:00.1").as_deref(), Some("snd_hda_intel"));
 }
+
+#[test]
+fn a_caller_turned_away_never_waits_for_another_moves_lock() {
+    // The audio's unbind hangs for 2 s, with group 1 locked all along.
+    let rig =
+        Rig::z77_with(|t| with_fault(t, "0000:01:00.1", "unbind = \"hang\"")).with_timeout_ms(2000);
+    std::thread::scope(|s| {
+        let mover = s.spawn(|| rig.bind("rx580"));
+        std::thread::sleep(Duration::from_millis(200));
+        let asked = Instant::now();
+        let refused = bind_gated(&rig, "rx580", Some(false));
+        assert!(matches!(refused, Err(Error::AccessDenied(_))), "{refused:?}");
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "the denial waited {:?} for the other move",
+            asked.elapsed()
+        );
+        assert!(mover.join().unwrap().is_err(), "the hung bind times out");
+    });
+}

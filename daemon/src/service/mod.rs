@@ -302,10 +302,11 @@ impl Service {
         emit_changes(connection, &manager, MANAGER_INTERFACE, manager_changes).await
     }
 
-    /// Bind or Release from the bus: check the arguments, then ask the
-    /// bouncer while the move plans (planning only reads; nothing is written
-    /// and nothing announced before the bouncer says yes), then move with
-    /// Transition* signals around it.
+    /// Bind or Release from the bus: check the arguments, then learn who
+    /// calls while the move plans (planning only reads). Root goes on with
+    /// that plan; anyone else is asked about by polkit first, and the plan
+    /// is made again. Nothing is written and nothing announced before the
+    /// bouncer says yes; a caller it turns away hears only that.
     pub(crate) async fn move_request(
         self: &Arc<Self>,
         connection: &Connection,
@@ -318,15 +319,23 @@ impl Service {
         validate_target(target)?;
         let options = parse_move_options(options)?;
         let (key, gate) = Gate::pending();
-        let job = self.start_move(connection, target, direction, options, gate);
-        if let Err(denied) = self.bouncer.authorize_move(connection, header).await {
-            key.decide(false);
-            // Only planned: nothing to announce or undo.
-            let _ = job.await;
-            return Err(denied);
-        }
-        self.announce_start(connection, target, direction);
-        key.decide(true);
+        let job = self.start_move(connection, target, direction, options.clone(), gate);
+        let job = match self.bouncer.caller_uid(connection, header).await {
+            Ok(uid) if self.bouncer.trusts(uid) => {
+                self.announce_start(connection, target, direction);
+                key.decide(true);
+                job
+            }
+            uid => {
+                // That plan stops at the closed gate: it waits for no
+                // lock and writes nothing, so it is left to end alone.
+                key.decide(false);
+                drop(job);
+                self.bouncer.ask_polkit(connection, header, uid?).await?;
+                self.announce_start(connection, target, direction);
+                self.start_move(connection, target, direction, options, Gate::open())
+            }
+        };
         let caller = header.sender().map(|s| s.to_owned());
         self.finish_move(connection, target, direction, job, caller.as_ref())
             .await
