@@ -747,7 +747,10 @@ fn a_caller_turned_away_never_waits_for_another_moves_lock() {
         std::thread::sleep(Duration::from_millis(200));
         let asked = Instant::now();
         let refused = bind_gated(&rig, "rx580", Some(false));
-        assert!(matches!(refused, Err(Error::AccessDenied(_))), "{refused:?}");
+        assert!(
+            matches!(refused, Err(Error::AccessDenied(_))),
+            "{refused:?}"
+        );
         assert!(
             asked.elapsed() < Duration::from_millis(500),
             "the denial waited {:?} for the other move",
