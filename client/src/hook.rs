@@ -141,7 +141,8 @@ pub async fn execute(work: &Work, out: &Output) -> Result<Exit, Failure> {
         Direction::Bind => bind_all(&mut mover, &work.plan.targets, &options, out).await,
         Direction::Release => release_all(&mut mover, &work.plan.targets, &options, out).await,
     };
-    let objects = moves::read_moved(&bus, &report, out, mover.told()).await;
+    let told = mover.into_told();
+    let objects = moves::read_moved(&bus, &report, out, &told).await;
     moves::show_report(&report, objects.as_ref(), out)?;
     Ok(report.exit())
 }

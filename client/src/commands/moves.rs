@@ -112,9 +112,11 @@ impl<'b> Mover<'b> {
         Ok(paths)
     }
 
-    /// What vfiod sent with its answers so far: properties by object path.
-    pub fn told(&self) -> &HashMap<String, Properties> {
-        &self.told
+    /// What vfiod sent with its answers: properties by object path. Ends
+    /// the mover, and with it the inbox, which no one would read any more
+    /// (a full one would hold up the connection's later answers).
+    pub fn into_told(self) -> HashMap<String, Properties> {
+        self.told
     }
 }
 
@@ -313,7 +315,8 @@ pub async fn run(
             }
         }
     }
-    let objects = read_moved(bus, &report, out, mover.told()).await;
+    let told = mover.into_told();
+    let objects = read_moved(bus, &report, out, &told).await;
     show_report(&report, objects.as_ref(), out)?;
     Ok(report.exit())
 }
