@@ -87,6 +87,11 @@ impl SysfsKernel {
 
     /// The function's real sysfs directory; `None` when it is not on the bus.
     fn function_dir(&self, address: &PciAddress) -> KernelResult<Option<PathBuf>> {
+        if self.tree.is_host_root()
+            && let Some(dir) = bus_link_target(&Self::bus_entry(address))?
+        {
+            return Ok(dir);
+        }
         self.tree.resolve_optional(&Self::bus_entry(address))
     }
 
@@ -166,7 +171,14 @@ impl Kernel for SysfsKernel {
                 .to_str()
                 .and_then(|name| name.parse().ok())
                 .ok_or_else(|| self.tree.malformed(&bus.join(&name), "not a PCI address"))?;
-            let Some(dir) = self.tree.resolve_optional_in(&bus, Path::new(&name))? else {
+            // Under `/` one call per function; a fixture's walk starts
+            // from the bus directory, resolved once.
+            let dir = if self.tree.is_host_root() {
+                self.function_dir(&address)?
+            } else {
+                self.tree.resolve_optional_in(&bus, Path::new(&name))?
+            };
+            let Some(dir) = dir else {
                 continue;
             };
             devices.extend(self.read_function(address, &dir)?);
@@ -304,6 +316,28 @@ impl Kernel for SysfsKernel {
     fn probe(&self, address: &PciAddress) -> KernelResult<()> {
         self.write("probe", Path::new(DRIVERS_PROBE), &address.to_string())
     }
+}
+
+/// Under `/`, where a bus entry's link leads, read in one call: the entry
+/// is a relative link from a real directory to a real one below
+/// `sys/devices`, so joining the two is the kernel's own resolution (which
+/// costs three calls). `Some(None)`: no such entry. `None`: not such a
+/// link, resolve it the long way.
+fn bus_link_target(entry: &Path) -> KernelResult<Option<Option<PathBuf>>> {
+    let target = match std::fs::read_link(Path::new("/").join(entry)) {
+        Ok(target) => target,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Some(None)),
+        Err(_) => return Ok(None),
+    };
+    let mut dir = entry.parent().map(Path::to_path_buf).unwrap_or_default();
+    for component in target.components() {
+        match component {
+            std::path::Component::ParentDir if dir.pop() => {}
+            std::path::Component::Normal(name) => dir.push(name),
+            _ => return Ok(None),
+        }
+    }
+    Ok(dir.starts_with("sys/devices").then_some(Some(dir)))
 }
 
 #[cfg(test)]
