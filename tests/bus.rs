@@ -901,6 +901,9 @@ fn a_mover_alone_is_told_every_property_of_its_devices_before_the_answer() {
                 .unwrap();
             assert_eq!(properties.len(), 11, "{properties:?}");
             assert_eq!(*properties, all);
+            let text = |name: &str| String::try_from(all[name].try_clone().unwrap()).unwrap();
+            assert_eq!(text("Driver"), "vfio-pci");
+            assert_eq!(text("State"), "vfio");
         }
         // The bystander sees the changes, never the caller's copy.
         tokio::time::sleep(Duration::from_millis(200)).await;

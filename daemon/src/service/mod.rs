@@ -52,6 +52,8 @@ pub fn profile_object_path(name: &str) -> OwnedObjectPath {
 enum Scope {
     WholeBus,
     Devices(Vec<PciAddress>),
+    /// Only their drivers: what a move changes.
+    Drivers(Vec<PciAddress>),
     States(Vec<PciAddress>),
 }
 
@@ -193,6 +195,7 @@ impl Service {
         let taking = tokio::task::spawn_blocking(move || match scope {
             Scope::WholeBus => Snapshot::take(&engine, &errors),
             Scope::Devices(addresses) => current.with_devices(&engine, &addresses, &errors),
+            Scope::Drivers(addresses) => current.with_drivers(&engine, &addresses, &errors),
             Scope::States(addresses) => Ok(current.with_states(&engine, &addresses, &errors)),
         });
         let fresh = match tokio::time::timeout(SNAPSHOT_TIMEOUT, taking).await {
@@ -417,10 +420,13 @@ impl Service {
                 Err(e) => errors.insert(target.to_string(), e.to_signal_field()),
             };
         }
-        // The moved devices' uevents refresh them too; reading just them
+        // The moved devices' uevents refresh them too; reading their drivers
         // here means the reply never goes out before the bus shows the move.
         let refreshed = match &outcome {
-            Ok(devices) => self.refresh_devices(connection, devices.clone()).await,
+            Ok(devices) => {
+                self.refresh_with(connection, Scope::Drivers(devices.clone()))
+                    .await
+            }
             Err(_) => self.refresh(connection).await,
         };
         if let Err(e) = refreshed {

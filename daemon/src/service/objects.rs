@@ -9,7 +9,7 @@ use zbus::Variant;
 
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::kernel::VFIO_DRIVER;
+use crate::kernel::{KernelError, VFIO_DRIVER};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceProps {
@@ -44,24 +44,33 @@ pub struct Snapshot {
 
 impl DeviceProps {
     fn of(engine: &Engine, device: &PciDevice) -> DeviceProps {
-        let remembered = engine.host_driver(&device.address);
-        let host_driver = match device.driver.as_deref() {
-            Some(d) if d != VFIO_DRIVER => d.to_string(),
-            _ => remembered.unwrap_or_default(),
-        };
-        DeviceProps {
+        let mut props = DeviceProps {
             address: device.address.to_string(),
             vendor_id: device.id.vendor,
             device_id: device.id.device,
             class: device.class.0,
             name: device.name.clone(),
-            driver: device.driver.clone().unwrap_or_default(),
-            host_driver,
+            driver: String::new(),
+            host_driver: String::new(),
             iommu_group: device.iommu_group.map(|g| g as i32).unwrap_or(-1),
-            state: engine.device_state(device).to_string(),
-            owner: engine.owner(&device.address).unwrap_or_default(),
+            state: String::new(),
+            owner: String::new(),
             boot_vga: device.boot_vga,
-        }
+        };
+        props.set_driver(engine, &device.address, device.driver.clone());
+        props
+    }
+
+    /// The driver, and what follows from it and the engine: the host
+    /// driver, the state, the owner.
+    fn set_driver(&mut self, engine: &Engine, address: &PciAddress, driver: Option<String>) {
+        self.host_driver = match driver.as_deref() {
+            Some(d) if d != VFIO_DRIVER => d.to_string(),
+            _ => engine.host_driver(address).unwrap_or_default(),
+        };
+        self.state = engine.state_of(address, driver.as_deref()).to_string();
+        self.owner = engine.owner(address).unwrap_or_default();
+        self.driver = driver.unwrap_or_default();
     }
 
     /// Name → value of every property, as GetAll gives them.
@@ -169,6 +178,41 @@ impl Snapshot {
                 Some(device) => devices.insert(*address, DeviceProps::of(engine, &device)),
                 None => devices.remove(address),
             };
+        }
+        Ok(Snapshot::with_profiles(
+            devices,
+            &engine.config(),
+            last_errors,
+        ))
+    }
+
+    /// This view with the drivers of some devices read again, which is all
+    /// a move changes; one not in the view yet is read whole, one gone
+    /// from the bus is dropped.
+    pub fn with_drivers(
+        &self,
+        engine: &Engine,
+        addresses: &[PciAddress],
+        last_errors: &BTreeMap<String, String>,
+    ) -> Result<Snapshot, vfiod_dbus::Error> {
+        let mut devices = self.devices.clone();
+        for address in addresses {
+            match (devices.get_mut(address), engine.kernel().driver(address)) {
+                (Some(props), Ok(driver)) => props.set_driver(engine, address, driver),
+                (_, Err(KernelError::NoDevice(_))) => {
+                    devices.remove(address);
+                }
+                (None, Ok(_)) => {
+                    if let Some(device) = engine
+                        .kernel()
+                        .device(address)
+                        .map_err(crate::plan::kernel_error)?
+                    {
+                        devices.insert(*address, DeviceProps::of(engine, &device));
+                    }
+                }
+                (_, Err(e)) => return Err(crate::plan::kernel_error(e)),
+            }
         }
         Ok(Snapshot::with_profiles(
             devices,
