@@ -120,6 +120,23 @@ impl ProfileProps {
     }
 }
 
+/// One device read whole into `devices`, or dropped when it is gone.
+fn read_whole(
+    devices: &mut BTreeMap<PciAddress, DeviceProps>,
+    engine: &Engine,
+    address: &PciAddress,
+) -> Result<(), vfiod_dbus::Error> {
+    match engine
+        .kernel()
+        .device(address)
+        .map_err(crate::plan::kernel_error)?
+    {
+        Some(device) => devices.insert(*address, DeviceProps::of(engine, &device)),
+        None => devices.remove(address),
+    };
+    Ok(())
+}
+
 fn profile_state(members: &[&DeviceProps]) -> ProfileState {
     let states: Vec<&str> = members.iter().map(|d| d.state.as_str()).collect();
     let all = |s: DeviceState| !states.is_empty() && states.iter().all(|x| *x == s.as_str());
@@ -170,14 +187,7 @@ impl Snapshot {
     ) -> Result<Snapshot, vfiod_dbus::Error> {
         let mut devices = self.devices.clone();
         for address in addresses {
-            match engine
-                .kernel()
-                .device(address)
-                .map_err(crate::plan::kernel_error)?
-            {
-                Some(device) => devices.insert(*address, DeviceProps::of(engine, &device)),
-                None => devices.remove(address),
-            };
+            read_whole(&mut devices, engine, address)?;
         }
         Ok(Snapshot::with_profiles(
             devices,
@@ -202,15 +212,7 @@ impl Snapshot {
                 (_, Err(KernelError::NoDevice(_))) => {
                     devices.remove(address);
                 }
-                (None, Ok(_)) => {
-                    if let Some(device) = engine
-                        .kernel()
-                        .device(address)
-                        .map_err(crate::plan::kernel_error)?
-                    {
-                        devices.insert(*address, DeviceProps::of(engine, &device));
-                    }
-                }
+                (None, Ok(_)) => read_whole(&mut devices, engine, address)?,
                 (_, Err(e)) => return Err(crate::plan::kernel_error(e)),
             }
         }
