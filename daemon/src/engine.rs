@@ -682,13 +682,7 @@ impl Engine {
                 "probe host driver",
                 run,
                 move |k| k.probe(&address),
-                |k| match read_driver(k, &address)? {
-                    Some(got) if got != VFIO_DRIVER => Ok(()),
-                    got => Err(StepFailure::Unexpected(format!(
-                        "the host driver did not come back: expected a host driver, found {}",
-                        got.as_deref().unwrap_or("no driver")
-                    ))),
-                },
+                |k| expect_host_driver(k, &address, None),
             );
         };
         // What bound is read right after, to choose the way on.
@@ -728,19 +722,12 @@ impl Engine {
         if let Some(driver) = current {
             self.unbind_step(address, driver, run)?;
         }
-        let wanted = host.clone();
         self.step(
             address,
             &format!("probe {host}"),
             run,
             move |k| k.probe(&address),
-            |k| match read_driver(k, &address)? {
-                Some(got) if got == wanted => Ok(()),
-                got => Err(StepFailure::Unexpected(format!(
-                    "the host driver did not come back: expected {wanted}, found {}",
-                    got.as_deref().unwrap_or("no driver")
-                ))),
-            },
+            |k| expect_host_driver(k, &address, Some(&host)),
         )?;
         self.clear_override(address, run)
     }
@@ -1025,6 +1012,29 @@ fn expect_driver(
             got.as_deref().unwrap_or("?")
         ),
     }))
+}
+
+/// The device back on a host driver: `wanted`, or without one remembered,
+/// any driver but vfio-pci.
+fn expect_host_driver(
+    kernel: &dyn Kernel,
+    address: &PciAddress,
+    wanted: Option<&str>,
+) -> Result<(), StepFailure> {
+    let got = read_driver(kernel, address)?;
+    let back = match (got.as_deref(), wanted) {
+        (Some(got), Some(want)) => got == want,
+        (Some(got), None) => got != VFIO_DRIVER,
+        (None, _) => false,
+    };
+    if back {
+        return Ok(());
+    }
+    Err(StepFailure::Unexpected(format!(
+        "the host driver did not come back: expected {}, found {}",
+        wanted.unwrap_or("a host driver"),
+        got.as_deref().unwrap_or("no driver")
+    )))
 }
 
 fn expect_override(

@@ -27,7 +27,8 @@
 #                        turn; status 0 when vfiod's Device.Driver said so within
 #                        100 ms (median per driver); REPLY = the timings, one per
 #                        line, LAST_LINE = the verdict
-#   k_start_vfiod        (re)starts vfiod and waits until it answers; VFIOD_PID
+#   k_start_vfiod        (re)starts vfiod and waits until it answers
+#                        (await_vfiod); VFIOD_PID
 #   k_put_back ADDR DRIVER   puts a device back on DRIVER by hand (cleanup)
 
 HOSTVGA=0000:00:02.0 GPU=0000:01:00.0 AUD=0000:01:00.1 XHCI=0000:02:00.0
@@ -48,6 +49,18 @@ note() { echo "NOTE: [$LANE_KIND] $*"; }
 mkfifo "$WORK/nap.fifo" 2>/dev/null
 exec {NAP_FD}<> "$WORK/nap.fifo"
 nap() { read -r -t "$1" -u "$NAP_FD" _; }
+# await_vfiod TRIES WHAT: after a backend's k_start_vfiod has started vfiod
+# (VFIOD_PID), waits until it answers on the bus; else fails with WHAT.
+await_vfiod() {
+  local i
+  for i in $(seq "$1"); do
+    "$VFIOCTL" status > /dev/null 2>&1 && return 0
+    kill -0 "$VFIOD_PID" 2>/dev/null || break
+    nap 0.05
+  done
+  fail "$2"
+  return 1
+}
 
 # A scenario collects problems and ends with one verdict line.
 begin() { PROBLEMS=(); SCENARIO_T0=${EPOCHREALTIME/./}; }

@@ -128,14 +128,7 @@ k_start_vfiod() {
   "$bin/vfiod" --machine "$MACHINE" --config "$LANE_DIR/vfiod.toml" --state-dir "$STATE_DIR" \
     2>> "$out/vfiod.log" &
   VFIOD_PID=$!
-  local i
-  for i in $(seq 200); do
-    "$VFIOCTL" status > /dev/null 2>&1 && return 0
-    kill -0 "$VFIOD_PID" 2>/dev/null || break
-    nap 0.05
-  done
-  fail "vfiod --machine $MACHINE did not come up on the bus (see $out/vfiod.log)"
-  return 1
+  await_vfiod 200 "vfiod --machine $MACHINE did not come up on the bus (see $out/vfiod.log)"
 }
 k_put_back() { sim_call SetDriver ss "$1" "$2" > /dev/null; }
 stop_vfiod() { kill "$VFIOD_PID" 2>/dev/null; wait "$VFIOD_PID" 2>/dev/null; VFIOD_PID=; }

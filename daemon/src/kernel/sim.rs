@@ -1889,24 +1889,39 @@ nodes = ["/dev/dri/card1"]
         assert_eq!(driver_of(&kernel, LANE_GPU).as_deref(), Some(VFIO_DRIVER));
     }
 
+    /// The lane machine with the audio's control node held by pid 700 and,
+    /// after `before`, an unbind of snd_hda_intel waiting on its own thread.
+    fn audio_unbind_left_waiting(
+        dir: &TempDir,
+        before: impl FnOnce(&SimKernel),
+    ) -> (Arc<SimKernel>, thread::JoinHandle<KernelResult<()>>) {
+        let kernel = Arc::new(sim(dir, lane_machine()));
+        kernel
+            .add_holder(holder(700, "vfio-probe", "/dev/snd/controlC0"))
+            .unwrap();
+        before(&kernel);
+        let writer = {
+            let kernel = Arc::clone(&kernel);
+            let audio = addr(LANE_AUDIO);
+            thread::spawn(move || kernel.unbind(&audio, "snd_hda_intel"))
+        };
+        thread::sleep(BLOCKED);
+        (kernel, writer)
+    }
+
     #[test]
     fn a_waiting_unbind_outlives_its_killed_writer_and_ends_when_the_holder_goes() {
         let dir = TempDir::new();
         let audio = addr(LANE_AUDIO);
         {
-            let kernel = Arc::new(sim(&dir, lane_machine()));
-            kernel
-                .add_holder(holder(700, "vfio-probe", "/dev/snd/controlC0"))
-                .unwrap();
-            kernel.load_module(VFIO_MODULE).unwrap();
-            kernel
-                .set_driver_override(&audio, Some(VFIO_DRIVER))
-                .unwrap();
-            let kernel2 = Arc::clone(&kernel);
             // The writer is "killed": its thread stays parked, the kernel
             // object is left behind and a new one reads the state file.
-            thread::spawn(move || kernel2.unbind(&audio, "snd_hda_intel"));
-            thread::sleep(BLOCKED);
+            let (kernel, _writer) = audio_unbind_left_waiting(&dir, |kernel| {
+                kernel.load_module(VFIO_MODULE).unwrap();
+                kernel
+                    .set_driver_override(&audio, Some(VFIO_DRIVER))
+                    .unwrap();
+            });
             assert_eq!(driver_of(&kernel, LANE_AUDIO), None);
         }
         let kernel = Arc::new(sim(&dir, lane_machine()));
@@ -1947,15 +1962,7 @@ nodes = ["/dev/dri/card1"]
     fn a_removal_whose_holder_left_while_nothing_ran_ends_at_the_next_start() {
         let dir = TempDir::new();
         let audio = addr(LANE_AUDIO);
-        {
-            let kernel = Arc::new(sim(&dir, lane_machine()));
-            kernel
-                .add_holder(holder(700, "vfio-probe", "/dev/snd/controlC0"))
-                .unwrap();
-            let kernel2 = Arc::clone(&kernel);
-            thread::spawn(move || kernel2.unbind(&audio, "snd_hda_intel"));
-            thread::sleep(BLOCKED);
-        }
+        audio_unbind_left_waiting(&dir, |_| {});
         // Another process (a tool run while vfiod is down) lets go.
         {
             let kernel = sim(&dir, lane_machine());
@@ -1972,16 +1979,8 @@ nodes = ["/dev/dri/card1"]
     #[test]
     fn hot_unplug_ends_a_waiting_unbind() {
         let dir = TempDir::new();
-        let kernel = Arc::new(sim(&dir, lane_machine()));
         let audio = addr(LANE_AUDIO);
-        kernel
-            .add_holder(holder(700, "vfio-probe", "/dev/snd/controlC0"))
-            .unwrap();
-        let writer = {
-            let kernel = Arc::clone(&kernel);
-            thread::spawn(move || kernel.unbind(&audio, "snd_hda_intel"))
-        };
-        thread::sleep(BLOCKED);
+        let (kernel, writer) = audio_unbind_left_waiting(&dir, |_| {});
         assert!(!writer.is_finished());
         kernel.remove_device(&audio).unwrap();
         writer.join().unwrap().unwrap();

@@ -100,25 +100,6 @@ impl SysfsKernel {
             .ok_or(KernelError::NoDevice(*address))
     }
 
-    /// Where to read one attribute of the function. Under `/` the kernel
-    /// follows the bus link within the read itself, sparing the three calls
-    /// of a resolution on every check of a move; a fixture needs the walk.
-    fn attribute_dir(&self, address: &PciAddress) -> KernelResult<PathBuf> {
-        if self.tree.is_host_root() {
-            Ok(Self::bus_entry(address))
-        } else {
-            self.existing_function_dir(address)
-        }
-    }
-
-    /// An attribute read as absent: NoDevice when the function is gone.
-    fn unless_gone<T>(&self, address: &PciAddress, value: Option<T>) -> KernelResult<Option<T>> {
-        if value.is_none() && !self.tree.exists(&Self::bus_entry(address)) {
-            return Err(KernelError::NoDevice(*address));
-        }
-        Ok(value)
-    }
-
     /// `None` when the function went away while it was being read (hot
     /// unplug, or a device that vanishes on unbind).
     fn read_function(&self, address: PciAddress, dir: &Path) -> KernelResult<Option<PciDevice>> {
@@ -195,13 +176,11 @@ impl Kernel for SysfsKernel {
     }
 
     fn driver(&self, address: &PciAddress) -> KernelResult<Option<String>> {
-        let driver = device::driver(&self.tree, &self.attribute_dir(address)?)?;
-        self.unless_gone(address, driver)
+        device::driver(&self.tree, &self.existing_function_dir(address)?)
     }
 
     fn driver_override(&self, address: &PciAddress) -> KernelResult<Option<String>> {
-        let driver = device::driver_override(&self.tree, &self.attribute_dir(address)?)?;
-        self.unless_gone(address, driver)
+        device::driver_override(&self.tree, &self.existing_function_dir(address)?)
     }
 
     fn iommu_enabled(&self) -> KernelResult<bool> {

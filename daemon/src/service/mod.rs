@@ -31,7 +31,7 @@ use crate::engine::{Engine, Gate};
 use crate::plan::validate_target;
 pub use interfaces::{DeviceInterface, ManagerInterface, ProfileInterface};
 use narrator::{Narration, Narrator};
-pub use objects::{DeviceProps, ProfileProps, Snapshot};
+pub use objects::{DeviceProps, ProfileProps, Reread, Snapshot};
 pub use options::parse_move_options;
 
 /// A snapshot that takes longer than this is given up (a sysfs read stuck
@@ -51,9 +51,7 @@ pub fn profile_object_path(name: &str) -> OwnedObjectPath {
 /// What a refresh reads again.
 enum Scope {
     WholeBus,
-    Devices(Vec<PciAddress>),
-    /// Only their drivers: what a move changes.
-    Drivers(Vec<PciAddress>),
+    Devices(Vec<PciAddress>, Reread),
     States(Vec<PciAddress>),
 }
 
@@ -158,13 +156,13 @@ impl Service {
     }
 
     /// Like [`Service::refresh`], reading only these devices from the
-    /// kernel: a bind or unbind uevent, or a move, changes only them.
+    /// kernel: a bind or unbind uevent changes only them.
     pub async fn refresh_devices(
         self: &Arc<Self>,
         connection: &Connection,
         addresses: Vec<PciAddress>,
     ) -> Result<(), Error> {
-        self.refresh_with(connection, Scope::Devices(addresses))
+        self.refresh_with(connection, Scope::Devices(addresses, Reread::Whole))
             .await
     }
 
@@ -194,8 +192,7 @@ impl Service {
         let current = self.snapshot().clone();
         let taking = tokio::task::spawn_blocking(move || match scope {
             Scope::WholeBus => Snapshot::take(&engine, &errors),
-            Scope::Devices(addresses) => current.with_devices(&engine, &addresses, &errors),
-            Scope::Drivers(addresses) => current.with_drivers(&engine, &addresses, &errors),
+            Scope::Devices(addresses, what) => current.reread(&engine, &addresses, what, &errors),
             Scope::States(addresses) => Ok(current.with_states(&engine, &addresses, &errors)),
         });
         let fresh = match tokio::time::timeout(SNAPSHOT_TIMEOUT, taking).await {
@@ -424,7 +421,7 @@ impl Service {
         // here means the reply never goes out before the bus shows the move.
         let refreshed = match &outcome {
             Ok(devices) => {
-                self.refresh_with(connection, Scope::Drivers(devices.clone()))
+                self.refresh_with(connection, Scope::Devices(devices.clone(), Reread::Driver))
                     .await
             }
             Err(_) => self.refresh(connection).await,

@@ -26,6 +26,15 @@ pub struct DeviceProps {
     pub boot_vga: bool,
 }
 
+/// How much of a device a refresh reads again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reread {
+    /// Everything (a bind or unbind uevent, or a change behind our back).
+    Whole,
+    /// The driver and what follows from it: all a move of ours changes.
+    Driver,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProfileProps {
     pub name: String,
@@ -177,43 +186,28 @@ impl Snapshot {
         ))
     }
 
-    /// This view with some devices read again (after their bind or unbind
-    /// uevents, or a move): far cheaper than [`Snapshot::take`]. Blocking.
-    pub fn with_devices(
+    /// This view with some devices read again: far cheaper than
+    /// [`Snapshot::take`]. A device not in the view yet is read whole, one
+    /// gone from the bus is dropped. Blocking.
+    pub fn reread(
         &self,
         engine: &Engine,
         addresses: &[PciAddress],
+        what: Reread,
         last_errors: &BTreeMap<String, String>,
     ) -> Result<Snapshot, vfiod_dbus::Error> {
         let mut devices = self.devices.clone();
         for address in addresses {
-            read_whole(&mut devices, engine, address)?;
-        }
-        Ok(Snapshot::with_profiles(
-            devices,
-            &engine.config(),
-            last_errors,
-        ))
-    }
-
-    /// This view with the drivers of some devices read again, which is all
-    /// a move changes; one not in the view yet is read whole, one gone
-    /// from the bus is dropped.
-    pub fn with_drivers(
-        &self,
-        engine: &Engine,
-        addresses: &[PciAddress],
-        last_errors: &BTreeMap<String, String>,
-    ) -> Result<Snapshot, vfiod_dbus::Error> {
-        let mut devices = self.devices.clone();
-        for address in addresses {
-            match (devices.get_mut(address), engine.kernel().driver(address)) {
-                (Some(props), Ok(driver)) => props.set_driver(engine, address, driver),
-                (_, Err(KernelError::NoDevice(_))) => {
-                    devices.remove(address);
-                }
-                (None, Ok(_)) => read_whole(&mut devices, engine, address)?,
-                (_, Err(e)) => return Err(crate::plan::kernel_error(e)),
+            let known = devices.get_mut(address);
+            match (what, known) {
+                (Reread::Driver, Some(props)) => match engine.kernel().driver(address) {
+                    Ok(driver) => props.set_driver(engine, address, driver),
+                    Err(KernelError::NoDevice(_)) => {
+                        devices.remove(address);
+                    }
+                    Err(e) => return Err(crate::plan::kernel_error(e)),
+                },
+                _ => read_whole(&mut devices, engine, address)?,
             }
         }
         Ok(Snapshot::with_profiles(

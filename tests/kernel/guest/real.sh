@@ -85,14 +85,7 @@ k_follow() {
 k_start_vfiod() {
   "$bin/vfiod" --config "$LANE_DIR/vfiod.toml" --state-dir /run/vfiod 2>> "$out/vfiod.log" &
   VFIOD_PID=$!
-  local i
-  for i in $(seq 300); do
-    "$VFIOCTL" status > /dev/null 2>&1 && return 0
-    kill -0 "$VFIOD_PID" 2>/dev/null || break
-    nap 0.05
-  done
-  fail "vfiod did not come up on the bus (see vfiod.log)"
-  return 1
+  await_vfiod 300 "vfiod did not come up on the bus (see vfiod.log)"
 }
 k_put_back() { # ADDR DRIVER: what an admin would type
   local d=/sys/bus/pci/devices/$1
