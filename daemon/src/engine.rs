@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::journal::{Journal, MoveEntry, MoveId};
 use crate::kernel::{Kernel, KernelError, KernelResult, VFIO_DRIVER, VFIO_MODULE};
 use crate::ledger::Ledger;
-use crate::plan::{self, MoveOptions, Plan, kernel_error};
+use crate::plan::{self, MoveOptions, Plan};
 use crate::workers::Workers;
 
 /// Called before each step of a move: (device, step) with the step in
@@ -371,14 +371,14 @@ impl Engine {
         options: &MoveOptions,
         wait: bool,
     ) -> Result<Option<(Plan, GroupGuard)>, Error> {
-        let mut devices = self.kernel.devices().map_err(kernel_error)?;
+        let mut devices = plan::listing_for(&*self.kernel, &self.config(), target)?;
         let mut keys = self.lock_keys_for(&devices, target)?;
         loop {
             let Some((held, waited)) = self.lock_groups(&keys, wait) else {
                 return Ok(None);
             };
             if waited {
-                devices = self.kernel.devices().map_err(kernel_error)?;
+                devices = plan::listing_for(&*self.kernel, &self.config(), target)?;
             }
             let plan = {
                 let config = self.config();
@@ -399,7 +399,7 @@ impl Engine {
             }
             // The set changed while we waited (a device appeared): relock.
             drop(held);
-            devices = self.kernel.devices().map_err(kernel_error)?;
+            devices = plan::listing_for(&*self.kernel, &self.config(), target)?;
             keys = planned;
         }
     }

@@ -85,6 +85,9 @@ pub trait Kernel: Send + Sync + 'static {
     fn devices(&self) -> KernelResult<Vec<PciDevice>>;
     /// One function; `None` when it is not on the bus.
     fn device(&self, address: &PciAddress) -> KernelResult<Option<PciDevice>>;
+    /// The functions in IOMMU group `group`, from the group's own listing:
+    /// a plan reads these, not the whole bus.
+    fn group_members(&self, group: u32) -> KernelResult<Vec<PciAddress>>;
     /// The driver bound now, read from the `driver` link.
     fn driver(&self, address: &PciAddress) -> KernelResult<Option<String>>;
     /// `driver_override`; `None` when it reads `(null)`.

@@ -359,8 +359,54 @@ pub fn plan(
     direction: Direction,
     options: &MoveOptions,
 ) -> Result<Plan, Error> {
-    let devices = kernel.devices().map_err(kernel_error)?;
+    let devices = listing_for(kernel, config, target)?;
     plan_on(kernel, &devices, config, ledger, target, direction, options)
+}
+
+/// What a plan of `target` reads of the bus: the functions it names and
+/// every function in their IOMMU groups, which is all the checks look at.
+/// The whole bus only when that can't be told without it: a profile that
+/// matches by id, or functions without a group (no IOMMU).
+pub fn listing_for(
+    kernel: &dyn Kernel,
+    config: &Config,
+    target: &str,
+) -> Result<Vec<PciDevice>, Error> {
+    let whole_bus = || kernel.devices().map_err(kernel_error);
+    let named: Vec<PciAddress> = match config.profile(target) {
+        Some(profile) if profile.ids.is_empty() => profile.devices.clone(),
+        Some(_) => return whole_bus(),
+        None => match target.parse() {
+            Ok(address) if PciAddress::looks_like_address(target) => vec![address],
+            // Not a target at all: resolving it says why.
+            _ => return whole_bus(),
+        },
+    };
+    let mut listing: BTreeMap<PciAddress, PciDevice> = BTreeMap::new();
+    for address in named {
+        if let Some(device) = kernel.device(&address).map_err(kernel_error)? {
+            listing.insert(address, device);
+        }
+    }
+    let mut groups = BTreeSet::new();
+    for device in listing.values() {
+        match device.iommu_group {
+            Some(group) => groups.insert(group),
+            None => return whole_bus(),
+        };
+    }
+    for group in groups {
+        for address in kernel.group_members(group).map_err(kernel_error)? {
+            if listing.contains_key(&address) {
+                continue;
+            }
+            // Gone since the group was listed: not a member any more.
+            if let Some(device) = kernel.device(&address).map_err(kernel_error)? {
+                listing.insert(address, device);
+            }
+        }
+    }
+    Ok(listing.into_values().collect())
 }
 
 /// [`plan`] on a listing of the bus already read.

@@ -759,3 +759,71 @@ fn a_caller_turned_away_never_waits_for_another_moves_lock() {
         assert!(mover.join().unwrap().is_err(), "the hung bind times out");
     });
 }
+
+/// A plan reads only the functions its target names and their IOMMU
+/// groups; on every shipped machine, for every device and profile, both
+/// ways, with and without force, it decides exactly as it would with the
+/// whole bus in hand.
+#[test]
+fn a_plan_reads_only_its_groups_and_decides_as_with_the_whole_bus() {
+    let mut machines: Vec<String> = std::fs::read_dir(common::machines_dir())
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".toml") && !n.ends_with(".vfiod.toml"))
+        .map(|n| n.trim_end_matches(".toml").to_string())
+        .collect();
+    machines.sort();
+    assert!(machines.len() >= 4, "{machines:?}");
+    let mut compared = 0;
+    for name in &machines {
+        let rig = Rig::shipped(name);
+        let whole = rig.sim.devices().unwrap();
+        let ledger = vfiod::ledger::Ledger::in_memory();
+        let mut targets: Vec<String> = whole.iter().map(|d| d.address.to_string()).collect();
+        targets.extend(rig.config.profiles.keys().cloned());
+        targets.extend(["0000:7f:00.0".to_string(), "no-such-profile".to_string()]);
+        for target in &targets {
+            for direction in [Direction::Bind, Direction::Release] {
+                for options in [MoveOptions::default(), force()] {
+                    let planned = vfiod::plan::plan(
+                        &*rig.sim,
+                        &rig.config,
+                        &ledger,
+                        target,
+                        direction,
+                        &options,
+                    );
+                    let on_whole = vfiod::plan::plan_on(
+                        &*rig.sim,
+                        &whole,
+                        &rig.config,
+                        &ledger,
+                        target,
+                        direction,
+                        &options,
+                    );
+                    assert_eq!(
+                        format!("{planned:?}"),
+                        format!("{on_whole:?}"),
+                        "{name}: {direction} {target}"
+                    );
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert!(compared > 100, "{compared}");
+
+    // What the RX 580's plan read: its group, not the Z77's whole bus.
+    let rig = Rig::shipped("z77-rx580");
+    let read = vfiod::plan::listing_for(&*rig.sim, &rig.config, "rx580").unwrap();
+    let group = read[0].iommu_group.unwrap();
+    let mut members = rig.sim.group_members(group).unwrap();
+    members.sort();
+    assert_eq!(read.iter().map(|d| d.address).collect::<Vec<_>>(), members);
+    assert!(
+        read.len() < rig.sim.devices().unwrap().len() / 4,
+        "{read:?}"
+    );
+}

@@ -367,6 +367,15 @@ impl Kernel for SimKernel {
             .and_then(|entry| inner.state.pci_device(entry)))
     }
 
+    fn group_members(&self, group: u32) -> KernelResult<Vec<PciAddress>> {
+        Ok(self
+            .devices()?
+            .into_iter()
+            .filter(|d| d.iommu_group == Some(group))
+            .map(|d| d.address)
+            .collect())
+    }
+
     fn driver(&self, address: &PciAddress) -> KernelResult<Option<String>> {
         let inner = self.lock();
         let dev = inner

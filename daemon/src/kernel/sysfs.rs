@@ -175,6 +175,20 @@ impl Kernel for SysfsKernel {
         }
     }
 
+    fn group_members(&self, group: u32) -> KernelResult<Vec<PciAddress>> {
+        let dir = Path::new(IOMMU_GROUPS)
+            .join(group.to_string())
+            .join("devices");
+        // A group may hold functions of other buses (platform devices on
+        // some boards): only PCI addresses are members here.
+        Ok(self
+            .tree
+            .list_optional(&dir)?
+            .iter()
+            .filter_map(|name| name.to_str()?.parse().ok())
+            .collect())
+    }
+
     fn driver(&self, address: &PciAddress) -> KernelResult<Option<String>> {
         device::driver(&self.tree, &self.existing_function_dir(address)?)
     }

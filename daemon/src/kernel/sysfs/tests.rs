@@ -1032,3 +1032,54 @@ fn bus_links_joined_lead_where_the_kernel_resolves_them() {
     );
     eprintln!("{seen} functions agree");
 }
+
+/// The scan on this machine's own /proc: this test's process, holding a
+/// file open, is found under its own name, and the same file closed is
+/// held by nobody.
+#[test]
+fn this_process_is_found_holding_a_file_it_opened() {
+    let dir = nix::unistd::mkdtemp("/tmp/vfiod-holders-XXXXXX").unwrap();
+    let node = dir.join("node");
+    std::fs::write(&node, "").unwrap();
+    let kernel = SysfsKernel::host();
+    let open = std::fs::File::open(&node).unwrap();
+    let found = kernel.holders(std::slice::from_ref(&node)).unwrap();
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+    assert!(
+        found.contains(&Holder {
+            pid: std::process::id(),
+            comm: comm.trim_end().to_string(),
+            node: node.clone(),
+        }),
+        "{found:?}"
+    );
+    drop(open);
+    assert_eq!(kernel.holders(std::slice::from_ref(&node)).unwrap(), []);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A group's own listing names the functions whose `iommu_group` link
+/// leads to it, and nothing else.
+#[test]
+fn group_members_are_the_functions_linked_to_the_group() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    let devices = kernel.devices().unwrap();
+    let groups: std::collections::BTreeSet<u32> =
+        devices.iter().filter_map(|d| d.iommu_group).collect();
+    assert!(groups.len() > 2, "{groups:?}");
+    for group in groups {
+        let mut members = kernel.group_members(group).unwrap();
+        members.sort();
+        let linked: Vec<PciAddress> = devices
+            .iter()
+            .filter(|d| d.iommu_group == Some(group))
+            .map(|d| d.address)
+            .collect();
+        assert_eq!(members, linked, "group {group}");
+    }
+    assert_eq!(kernel.group_members(999).unwrap(), []);
+    let gpu = kernel.device(&addr(GPU)).unwrap().unwrap();
+    let members = kernel.group_members(gpu.iommu_group.unwrap()).unwrap();
+    assert!(members.contains(&addr(GPU_AUDIO)), "{members:?}");
+}
