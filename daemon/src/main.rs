@@ -11,17 +11,16 @@ use tracing::{error, info, warn};
 use vfiod::bouncer::Bouncer;
 use vfiod::cli::{Args, default_state_dir};
 use vfiod::config::{BootState, Config};
-use vfiod::engine::{Activity, Engine};
+use vfiod::engine::Engine;
 use vfiod::journal::Journal;
+use vfiod::kernel::Kernel;
 use vfiod::kernel::sim::SimKernel;
 use vfiod::kernel::sysfs::SysfsKernel;
-use vfiod::kernel::{Kernel, Uevent, UeventAction};
 use vfiod::ledger::Ledger;
 use vfiod::plan::MoveOptions;
 use vfiod::service::Service;
 use vfiod::service::simulator::{SIMULATOR_PATH, SimulatorInterface};
 use vfiod_dbus::Direction;
-use vfiod_pci::PciAddress;
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
@@ -146,14 +145,13 @@ async fn run(args: Args) -> Result<(), String> {
                     std::future::pending::<()>().await;
                     continue;
                 };
-                // Everything queued so far is handled at once: a bind or
-                // unbind re-reads its device, anything else (a device added
-                // or removed) the whole bus.
+                // Everything queued so far is handled at once
+                // (`rereads_after` says what each event calls for).
                 let mut batch = vec![event];
                 while let Ok(more) = events.try_recv() {
                     batch.push(more);
                 }
-                if let Err(e) = refresh_after(&service, &connection, &batch).await {
+                if let Err(e) = service.follow_uevents(&connection, &batch).await {
                     warn!(error = %e, "refresh after a uevent failed");
                 }
             }
@@ -164,34 +162,6 @@ async fn run(args: Args) -> Result<(), String> {
     }
     info!("stopping");
     Ok(())
-}
-
-async fn refresh_after(
-    service: &Arc<Service>,
-    connection: &zbus::Connection,
-    events: &[Uevent],
-) -> Result<(), vfiod_dbus::Error> {
-    let whole_bus = events.iter().any(|e| {
-        !matches!(
-            e.action,
-            UeventAction::Bind | UeventAction::Unbind | UeventAction::Change
-        )
-    });
-    tracing::debug!(events = events.len(), whole_bus, "uevents");
-    if whole_bus {
-        return service.refresh(connection).await;
-    }
-    let mut devices: Vec<PciAddress> = events.iter().map(|e| e.address).collect();
-    devices.sort();
-    devices.dedup();
-    // A device in a move of ours is read again as the move ends, before
-    // its reply: reading it at every step only competes with the move.
-    let engine = service.engine();
-    devices.retain(|address| engine.activity(address) != Some(Activity::Moving));
-    if devices.is_empty() {
-        return Ok(());
-    }
-    service.refresh_devices(connection, devices).await
 }
 
 async fn reload(

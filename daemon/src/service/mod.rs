@@ -27,7 +27,8 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
 use crate::bouncer::Bouncer;
 use crate::doctor;
-use crate::engine::{Engine, Gate};
+use crate::engine::{Activity, Engine, Gate};
+use crate::kernel::{Uevent, UeventAction};
 use crate::plan::validate_target;
 pub use interfaces::{DeviceInterface, ManagerInterface, ProfileInterface};
 use narrator::{Narration, Narrator};
@@ -46,6 +47,52 @@ pub fn device_object_path(address: &PciAddress) -> OwnedObjectPath {
 pub fn profile_object_path(name: &str) -> OwnedObjectPath {
     OwnedObjectPath::try_from(names::profile_path(name))
         .expect("escaped profile paths are valid object paths")
+}
+
+/// What a batch of uevents calls for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UeventRereads {
+    /// A function came or went: the whole bus.
+    WholeBus,
+    /// These devices, each as much as its events need (none: nothing).
+    Devices(BTreeMap<PciAddress, Reread>),
+}
+
+/// What to read again after `events`, given the `published` view:
+/// - a function added or removed: the whole bus;
+/// - a device in a move of ours (`moving`): nothing, its move reads it as
+///   it ends, and reading it at every step would only compete with it;
+/// - a bind or unbind: the driver (all they change);
+/// - a bind of the driver already published: nothing. That is the echo of
+///   a move of ours, which udevd passes on after the move has answered,
+///   while its caller is still exiting.
+/// - anything else (`change`): the whole device.
+pub fn rereads_after(
+    events: &[Uevent],
+    published: &Snapshot,
+    moving: impl Fn(&PciAddress) -> bool,
+) -> UeventRereads {
+    let mut devices: BTreeMap<PciAddress, Reread> = BTreeMap::new();
+    for event in events {
+        let what = match event.action {
+            UeventAction::Add | UeventAction::Remove => return UeventRereads::WholeBus,
+            _ if moving(&event.address) => continue,
+            UeventAction::Bind => {
+                let published_driver = published.devices.get(&event.address).map(|d| &d.driver);
+                if event.driver.is_some() && published_driver == event.driver.as_ref() {
+                    continue;
+                }
+                Reread::Driver
+            }
+            UeventAction::Unbind => Reread::Driver,
+            UeventAction::Change => Reread::Whole,
+        };
+        let entry = devices.entry(event.address).or_insert(what);
+        if what == Reread::Whole {
+            *entry = Reread::Whole;
+        }
+    }
+    UeventRereads::Devices(devices)
 }
 
 /// What a refresh reads again.
@@ -155,15 +202,37 @@ impl Service {
         self.refresh_with(connection, Scope::WholeBus).await
     }
 
-    /// Like [`Service::refresh`], reading only these devices from the
-    /// kernel: a bind or unbind uevent changes only them.
-    pub async fn refresh_devices(
+    /// Reads again what a batch of uevents may have changed and publishes
+    /// it ([`rereads_after`] says what).
+    pub async fn follow_uevents(
         self: &Arc<Self>,
         connection: &Connection,
-        addresses: Vec<PciAddress>,
+        events: &[Uevent],
     ) -> Result<(), Error> {
-        self.refresh_with(connection, Scope::Devices(addresses, Reread::Whole))
-            .await
+        let rereads = {
+            let published = self.snapshot();
+            rereads_after(events, &published, |address| {
+                self.engine.activity(address) == Some(Activity::Moving)
+            })
+        };
+        tracing::debug!(events = events.len(), ?rereads, "uevents");
+        match rereads {
+            UeventRereads::WholeBus => self.refresh(connection).await,
+            UeventRereads::Devices(devices) => {
+                for what in [Reread::Whole, Reread::Driver] {
+                    let addresses: Vec<PciAddress> = devices
+                        .iter()
+                        .filter(|(_, w)| **w == what)
+                        .map(|(a, _)| *a)
+                        .collect();
+                    if !addresses.is_empty() {
+                        self.refresh_with(connection, Scope::Devices(addresses, what))
+                            .await?;
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Publishes what the engine says of these devices (moving, stuck,
@@ -524,3 +593,6 @@ async fn emit_properties(
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

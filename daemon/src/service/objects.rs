@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::kernel::{KernelError, VFIO_DRIVER};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DeviceProps {
     pub address: String,
     pub vendor_id: u16,
@@ -29,7 +29,7 @@ pub struct DeviceProps {
 /// How much of a device a refresh reads again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reread {
-    /// Everything (a bind or unbind uevent, or a change behind our back).
+    /// Everything (a `change` uevent; a device the view doesn't know yet).
     Whole,
     /// The driver and what follows from it: all a move of ours changes.
     Driver,
