@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use vfiod_dbus::Direction;
 use vfiod_pci::PciAddress;
 
-use crate::state_file::write_atomically;
+use crate::state_file::StateFile;
 
 pub const JOURNAL_FILE: &str = "journal.json";
 
@@ -45,7 +45,8 @@ pub struct JournalError {
 pub type MoveId = u64;
 
 pub struct Journal {
-    path: Option<PathBuf>,
+    /// Locked after `file`, only to write it out.
+    state: Option<Mutex<StateFile>>,
     file: Mutex<JournalFile>,
 }
 
@@ -53,7 +54,7 @@ impl Journal {
     /// A journal that writes nothing (tests, benchmarks of the engine alone).
     pub fn disabled() -> Journal {
         Journal {
-            path: None,
+            state: None,
             file: Mutex::default(),
         }
     }
@@ -98,7 +99,7 @@ impl Journal {
             Vec::new()
         };
         let journal = Journal {
-            path: Some(path),
+            state: Some(Mutex::new(StateFile::new(path))),
             file: Mutex::new(file),
         };
         journal.save(&journal.lock())?;
@@ -110,12 +111,13 @@ impl Journal {
     }
 
     fn save(&self, file: &JournalFile) -> Result<(), JournalError> {
-        let Some(path) = &self.path else {
+        let Some(state) = &self.state else {
             return Ok(());
         };
         let bytes = serde_json::to_vec(file).expect("journal entries always serialize");
-        write_atomically(path, &bytes).map_err(|e| JournalError {
-            path: path.clone(),
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        state.replace(&bytes).map_err(|e| JournalError {
+            path: state.path().to_path_buf(),
             reason: e.to_string(),
         })
     }

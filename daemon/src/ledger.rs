@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use vfiod_pci::PciAddress;
 
-use crate::state_file::write_atomically;
+use crate::state_file::StateFile;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Records {
@@ -20,7 +20,7 @@ struct Records {
 
 #[derive(Debug)]
 pub struct Ledger {
-    path: Option<PathBuf>,
+    file: Option<StateFile>,
     records: Records,
 }
 
@@ -35,7 +35,7 @@ impl Ledger {
     /// A ledger kept only in memory (tests, benchmarks).
     pub fn in_memory() -> Ledger {
         Ledger {
-            path: None,
+            file: None,
             records: Records::default(),
         }
     }
@@ -57,7 +57,7 @@ impl Ledger {
             }
         };
         Ok(Ledger {
-            path: Some(path),
+            file: Some(StateFile::new(path)),
             records,
         })
     }
@@ -99,14 +99,14 @@ impl Ledger {
         self.save()
     }
 
-    fn save(&self) -> Result<(), LedgerError> {
-        let Some(path) = &self.path else {
+    fn save(&mut self) -> Result<(), LedgerError> {
+        let Some(file) = &mut self.file else {
             return Ok(());
         };
         let bytes =
             serde_json::to_vec_pretty(&self.records).expect("ledger records always serialize");
-        write_atomically(path, &bytes).map_err(|e| LedgerError {
-            path: path.clone(),
+        file.replace(&bytes).map_err(|e| LedgerError {
+            path: file.path().to_path_buf(),
             reason: e.to_string(),
         })
     }
