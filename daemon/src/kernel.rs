@@ -6,7 +6,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use vfiod_pci::{Holder, PciAddress, PciDevice, UsbDevice};
+use vfiod_pci::{Holder, PciAddress, PciDevice, PciId, UsbDevice};
 
 use self::host::HostView;
 
@@ -83,6 +83,9 @@ pub struct Uevent {
 pub trait Kernel: Send + Sync + 'static {
     /// Every PCI function, sorted by address.
     fn devices(&self) -> KernelResult<Vec<PciDevice>>;
+    /// Every function's vendor:device id, sorted by address: one read
+    /// each, for matching profiles by id without reading everything.
+    fn ids(&self) -> KernelResult<Vec<(PciAddress, PciId)>>;
     /// One function; `None` when it is not on the bus.
     fn device(&self, address: &PciAddress) -> KernelResult<Option<PciDevice>>;
     /// The functions in IOMMU group `group`, from the group's own listing:

@@ -365,8 +365,8 @@ pub fn plan(
 
 /// What a plan of `target` reads of the bus: the functions it names and
 /// every function in their IOMMU groups, which is all the checks look at.
-/// The whole bus only when that can't be told without it: a profile that
-/// matches by id, or functions without a group (no IOMMU).
+/// A profile's ids are matched on the bus's ids alone. The whole bus only
+/// when the functions have no group (no IOMMU).
 pub fn listing_for(
     kernel: &dyn Kernel,
     config: &Config,
@@ -374,8 +374,18 @@ pub fn listing_for(
 ) -> Result<Vec<PciDevice>, Error> {
     let whole_bus = || kernel.devices().map_err(kernel_error);
     let named: Vec<PciAddress> = match config.profile(target) {
-        Some(profile) if profile.ids.is_empty() => profile.devices.clone(),
-        Some(_) => return whole_bus(),
+        Some(profile) => {
+            let mut named = profile.devices.clone();
+            if !profile.ids.is_empty() {
+                let ids = kernel.ids().map_err(kernel_error)?;
+                named.extend(
+                    ids.into_iter()
+                        .filter(|(_, id)| profile.ids.contains(id))
+                        .map(|(address, _)| address),
+                );
+            }
+            named
+        }
         None => match target.parse() {
             Ok(address) if PciAddress::looks_like_address(target) => vec![address],
             // Not a target at all: resolving it says why.

@@ -826,4 +826,9 @@ fn a_plan_reads_only_its_groups_and_decides_as_with_the_whole_bus() {
         read.len() < rig.sim.devices().unwrap().len() / 4,
         "{read:?}"
     );
+    // A profile by id: the matching card and its group, from the ids alone.
+    let read = vfiod::plan::listing_for(&*rig.sim, &rig.config, "usb3").unwrap();
+    let ids = &rig.config.profile("usb3").unwrap().ids;
+    assert!(!read.is_empty() && read.len() <= 2, "{read:?}");
+    assert!(read.iter().any(|d| ids.contains(&d.id)), "{read:?}");
 }

@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use vfiod_pci::machine::{
     DeviceEntry, Faults, IommuKind, MachineError, MachineFile, ProbeFault, UnbindFault, VanishFault,
 };
-use vfiod_pci::{Holder, PciAddress, PciClass, PciDevice, UsbDevice};
+use vfiod_pci::{Holder, PciAddress, PciClass, PciDevice, PciId, UsbDevice};
 
 use super::host::HostView;
 use super::{Kernel, KernelError, KernelResult, Uevent, UeventAction, VFIO_DRIVER, VFIO_MODULE};
@@ -355,6 +355,14 @@ impl Kernel for SimKernel {
             .board
             .entries()
             .filter_map(|entry| inner.state.pci_device(entry))
+            .collect())
+    }
+
+    fn ids(&self) -> KernelResult<Vec<(PciAddress, PciId)>> {
+        Ok(self
+            .devices()?
+            .into_iter()
+            .map(|d| (d.address, d.id))
             .collect())
     }
 

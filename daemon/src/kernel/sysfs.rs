@@ -27,7 +27,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use vfiod_pci::{Holder, PciAddress, PciDevice, UsbDevice};
+use vfiod_pci::{Holder, PciAddress, PciDevice, PciId, UsbDevice};
 
 pub use self::device::RESET_METHOD_UNKNOWN;
 use self::pci_ids::{PCI_IDS_PATHS, PciIds};
@@ -100,6 +100,31 @@ impl SysfsKernel {
             .ok_or(KernelError::NoDevice(*address))
     }
 
+    /// Each function on the bus and its directory, sorted by address.
+    fn function_dirs(&self) -> KernelResult<Vec<(PciAddress, PathBuf)>> {
+        // No PCI bus (some VMs and boards): no functions.
+        let Some(bus) = self.tree.resolve_optional(Path::new(PCI_DEVICES))? else {
+            return Ok(Vec::new());
+        };
+        let mut dirs = Vec::new();
+        for name in self.tree.list_optional(&bus)? {
+            let address: PciAddress = name
+                .to_str()
+                .and_then(|name| name.parse().ok())
+                .ok_or_else(|| self.tree.malformed(&bus.join(&name), "not a PCI address"))?;
+            // Under `/` one call per function; a fixture's walk starts
+            // from the bus directory, resolved once.
+            let dir = if self.tree.is_host_root() {
+                self.function_dir(&address)?
+            } else {
+                self.tree.resolve_optional_in(&bus, Path::new(&name))?
+            };
+            dirs.extend(dir.map(|dir| (address, dir)));
+        }
+        dirs.sort_by_key(|(address, _)| *address);
+        Ok(dirs)
+    }
+
     /// `None` when the function went away while it was being read (hot
     /// unplug, or a device that vanishes on unbind).
     fn read_function(&self, address: PciAddress, dir: &Path) -> KernelResult<Option<PciDevice>> {
@@ -142,30 +167,24 @@ fn invalid_driver(op: &'static str, driver: &str) -> KernelError {
 
 impl Kernel for SysfsKernel {
     fn devices(&self) -> KernelResult<Vec<PciDevice>> {
-        // No PCI bus (some VMs and boards): no functions.
-        let Some(bus) = self.tree.resolve_optional(Path::new(PCI_DEVICES))? else {
-            return Ok(Vec::new());
-        };
         let mut devices = Vec::new();
-        for name in self.tree.list_optional(&bus)? {
-            let address: PciAddress = name
-                .to_str()
-                .and_then(|name| name.parse().ok())
-                .ok_or_else(|| self.tree.malformed(&bus.join(&name), "not a PCI address"))?;
-            // Under `/` one call per function; a fixture's walk starts
-            // from the bus directory, resolved once.
-            let dir = if self.tree.is_host_root() {
-                self.function_dir(&address)?
-            } else {
-                self.tree.resolve_optional_in(&bus, Path::new(&name))?
-            };
-            let Some(dir) = dir else {
-                continue;
-            };
+        for (address, dir) in self.function_dirs()? {
             devices.extend(self.read_function(address, &dir)?);
         }
-        devices.sort_by_key(|device| device.address);
         Ok(devices)
+    }
+
+    fn ids(&self) -> KernelResult<Vec<(PciAddress, PciId)>> {
+        let mut ids = Vec::new();
+        for (address, dir) in self.function_dirs()? {
+            match device::read_uevent(&self.tree, &dir) {
+                Ok(uevent) => ids.push((address, uevent.id)),
+                // Gone while it was read, as in `read_function`.
+                Err(_) if !self.tree.exists(&Self::bus_entry(&address)) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(ids)
     }
 
     fn device(&self, address: &PciAddress) -> KernelResult<Option<PciDevice>> {

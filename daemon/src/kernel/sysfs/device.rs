@@ -22,8 +22,35 @@ pub(super) fn read(
     address: PciAddress,
     dir: &Path,
 ) -> KernelResult<PciDevice> {
-    // `uevent` holds the ids and the class in one read, where `vendor`,
-    // `device`, `subsystem_*` and `class` take five.
+    let Uevent {
+        id,
+        subsystem,
+        class,
+    } = read_uevent(tree, dir)?;
+    Ok(PciDevice {
+        address,
+        id,
+        subsystem,
+        class,
+        name: ids.device_name(id),
+        driver: driver(tree, dir)?,
+        iommu_group: iommu_group(tree, dir)?,
+        parent: parent(dir),
+        boot_vga: boot_vga(tree, dir)?,
+        reset_methods: reset_methods(tree, dir)?,
+    })
+}
+
+/// What a function's `uevent` says of it.
+pub(super) struct Uevent {
+    pub id: PciId,
+    pub subsystem: Option<PciId>,
+    pub class: PciClass,
+}
+
+/// `uevent` holds the ids and the class in one read, where `vendor`,
+/// `device`, `subsystem_*` and `class` take five.
+pub(super) fn read_uevent(tree: &Rooted, dir: &Path) -> KernelResult<Uevent> {
     let uevent_path = dir.join("uevent");
     let uevent = tree.read(&uevent_path)?;
     let malformed = |reason: String| tree.malformed(&uevent_path, reason);
@@ -47,17 +74,10 @@ pub(super) fn read(
                 .map(PciClass)
                 .ok_or_else(|| malformed(format!("PCI_CLASS {text:?}")))
         })?;
-    Ok(PciDevice {
-        address,
+    Ok(Uevent {
         id,
         subsystem,
         class,
-        name: ids.device_name(id),
-        driver: driver(tree, dir)?,
-        iommu_group: iommu_group(tree, dir)?,
-        parent: parent(dir),
-        boot_vga: boot_vga(tree, dir)?,
-        reset_methods: reset_methods(tree, dir)?,
     })
 }
 

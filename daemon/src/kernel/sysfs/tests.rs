@@ -1083,3 +1083,18 @@ fn group_members_are_the_functions_linked_to_the_group() {
     let members = kernel.group_members(gpu.iommu_group.unwrap()).unwrap();
     assert!(members.contains(&addr(GPU_AUDIO)), "{members:?}");
 }
+
+/// The ids listing says what the whole listing says, for every function.
+#[test]
+fn ids_are_those_of_the_whole_listing() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    let whole: Vec<(PciAddress, vfiod_pci::PciId)> = kernel
+        .devices()
+        .unwrap()
+        .iter()
+        .map(|d| (d.address, d.id))
+        .collect();
+    assert!(whole.len() > 5);
+    assert_eq!(kernel.ids().unwrap(), whole);
+}
