@@ -259,10 +259,19 @@ impl Service {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let current = self.snapshot().clone();
-        let taking = tokio::task::spawn_blocking(move || match scope {
-            Scope::WholeBus => Snapshot::take(&engine, &errors),
-            Scope::Devices(addresses, what) => current.reread(&engine, &addresses, what, &errors),
-            Scope::States(addresses) => Ok(current.with_states(&engine, &addresses, &errors)),
+        // The engine's states are bookkeeping, not kernel reads: no thread
+        // for them (a move's first step waits on nothing else).
+        let kernel_scope = match scope {
+            Scope::States(addresses) => {
+                let fresh = current.with_states(&engine, &addresses, &errors);
+                return self.publish(connection, fresh).await;
+            }
+            Scope::WholeBus => None,
+            Scope::Devices(addresses, what) => Some((addresses, what)),
+        };
+        let taking = tokio::task::spawn_blocking(move || match kernel_scope {
+            None => Snapshot::take(&engine, &errors),
+            Some((addresses, what)) => current.reread(&engine, &addresses, what, &errors),
         });
         let fresh = match tokio::time::timeout(SNAPSHOT_TIMEOUT, taking).await {
             Ok(joined) => {
@@ -275,6 +284,15 @@ impl Service {
                 return Ok(());
             }
         };
+        self.publish(connection, fresh).await
+    }
+
+    /// Makes `fresh` the published view and announces what changed.
+    async fn publish(
+        self: &Arc<Self>,
+        connection: &Connection,
+        fresh: Snapshot,
+    ) -> Result<(), Error> {
         let old = std::mem::replace(
             &mut *self.published.write().unwrap_or_else(|e| e.into_inner()),
             fresh.clone(),
