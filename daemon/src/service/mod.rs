@@ -58,6 +58,27 @@ pub enum UeventRereads {
     Devices(BTreeMap<PciAddress, Reread>),
 }
 
+impl std::fmt::Display for UeventRereads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UeventRereads::WholeBus => f.write_str("the whole bus"),
+            UeventRereads::Devices(devices) if devices.is_empty() => f.write_str("nothing"),
+            UeventRereads::Devices(devices) => {
+                let mut first = true;
+                for (address, what) in devices {
+                    let what = match what {
+                        Reread::Whole => "whole",
+                        Reread::Driver => "driver",
+                    };
+                    write!(f, "{}{address} ({what})", if first { "" } else { ", " })?;
+                    first = false;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// What to read again after `events`, given the `published` view:
 /// - a function added or removed: the whole bus;
 /// - a device in a move of ours (`moving`): nothing, its move reads it as
@@ -215,7 +236,7 @@ impl Service {
                 self.engine.activity(address) == Some(Activity::Moving)
             })
         };
-        tracing::debug!(events = events.len(), ?rereads, "uevents");
+        tracing::debug!(events = events.len(), rereads = %rereads, "uevents");
         match rereads {
             UeventRereads::WholeBus => self.refresh(connection).await,
             UeventRereads::Devices(devices) => {

@@ -93,3 +93,13 @@ fn each_device_is_read_as_much_as_its_events_need() {
         );
     }
 }
+
+#[test]
+fn the_log_names_each_device_and_how_much_is_read() {
+    assert_eq!(UeventRereads::WholeBus.to_string(), "the whole bus");
+    assert_eq!(devices(&[]).to_string(), "nothing");
+    assert_eq!(
+        devices(&[(GPU, Reread::Whole), (AUDIO, Reread::Driver)]).to_string(),
+        "0000:01:00.0 (whole), 0000:01:00.1 (driver)"
+    );
+}
