@@ -115,6 +115,11 @@ pub trait Kernel: Send + Sync + 'static {
     fn console_on(&self, address: &PciAddress) -> KernelResult<bool>;
     /// `/dev/vfio/N` when it exists.
     fn vfio_group_node(&self, group: u32) -> Option<PathBuf>;
+    /// The function's own vfio device files (`/dev/vfio/devices/vfioX`,
+    /// named by its `vfio-dev/vfioX` in sysfs): kernels with iommufd's
+    /// device interface (6.6+) make one for each function on vfio-pci, and
+    /// a VM using iommufd holds it instead of the group's node.
+    fn vfio_device_nodes(&self, address: &PciAddress) -> KernelResult<Vec<PathBuf>>;
     /// Whether a process (a VM) has `/dev/vfio/N` open; `None` when that
     /// can't be told without looking for the holders.
     fn vfio_group_open(&self, group: u32) -> Option<bool>;

@@ -634,24 +634,32 @@ fn release_reasons(
     options: &MoveOptions,
 ) -> Result<Vec<Reason>, Error> {
     let mut reasons = Vec::new();
-    // Unbinding vfio-pci while a VM holds the group blocks in the kernel
-    // until the VM lets go: refuse instead, whatever `force` says.
-    let groups: BTreeSet<u32> = members
+    // Unbinding vfio-pci while a VM holds the group (or, with iommufd, the
+    // function's device file) blocks in the kernel until the VM lets go:
+    // refuse instead, whatever `force` says.
+    let on_vfio: Vec<&PciDevice> = members
         .iter()
         .filter(|d| d.is_bound_to(VFIO_DRIVER))
-        .filter_map(|d| d.iommu_group)
         .collect();
+    let groups: BTreeSet<u32> = on_vfio.iter().filter_map(|d| d.iommu_group).collect();
     for group in groups {
-        let Some(node) = kernel.vfio_group_node(group) else {
-            continue;
+        let mut device_files = Vec::new();
+        for d in on_vfio.iter().filter(|d| d.iommu_group == Some(group)) {
+            device_files.extend(kernel.vfio_device_nodes(&d.address).map_err(kernel_error)?);
+        }
+        let group_node = kernel.vfio_group_node(group);
+        // Asking the group is one open; looking for holders reads every
+        // process's every fd, so it is done only for a group that may be
+        // held, or for device files, which can be opened by many at once.
+        let held = match group_node {
+            Some(_) => kernel.vfio_group_open(group),
+            None => Some(false),
         };
-        // Asking the group is one open; looking for its holders reads
-        // every process's every fd, so only a held group is searched.
-        let held = kernel.vfio_group_open(group);
-        if held == Some(false) {
+        if held == Some(false) && device_files.is_empty() {
             continue;
         }
-        let holders = kernel.holders(&[node]).map_err(kernel_error)?;
+        let nodes: Vec<PathBuf> = group_node.into_iter().chain(device_files).collect();
+        let holders = kernel.holders(&nodes).map_err(kernel_error)?;
         if held == Some(true) || !holders.is_empty() {
             reasons.push(Reason::VfioGroupHeld { group, holders });
         }

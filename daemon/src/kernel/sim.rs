@@ -472,6 +472,11 @@ impl Kernel for SimKernel {
             .then(|| group_node(group))
     }
 
+    fn vfio_device_nodes(&self, _address: &PciAddress) -> KernelResult<Vec<PathBuf>> {
+        // Machine files (DESIGN §7) describe group nodes only.
+        Ok(Vec::new())
+    }
+
     fn vfio_group_open(&self, group: u32) -> Option<bool> {
         let node = group_node(group);
         Some(self.lock().state.holders.iter().any(|h| h.node == node))

@@ -40,6 +40,7 @@ const PCI_DRIVERS: &str = "sys/bus/pci/drivers";
 const DRIVERS_PROBE: &str = "sys/bus/pci/drivers_probe";
 const IOMMU_GROUPS: &str = "sys/kernel/iommu_groups";
 const VFIO_GROUPS: &str = "dev/vfio";
+const VFIO_DEVICE_FILES: &str = "/dev/vfio/devices";
 
 /// [`Kernel`] on sysfs and procfs.
 pub struct SysfsKernel {
@@ -253,6 +254,21 @@ impl Kernel for SysfsKernel {
     fn vfio_group_node(&self, group: u32) -> Option<PathBuf> {
         let node = Path::new(VFIO_GROUPS).join(group.to_string());
         self.tree.exists(&node).then(|| Path::new("/").join(node))
+    }
+
+    fn vfio_device_nodes(&self, address: &PciAddress) -> KernelResult<Vec<PathBuf>> {
+        let Some(dir) = self.function_dir(address)? else {
+            return Ok(Vec::new());
+        };
+        let mut nodes = Vec::new();
+        for name in self.tree.list_optional(&dir.join("vfio-dev"))? {
+            // 6.1 to 6.5 have the sysfs entry but no device file.
+            let node = Path::new(VFIO_DEVICE_FILES).join(name);
+            if self.tree.exists(&node) {
+                nodes.push(node);
+            }
+        }
+        Ok(nodes)
     }
 
     fn vfio_group_open(&self, group: u32) -> Option<bool> {

@@ -1098,3 +1098,56 @@ fn ids_are_those_of_the_whole_listing() {
     assert!(whole.len() > 5);
     assert_eq!(kernel.ids().unwrap(), whole);
 }
+
+/// Kernels with iommufd's device files (6.6+): a VM may hold the
+/// function's `/dev/vfio/devices/vfioX` and not the group's node; a
+/// release would then wait in vfio-pci's remove until it lets go.
+#[test]
+fn a_release_is_refused_while_a_vm_holds_the_functions_vfio_device_file() {
+    use crate::config::Config;
+    use crate::ledger::Ledger;
+    use crate::plan::{self, MoveOptions};
+    use vfiod_dbus::{Direction, Error};
+
+    let fx = desktop();
+    let kernel = fx.kernel();
+    let gpu = addr(GPU);
+    fx.unbind(GPU);
+    fx.bind(GPU, "vfio-pci");
+    fx.vfio_group(1);
+    // 6.1 to 6.5: the sysfs entry, no device file.
+    fx.mkdir(fx.function_dir(GPU).join("vfio-dev/vfio0"));
+    assert_eq!(
+        kernel.vfio_device_nodes(&gpu).unwrap(),
+        Vec::<PathBuf>::new()
+    );
+    fx.write("dev/vfio/devices/vfio0", "");
+    assert_eq!(
+        kernel.vfio_device_nodes(&gpu).unwrap(),
+        [PathBuf::from("/dev/vfio/devices/vfio0")]
+    );
+    assert_eq!(
+        kernel.vfio_device_nodes(&addr(GPU_AUDIO)).unwrap(),
+        Vec::<PathBuf>::new()
+    );
+
+    let release = || {
+        plan::plan(
+            &kernel,
+            &Config::default(),
+            &Ledger::in_memory(),
+            GPU,
+            Direction::Release,
+            &MoveOptions::default(),
+        )
+    };
+    assert!(release().is_ok(), "{:?}", release());
+    fx.process(5150, "qemu-system-x86", &["/dev/vfio/devices/vfio0"]);
+    let err = release().unwrap_err();
+    assert!(matches!(err, Error::DeviceBusy(_)), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains("qemu-system-x86 (pid 5150) holds /dev/vfio/devices/vfio0"),
+        "{message}"
+    );
+}
