@@ -661,12 +661,7 @@ impl Engine {
     /// it is not (vfio-pci by `ids=`, another driver of the same device),
     /// the override names the host driver and the device moves again.
     fn to_host(&self, address: PciAddress, host: Option<String>, run: &Run) -> Result<(), Failure> {
-        let overridden = self.kernel.driver_override(&address).map_err(|e| Failure {
-            device: Some(address),
-            step: "read driver_override".into(),
-            cause: StepFailure::Kernel(e),
-        })?;
-        if overridden.is_some() {
+        if self.read_override(address, run)?.is_some() {
             self.clear_override(address, run)?;
         }
         if let Some(driver) = self.current_driver(address)? {
@@ -711,14 +706,7 @@ impl Engine {
         current: Option<String>,
         run: &Run,
     ) -> Result<(), Failure> {
-        let name = host.clone();
-        self.step(
-            address,
-            &format!("set driver_override {host}"),
-            run,
-            move |k| k.set_driver_override(&address, Some(&name)),
-            |k| expect_override(k, &address, Some(&host)),
-        )?;
+        self.override_step(address, Some(&host), run)?;
         if let Some(driver) = current {
             self.unbind_step(address, driver, run)?;
         }
@@ -733,12 +721,27 @@ impl Engine {
     }
 
     fn clear_override(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
+        self.override_step(address, None, run)
+    }
+
+    /// Writes `driver_override` (`None` clears it) and reads it back.
+    fn override_step(
+        &self,
+        address: PciAddress,
+        driver: Option<&str>,
+        run: &Run,
+    ) -> Result<(), Failure> {
+        let step = match driver {
+            Some(driver) => format!("set driver_override {driver}"),
+            None => "clear driver_override".to_string(),
+        };
+        let written = driver.map(str::to_string);
         self.step(
             address,
-            "clear driver_override",
+            &step,
             run,
-            move |k| k.set_driver_override(&address, None),
-            |k| expect_override(k, &address, None),
+            move |k| k.set_driver_override(&address, written.as_deref()),
+            |k| expect_override(k, &address, driver),
         )
     }
 
@@ -749,6 +752,24 @@ impl Engine {
             step: "read driver".into(),
             cause,
         })
+    }
+
+    /// `driver_override` as it is now. Reading it takes the device lock: an
+    /// unbind still waiting in the kernel (someone else's) would hold the
+    /// read, and this move with its groups, forever; so it is a kernel
+    /// call with the write's time limit.
+    fn read_override(&self, address: PciAddress, run: &Run) -> Result<Option<String>, Failure> {
+        let step = "read driver_override";
+        let fail = |cause| Failure {
+            device: Some(address),
+            step: step.into(),
+            cause,
+        };
+        let limit = self.write_limit(run).map_err(fail)?;
+        self.kernel_call(Some(address), step, limit, move |k| {
+            k.driver_override(&address)
+        })
+        .map_err(fail)
     }
 
     /// Unbinds `driver` and checks that the device has no driver left.
@@ -770,13 +791,7 @@ impl Engine {
         if current.as_deref() == Some(VFIO_DRIVER) {
             return Ok(());
         }
-        self.step(
-            address,
-            &format!("set driver_override {VFIO_DRIVER}"),
-            run,
-            move |k| k.set_driver_override(&address, Some(VFIO_DRIVER)),
-            |k| expect_override(k, &address, Some(VFIO_DRIVER)),
-        )?;
+        self.override_step(address, Some(VFIO_DRIVER), run)?;
         if let Some(driver) = current {
             self.unbind_step(address, driver, run)?;
         }
@@ -919,22 +934,7 @@ impl Engine {
 
     fn settle_present(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
         let driver = self.current_driver(address)?;
-        // driver_override takes the device lock: an unbind still waiting
-        // in the kernel would hold this read, and vfiod's start, forever.
-        let limit = self.write_limit(run).map_err(|cause| Failure {
-            device: Some(address),
-            step: "read driver_override".into(),
-            cause,
-        })?;
-        let overridden = self
-            .kernel_call(Some(address), "read driver_override", limit, move |k| {
-                k.driver_override(&address)
-            })
-            .map_err(|cause| Failure {
-                device: Some(address),
-                step: "read driver_override".into(),
-                cause,
-            })?;
+        let overridden = self.read_override(address, run)?;
         match driver.as_deref() {
             // Already on a host driver: only a leftover override to clear.
             Some(d) if d != VFIO_DRIVER => {

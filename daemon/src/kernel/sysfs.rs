@@ -126,12 +126,23 @@ impl SysfsKernel {
         Ok(dirs)
     }
 
-    /// `None` when the function went away while it was being read (hot
-    /// unplug, or a device that vanishes on unbind).
     fn read_function(&self, address: PciAddress, dir: &Path) -> KernelResult<Option<PciDevice>> {
-        match device::read(&self.tree, self.pci_ids(), address, dir) {
-            Ok(device) => Ok(Some(device)),
-            Err(_) if !self.tree.exists(&Self::bus_entry(&address)) => Ok(None),
+        self.unless_gone(
+            &address,
+            device::read(&self.tree, self.pci_ids(), address, dir),
+        )
+    }
+
+    /// `None` for a read that failed because the function went away while
+    /// it was being read (hot unplug, or a device that vanishes on unbind).
+    fn unless_gone<T>(
+        &self,
+        address: &PciAddress,
+        read: KernelResult<T>,
+    ) -> KernelResult<Option<T>> {
+        match read {
+            Ok(value) => Ok(Some(value)),
+            Err(_) if !self.tree.exists(&Self::bus_entry(address)) => Ok(None),
             Err(err) => Err(err),
         }
     }
@@ -178,12 +189,8 @@ impl Kernel for SysfsKernel {
     fn ids(&self) -> KernelResult<Vec<(PciAddress, PciId)>> {
         let mut ids = Vec::new();
         for (address, dir) in self.function_dirs()? {
-            match device::read_uevent(&self.tree, &dir) {
-                Ok(uevent) => ids.push((address, uevent.id)),
-                // Gone while it was read, as in `read_function`.
-                Err(_) if !self.tree.exists(&Self::bus_entry(&address)) => {}
-                Err(err) => return Err(err),
-            }
+            let uevent = self.unless_gone(&address, device::read_uevent(&self.tree, &dir))?;
+            ids.extend(uevent.map(|uevent| (address, uevent.id)));
         }
         Ok(ids)
     }
