@@ -31,7 +31,8 @@ pub struct DeviceProps {
 pub enum Reread {
     /// Everything (a `change` uevent; a device the view doesn't know yet).
     Whole,
-    /// The driver and what follows from it: all a move of ours changes.
+    /// The driver and what follows from it: all a bind or unbind changes,
+    /// a move of ours or anyone's.
     Driver,
 }
 
