@@ -406,7 +406,7 @@ fn documented_keys(page: &str) -> BTreeMap<String, BTreeSet<String>> {
 /// The fields serde says a table accepts, from the refusal of an unknown
 /// one: "unknown field `x`, expected one of `a`, `b`" (or "`a` or `b`").
 fn accepted_keys(config: &str) -> BTreeSet<String> {
-    let err = vfiod::config::Config::parse(config, Path::new("probe.toml"))
+    let err = vfiod_config::Config::parse(config, Path::new("probe.toml"))
         .expect_err("an unknown key is refused")
         .to_string();
     let expected = err
@@ -457,7 +457,7 @@ fn the_config_man_page_documents_exactly_the_keys_the_parser_accepts() {
         .filter(|l| !l.starts_with(".RS") && !l.starts_with(".RE"))
         .map(|l| format!("{l}\n"))
         .collect();
-    let config = vfiod::config::Config::parse(&example, Path::new("vfiod.toml.5"))
+    let config = vfiod_config::Config::parse(&example, Path::new("vfiod.toml.5"))
         .unwrap_or_else(|e| panic!("the example is refused: {e}"));
     assert_eq!(config.profiles.len(), 2);
     let example_table: toml::Table = toml::from_str(&example).unwrap();
@@ -475,7 +475,7 @@ fn the_config_man_page_documents_exactly_the_keys_the_parser_accepts() {
     assert_eq!(profile_keys, documented["profiles.NAME"]);
 
     // The limits it states are the parser's.
-    use vfiod::config::{
+    use vfiod_config::{
         DEFAULT_PATH, DEFAULT_UNBIND_TIMEOUT_MS, MAX_NAME_LEN, UNBIND_TIMEOUT_RANGE_MS,
     };
     let text = page.replace("\\-", "-");

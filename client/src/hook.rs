@@ -5,12 +5,12 @@
 //! calls back into libvirt: libvirt holds its lock while hooks run.
 
 pub use vfioctl::domain;
-pub mod plan;
+pub mod targets;
 
 use std::io::Read;
 use std::path::PathBuf;
 
-use vfiod::config::{self, Config, ConfigError};
+use vfiod_config::{self as config, Config, ConfigError};
 use vfiod_dbus::Direction;
 use vfiod_pci::{PciAddress, PciId};
 
@@ -19,7 +19,7 @@ use crate::commands::moves::{self, CONFLICT, MoveOptions, Moved, Mover, Report};
 use crate::error::{Exit, Failure};
 use crate::output::Output;
 
-use self::plan::{Plan, Target};
+use self::targets::{Plan, Target};
 
 /// What the hook was asked to do, once it knows it has work.
 #[derive(Debug)]
@@ -60,7 +60,7 @@ pub fn prepare_work(
         }
     }
     let config = load_config(config_path, out);
-    let plan = plan::plan(domain, &parsed, &config, sysfs_id);
+    let plan = targets::plan(domain, &parsed, &config, sysfs_id);
     for warning in &plan.warnings {
         out.warn(warning);
     }

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vfiod::config::Config;
 use vfiod::engine::Engine;
-use vfiod::kernel::Kernel;
 use vfiod::kernel::sim::SimKernel;
+use vfiod::kernel::{Inspect, Kernel};
 use vfiod::ledger::Ledger;
 use vfiod::plan::MoveOptions;
+use vfiod_config::Config;
 use vfiod_dbus::Direction;
 use vfiod_pci::PciAddress;
 

@@ -6,11 +6,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vfiod::config::Config;
-use vfiod::kernel::Kernel;
-use vfiod::kernel::sysfs::SysfsKernel;
+use vfiod::kernel::Inspect;
+use vfiod::kernel::Sysfs;
 use vfiod::ledger::Ledger;
 use vfiod::plan::{self, MoveOptions};
+use vfiod_config::Config;
 use vfiod_dbus::Direction;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -38,7 +38,7 @@ fn main() {
     };
     let target = args.get(1).cloned();
     let rounds: usize = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(20);
-    let kernel = SysfsKernel::host();
+    let kernel = Sysfs::this_machine();
     let ledger = Ledger::in_memory();
 
     let devices = time(rounds, "devices()", || kernel.devices().expect("devices"));

@@ -16,7 +16,7 @@ on request, refusing moves that would take what the host needs, and verifying ev
 )]
 pub struct Args {
     /// Configuration file (absent file = no profiles).
-    #[arg(long, value_name = "FILE", default_value = crate::config::DEFAULT_PATH)]
+    #[arg(long, value_name = "FILE", default_value = vfiod_config::DEFAULT_PATH)]
     pub config: PathBuf,
     /// Run on the simulated kernel described by this machine file, as a normal user.
     #[arg(long, value_name = "FILE")]

@@ -42,11 +42,11 @@ mod tests;
 use vfiod_dbus::{Direction, Error, Finding, Severity};
 use vfiod_pci::PciDevice;
 
-use crate::config::Config;
 use crate::engine::Engine;
 use crate::kernel::Kernel;
-use crate::kernel::host::HostView;
 use crate::plan::{Described, MoveOptions, complete_set, kernel_error, resolve_target};
+use vfiod_config::Config;
+use vfiod_host::facts::HostView;
 
 /// What an unknown finding's message starts with.
 pub const UNKNOWN: &str = "unknown: ";

@@ -3,80 +3,32 @@
 //! rolls back what it did when a step fails.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, mpsc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 use vfiod_dbus::{DeviceState, Direction, Error};
 use vfiod_pci::{PciAddress, PciDevice};
 
-use crate::config::Config;
 use crate::journal::{Journal, MoveEntry, MoveId};
 use crate::kernel::{Kernel, KernelError, KernelResult, VFIO_DRIVER, VFIO_MODULE};
 use crate::ledger::Ledger;
 use crate::plan::{self, MoveOptions, Plan};
 use crate::workers::Workers;
+use vfiod_config::Config;
 
 /// Called before each step of a move: (device, step) with the step in
 /// plain words, e.g. "unbind amdgpu".
 pub type ProgressFn<'a> = &'a (dyn Fn(&PciAddress, &str) + Sync);
 
-/// The verdict on a move's caller, decided on the bus while the move plans
-/// (planning only reads): [`Engine::run`] writes nothing before it.
-pub struct Gate {
-    verdict: Option<Mutex<mpsc::Receiver<bool>>>,
-}
-
-/// Delivers the verdict to its [`Gate`]; dropped unsent, it means no.
-pub struct GateKey(mpsc::SyncSender<bool>);
-
-impl GateKey {
-    pub fn decide(self, allowed: bool) {
-        // The move may be gone already (its caller left); nothing to tell.
-        let _ = self.0.send(allowed);
-    }
-}
-
-impl Gate {
-    /// A gate already open: moves vfiod starts itself, and tests.
-    pub fn open() -> Gate {
-        Gate { verdict: None }
-    }
-
-    /// A gate that opens when its key says so.
-    pub fn pending() -> (GateKey, Gate) {
-        let (key, verdict) = mpsc::sync_channel(1);
-        let gate = Gate {
-            verdict: Some(Mutex::new(verdict)),
-        };
-        (GateKey(key), gate)
-    }
-
-    /// The verdict, if given (`wait`: block until it is).
-    fn verdict(&self, wait: bool) -> Option<bool> {
-        let Some(verdict) = &self.verdict else {
-            return Some(true);
-        };
-        let verdict = verdict.lock().unwrap_or_else(|e| e.into_inner());
-        if wait {
-            return Some(verdict.recv().unwrap_or(false));
-        }
-        match verdict.try_recv() {
-            Ok(allowed) => Some(allowed),
-            Err(mpsc::TryRecvError::Empty) => None,
-            Err(mpsc::TryRecvError::Disconnected) => Some(false),
-        }
-    }
-}
-
-/// The bus answers the caller with the bouncer's own reason; this one only
-/// stops the move.
-fn gate_passed(allowed: bool) -> Result<(), Error> {
-    if allowed {
-        Ok(())
-    } else {
-        Err(Error::AccessDenied("the caller was not authorized".into()))
-    }
+/// A move planned with its groups locked, not yet executed.
+pub struct Prepared {
+    plan: Plan,
+    /// Released when the move ends or is dropped.
+    _held: GroupGuard,
+    started: Instant,
+    target: String,
+    direction: Direction,
 }
 
 /// One move in progress: what was asked, since when, and who listens.
@@ -264,7 +216,7 @@ impl Engine {
         options: &MoveOptions,
         progress: ProgressFn,
     ) -> Result<Vec<PciAddress>, Error> {
-        self.run(target, Direction::Bind, options, progress, &Gate::open())
+        self.run(target, Direction::Bind, options, progress)
     }
 
     pub fn release(
@@ -273,42 +225,60 @@ impl Engine {
         options: &MoveOptions,
         progress: ProgressFn,
     ) -> Result<Vec<PciAddress>, Error> {
-        self.run(target, Direction::Release, options, progress, &Gate::open())
+        self.run(target, Direction::Release, options, progress)
     }
 
-    /// A move whose caller is authorized while it plans: nothing is
-    /// written before `gate` opens, and a closed gate discards the plan.
+    /// Plans the move with its groups locked, then executes it.
     pub fn run(
         &self,
         target: &str,
         direction: Direction,
         options: &MoveOptions,
         progress: ProgressFn,
-        gate: &Gate,
     ) -> Result<Vec<PciAddress>, Error> {
+        let prepared = self
+            .prepare(target, direction, options, true)?
+            .expect("waited");
+        self.execute(prepared, options, progress)
+    }
+
+    /// Plans a move and locks its groups, writing nothing: until the
+    /// [`Prepared`] move is executed or dropped, no other move touches
+    /// them. Without `wait`, `None` when another move holds one of them.
+    pub fn prepare(
+        &self,
+        target: &str,
+        direction: Direction,
+        options: &MoveOptions,
+        wait: bool,
+    ) -> Result<Option<Prepared>, Error> {
         let started = Instant::now();
-        // Before the verdict, only while no other move holds these groups:
-        // a caller who may not move anything never waits for one.
-        let planned = self.plan_locked(target, direction, options, false);
-        let (plan, _held) = match gate.verdict(false) {
-            Some(allowed) => {
-                gate_passed(allowed)?;
-                match planned? {
-                    Some(planned) => planned,
-                    None => self
-                        .plan_locked(target, direction, options, true)?
-                        .expect("waited"),
-                }
-            }
-            None => {
-                // No group stays locked while the verdict is awaited, and
-                // the plan is made again after it.
-                drop(planned);
-                gate_passed(gate.verdict(true).unwrap_or(false))?;
-                self.plan_locked(target, direction, options, true)?
-                    .expect("waited")
-            }
-        };
+        Ok(self
+            .plan_locked(target, direction, options, wait)?
+            .map(|(plan, held)| Prepared {
+                plan,
+                _held: held,
+                started,
+                target: target.to_owned(),
+                direction,
+            }))
+    }
+
+    /// Executes a prepared move one verified step at a time.
+    pub fn execute(
+        &self,
+        prepared: Prepared,
+        options: &MoveOptions,
+        progress: ProgressFn,
+    ) -> Result<Vec<PciAddress>, Error> {
+        let Prepared {
+            plan,
+            _held,
+            started,
+            target,
+            direction,
+        } = prepared;
+        let target = target.as_str();
         if let Some(busy) = plan
             .devices
             .iter()
@@ -342,7 +312,7 @@ impl Engine {
             progress,
             journal: Some(journal),
         };
-        let outcome = self.execute(&plan, &run);
+        let outcome = self.execute_plan(&plan, &run);
         if let Err(e) = self.journal.end(journal) {
             error!(error = %e, "cannot close the journal entry; the next start will re-check these devices");
         }
@@ -589,7 +559,7 @@ impl Engine {
 
     /// Moves each device of the plan that is not already where the move
     /// goes; on the first failure, rolls back what this move did.
-    fn execute(&self, plan: &Plan, run: &Run) -> Result<(), Error> {
+    fn execute_plan(&self, plan: &Plan, run: &Run) -> Result<(), Error> {
         let context = format!("{} {}", plan.direction, plan.target);
         if plan.load_vfio {
             self.ensure_vfio_loaded(run)

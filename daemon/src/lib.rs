@@ -2,7 +2,6 @@
 
 pub mod bouncer;
 pub mod cli;
-pub mod config;
 pub mod doctor;
 pub mod engine;
 pub mod journal;

@@ -10,16 +10,16 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use vfiod::bouncer::Bouncer;
 use vfiod::cli::{Args, default_state_dir};
-use vfiod::config::{BootState, Config};
 use vfiod::engine::Engine;
 use vfiod::journal::Journal;
 use vfiod::kernel::Kernel;
+use vfiod::kernel::Sysfs;
 use vfiod::kernel::sim::SimKernel;
-use vfiod::kernel::sysfs::SysfsKernel;
 use vfiod::ledger::Ledger;
 use vfiod::plan::MoveOptions;
 use vfiod::service::Service;
 use vfiod::service::simulator::{SIMULATOR_PATH, SimulatorInterface};
+use vfiod_config::{BootState, Config};
 use vfiod_dbus::Direction;
 
 fn init_logging() {
@@ -83,7 +83,7 @@ async fn run(args: Args) -> Result<(), String> {
         None => {
             let events =
                 uevents::from_udev().map_err(|e| format!("cannot open a udev monitor: {e}"))?;
-            (Arc::new(SysfsKernel::host()), None, events)
+            (Arc::new(Sysfs::this_machine()), None, events)
         }
     };
     let bouncer = Arc::new(match simulated {

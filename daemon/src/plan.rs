@@ -11,9 +11,9 @@ use vfiod_dbus::Error;
 use vfiod_dbus::names::MAX_TARGET_LEN;
 use vfiod_pci::{Holder, PciAddress, PciDevice, UsbDevice};
 
-use crate::config::Config;
 use crate::kernel::{Kernel, KernelError, VFIO_DRIVER, VFIO_MODULE};
 use crate::ledger::Ledger;
+use vfiod_config::Config;
 
 /// What the caller asked for besides the target.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

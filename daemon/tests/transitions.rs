@@ -6,18 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Rig, addr, addrs, z77_config};
-use vfiod::kernel::Kernel;
+use common::{Rig, addr, addrs, with_fault, z77_config};
+use vfiod::kernel::Inspect;
 use vfiod::plan::MoveOptions;
 use vfiod_dbus::{DeviceState, Direction, Error};
-use vfiod_pci::{Holder, PciAddress};
-
-/// Adds `fault = {..}` to one device of a machine file's text.
-fn with_fault(text: String, address: &str, fault: &str) -> String {
-    let line = format!("address = \"{address}\"\n");
-    assert!(text.contains(&line), "no device {address}");
-    text.replace(&line, &format!("{line}fault = {{ {fault} }}\n"))
-}
+use vfiod_pci::Holder;
 
 fn force() -> MoveOptions {
     MoveOptions {
@@ -614,69 +607,6 @@ fn a_udev_worker_probing_a_node_is_waited_for_not_refused() {
     );
 }
 
-/// A bind of `target` whose caller's verdict is `allowed` (`None`: never
-/// given); no step may start unless it is yes.
-fn bind_gated(rig: &Rig, target: &str, allowed: Option<bool>) -> Result<Vec<PciAddress>, Error> {
-    let (key, gate) = vfiod::engine::Gate::pending();
-    match allowed {
-        Some(allowed) => key.decide(allowed),
-        None => drop(key),
-    }
-    let no_step = |_: &PciAddress, _: &str| assert_eq!(allowed, Some(true), "a step started");
-    rig.engine.run(
-        target,
-        Direction::Bind,
-        &MoveOptions::default(),
-        &no_step,
-        &gate,
-    )
-}
-
-#[test]
-fn a_closed_gate_moves_nothing_even_when_the_plan_would_pass() {
-    let rig = Rig::shipped("z77-rx580");
-    let refused = bind_gated(&rig, "rx580", Some(false));
-    assert!(
-        matches!(refused, Err(Error::AccessDenied(_))),
-        "{refused:?}"
-    );
-    // A refusal the plan would give (the boot VGA) is not what a denied
-    // caller learns.
-    let refused = bind_gated(&rig, "0000:06:00.0", None);
-    assert!(
-        matches!(refused, Err(Error::AccessDenied(_))),
-        "{refused:?}"
-    );
-    assert_eq!(rig.driver("01:00.0").as_deref(), Some("amdgpu"));
-    assert_eq!(rig.overrides("01:00.0"), None);
-    let refused = bind_gated(&rig, "0000:06:00.0", Some(true));
-    assert!(matches!(refused, Err(Error::Protected(_))), "{refused:?}");
-}
-
-#[test]
-fn a_gate_opened_after_planning_lets_the_move_run() {
-    let rig = Rig::shipped("z77-rx580");
-    let (key, gate) = vfiod::engine::Gate::pending();
-    // The verdict comes while (or after) the move plans, as from the bus.
-    let decider = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
-        key.decide(true);
-    });
-    let moved = rig
-        .engine
-        .run(
-            "rx580",
-            Direction::Bind,
-            &MoveOptions::default(),
-            &|_, _| {},
-            &gate,
-        )
-        .unwrap();
-    decider.join().unwrap();
-    assert_eq!(moved, addrs(&["0000:01:00.0", "0000:01:00.1"]));
-    assert_eq!(rig.driver("01:00.1").as_deref(), Some("vfio-pci"));
-}
-
 /// The steps of one release of `target`, in words.
 fn release_steps(rig: &Rig, target: &str) -> Vec<String> {
     let steps = std::sync::Mutex::new(Vec::new());
@@ -735,29 +665,6 @@ fn a_release_the_kernel_sends_elsewhere_names_the_remembered_driver() {
     assert_eq!(rig.driver("01:00.0").as_deref(), Some("radeon"));
     assert_eq!(rig.overrides("01:00.0"), None);
     assert_eq!(rig.driver("01:00.1").as_deref(), Some("snd_hda_intel"));
-}
-
-#[test]
-fn a_caller_turned_away_never_waits_for_another_moves_lock() {
-    // The audio's unbind hangs for 2 s, with group 1 locked all along.
-    let rig =
-        Rig::z77_with(|t| with_fault(t, "0000:01:00.1", "unbind = \"hang\"")).with_timeout_ms(2000);
-    std::thread::scope(|s| {
-        let mover = s.spawn(|| rig.bind("rx580"));
-        std::thread::sleep(Duration::from_millis(200));
-        let asked = Instant::now();
-        let refused = bind_gated(&rig, "rx580", Some(false));
-        assert!(
-            matches!(refused, Err(Error::AccessDenied(_))),
-            "{refused:?}"
-        );
-        assert!(
-            asked.elapsed() < Duration::from_millis(500),
-            "the denial waited {:?} for the other move",
-            asked.elapsed()
-        );
-        assert!(mover.join().unwrap().is_err(), "the hung bind times out");
-    });
 }
 
 /// A plan reads only the functions its target names and their IOMMU

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use super::{Context, Findings, and_list};
-use crate::kernel::host::{FirmwareImage, QemuConf, QemuConfValue};
+use vfiod_host::facts::{FirmwareImage, QemuConf, QemuConfValue};
 
 pub(super) fn check(cx: &Context<'_>, out: &mut Findings) {
     ovmf(cx, out);

@@ -3,7 +3,7 @@
 //! device may DMA into any of it).
 
 use super::{Context, Findings, and_list, size_kb};
-use crate::kernel::host::Domain;
+use vfiod_host::facts::Domain;
 
 pub(super) fn check(cx: &Context<'_>, out: &mut Findings) {
     let domains = relevant_domains(cx);

@@ -6,7 +6,7 @@ use vfiod_pci::PciId;
 
 use super::{Context, Findings, describe};
 use crate::kernel::VFIO_DRIVER;
-use crate::kernel::host::parse_vfio_ids;
+use vfiod_host::facts::parse_vfio_ids;
 
 /// (finding id, module, what it is for)
 const VFIO_MODULES: [(&str, &str, &str); 3] = [

@@ -6,7 +6,7 @@ use vfiod_pci::PciDevice;
 
 use super::data::tables;
 use super::{Context, Findings, Scope};
-use crate::kernel::sysfs::RESET_METHOD_UNKNOWN;
+use vfiod_host::sysfs::RESET_METHOD_UNKNOWN;
 
 const VENDOR_RESET: &str = "vendor_reset";
 const DEVICE_SPECIFIC: &str = "device_specific";

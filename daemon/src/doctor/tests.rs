@@ -8,7 +8,7 @@ use vfiod_dbus::Severity;
 
 use super::*;
 use crate::kernel::sim::SimKernel;
-use crate::kernel::sysfs::fixture::Fixture;
+use vfiod_host::sysfs::fixture::Fixture;
 
 const ROOT_PORT: &str = "0000:00:01.0";
 const GPU: &str = "0000:01:00.0";

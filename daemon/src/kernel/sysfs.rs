@@ -1,288 +1,29 @@
-//! The real kernel: sysfs, procfs and /dev under a root directory — `/`
-//! on a host, a fixture tree in tests.
-//!
-//! The root only says where to read and write. Paths this hands out
-//! (device nodes, holders' nodes, `/dev/vfio/N`) are spelled as the kernel
-//! and the host's processes spell them, `/dev/...`, whatever the root, so
-//! [`Kernel::holders`] compares them with `proc/PID/fd` links as they are.
-//! Links inside the tree are followed as if chrooted into the root, so a
-//! fixture can't lead a read or a write out into the machine's own /sys.
+//! The real kernel's writes: [`Kernel`] for [`Sysfs`], whose reads live in
+//! `vfiod-host`. Every write is one write(2) to a file resolved under the
+//! root, so a fixture tree can't lead one out into the machine's own /sys.
 
-mod console;
-mod device;
-#[cfg(test)]
-pub(crate) mod fixture;
-mod holders;
-mod host;
-mod modules;
-mod pci_ids;
-mod rooted;
-mod storage;
-mod subtree;
-mod usb;
-
-use std::fmt;
-use std::io;
+use std::fs::OpenOptions;
+use std::io::{self, Write};
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
+use std::process::{Command, Stdio};
 
-use vfiod_pci::{Holder, PciAddress, PciDevice, PciId, UsbDevice};
+use vfiod_host::sysfs::modules::is_module_name;
+use vfiod_host::sysfs::rooted::Rooted;
+use vfiod_host::sysfs::{DRIVERS_PROBE, PCI_DRIVERS, VFIO_GROUPS, invalid_driver, is_driver_name};
+use vfiod_pci::PciAddress;
 
-pub use self::device::RESET_METHOD_UNKNOWN;
-use self::pci_ids::{PCI_IDS_PATHS, PciIds};
-use self::rooted::Rooted;
-use super::host::HostView;
-use super::{Kernel, KernelError, KernelResult};
+use super::{Kernel, KernelError, KernelResult, Sysfs};
 
-const PCI_DEVICES: &str = "sys/bus/pci/devices";
-const PCI_DRIVERS: &str = "sys/bus/pci/drivers";
-const DRIVERS_PROBE: &str = "sys/bus/pci/drivers_probe";
-const IOMMU_GROUPS: &str = "sys/kernel/iommu_groups";
-const VFIO_GROUPS: &str = "dev/vfio";
-const VFIO_DEVICE_FILES: &str = "/dev/vfio/devices";
+/// Tried in order: a service's PATH may lack the sbin directories.
+const MODPROBE: [&str; 3] = ["modprobe", "/usr/sbin/modprobe", "/sbin/modprobe"];
 
-/// [`Kernel`] on sysfs and procfs.
-pub struct SysfsKernel {
-    tree: Rooted,
-    /// pci.ids, read on first use.
-    pci_ids: OnceLock<PciIds>,
-}
-
-impl SysfsKernel {
-    /// The kernel whose `sys/`, `proc/`, `dev/`, `usr/share/` and
-    /// `lib/modules/` are under `root`.
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        SysfsKernel {
-            tree: Rooted::new(root.into()),
-            pci_ids: OnceLock::new(),
-        }
-    }
-
-    /// This machine's own kernel.
-    pub fn host() -> Self {
-        Self::new("/")
-    }
-
-    pub fn root(&self) -> &Path {
-        self.tree.root()
-    }
-
-    fn pci_ids(&self) -> &PciIds {
-        self.pci_ids.get_or_init(|| {
-            for path in PCI_IDS_PATHS {
-                match self.tree.read_resolved_optional(Path::new(path)) {
-                    Ok(Some(text)) => return PciIds::parse(text),
-                    Ok(None) => {}
-                    Err(err) => tracing::warn!("device names unavailable: {err}"),
-                }
-            }
-            PciIds::default()
-        })
-    }
-
-    /// `sys/bus/pci/devices/ADDR` → its real directory, root-relative.
-    fn bus_entry(address: &PciAddress) -> PathBuf {
-        Path::new(PCI_DEVICES).join(address.to_string())
-    }
-
-    /// The function's real sysfs directory; `None` when it is not on the bus.
-    fn function_dir(&self, address: &PciAddress) -> KernelResult<Option<PathBuf>> {
-        if self.tree.is_host_root()
-            && let Some(dir) = bus_link_target(&Self::bus_entry(address))?
-        {
-            return Ok(dir);
-        }
-        self.tree.resolve_optional(&Self::bus_entry(address))
-    }
-
-    fn existing_function_dir(&self, address: &PciAddress) -> KernelResult<PathBuf> {
-        self.function_dir(address)?
-            .ok_or(KernelError::NoDevice(*address))
-    }
-
-    /// Each function on the bus and its directory, sorted by address.
-    fn function_dirs(&self) -> KernelResult<Vec<(PciAddress, PathBuf)>> {
-        // No PCI bus (some VMs and boards): no functions.
-        let Some(bus) = self.tree.resolve_optional(Path::new(PCI_DEVICES))? else {
-            return Ok(Vec::new());
-        };
-        let mut dirs = Vec::new();
-        for name in self.tree.list_optional(&bus)? {
-            let address: PciAddress = name
-                .to_str()
-                .and_then(|name| name.parse().ok())
-                .ok_or_else(|| self.tree.malformed(&bus.join(&name), "not a PCI address"))?;
-            // Under `/` one call per function; a fixture's walk starts
-            // from the bus directory, resolved once.
-            let dir = if self.tree.is_host_root() {
-                self.function_dir(&address)?
-            } else {
-                self.tree.resolve_optional_in(&bus, Path::new(&name))?
-            };
-            dirs.extend(dir.map(|dir| (address, dir)));
-        }
-        dirs.sort_by_key(|(address, _)| *address);
-        Ok(dirs)
-    }
-
-    fn read_function(&self, address: PciAddress, dir: &Path) -> KernelResult<Option<PciDevice>> {
-        self.unless_gone(
-            &address,
-            device::read(&self.tree, self.pci_ids(), address, dir),
-        )
-    }
-
-    /// `None` for a read that failed because the function went away while
-    /// it was being read (hot unplug, or a device that vanishes on unbind).
-    fn unless_gone<T>(
-        &self,
-        address: &PciAddress,
-        read: KernelResult<T>,
-    ) -> KernelResult<Option<T>> {
-        match read {
-            Ok(value) => Ok(Some(value)),
-            Err(_) if !self.tree.exists(&Self::bus_entry(address)) => Ok(None),
-            Err(err) => Err(err),
-        }
-    }
-
-    fn write(&self, op: &'static str, rel: &Path, contents: &str) -> KernelResult<()> {
-        self.tree.write_once(op, rel, contents)
-    }
-}
-
-impl fmt::Debug for SysfsKernel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SysfsKernel")
-            .field("root", &self.root())
-            .finish_non_exhaustive()
-    }
-}
-
-/// A driver name is one path component: it is joined onto `drivers/`.
-fn is_driver_name(driver: &str) -> bool {
-    !driver.is_empty()
-        && driver != "."
-        && driver != ".."
-        && !driver.contains('/')
-        && !driver.chars().any(|c| c.is_whitespace() || c.is_control())
-}
-
-fn invalid_driver(op: &'static str, driver: &str) -> KernelError {
-    KernelError::io(
-        op,
-        format!("{PCI_DRIVERS}/{driver:?}"),
-        io::Error::new(io::ErrorKind::InvalidInput, "not a driver name"),
-    )
-}
-
-impl Kernel for SysfsKernel {
-    fn devices(&self) -> KernelResult<Vec<PciDevice>> {
-        let mut devices = Vec::new();
-        for (address, dir) in self.function_dirs()? {
-            devices.extend(self.read_function(address, &dir)?);
-        }
-        Ok(devices)
-    }
-
-    fn ids(&self) -> KernelResult<Vec<(PciAddress, PciId)>> {
-        let mut ids = Vec::new();
-        for (address, dir) in self.function_dirs()? {
-            let uevent = self.unless_gone(&address, device::read_uevent(&self.tree, &dir))?;
-            ids.extend(uevent.map(|uevent| (address, uevent.id)));
-        }
-        Ok(ids)
-    }
-
-    fn device(&self, address: &PciAddress) -> KernelResult<Option<PciDevice>> {
-        match self.function_dir(address)? {
-            Some(dir) => self.read_function(*address, &dir),
-            None => Ok(None),
-        }
-    }
-
-    fn group_members(&self, group: u32) -> KernelResult<Vec<PciAddress>> {
-        let dir = Path::new(IOMMU_GROUPS)
-            .join(group.to_string())
-            .join("devices");
-        // A group may hold functions of other buses (platform devices on
-        // some boards): only PCI addresses are members here.
-        Ok(self
-            .tree
-            .list_optional(&dir)?
-            .iter()
-            .filter_map(|name| name.to_str()?.parse().ok())
-            .collect())
-    }
-
-    fn driver(&self, address: &PciAddress) -> KernelResult<Option<String>> {
-        device::driver(&self.tree, &self.existing_function_dir(address)?)
-    }
-
-    fn driver_override(&self, address: &PciAddress) -> KernelResult<Option<String>> {
-        device::driver_override(&self.tree, &self.existing_function_dir(address)?)
-    }
-
-    fn iommu_enabled(&self) -> KernelResult<bool> {
-        Ok(!self.tree.list_optional(Path::new(IOMMU_GROUPS))?.is_empty())
-    }
-
-    fn driver_registered(&self, driver: &str) -> bool {
-        is_driver_name(driver) && self.tree.exists(&Path::new(PCI_DRIVERS).join(driver))
-    }
-
-    fn module_available(&self, module: &str) -> bool {
-        modules::module_available(&self.tree, module)
-    }
-
-    fn nodes(&self, address: &PciAddress) -> KernelResult<Vec<PathBuf>> {
-        device::nodes(&self.tree, &self.existing_function_dir(address)?)
-    }
-
-    fn holders(&self, nodes: &[PathBuf]) -> KernelResult<Vec<Holder>> {
-        holders::holders(&self.tree, nodes)
-    }
-
-    fn mounts_behind(&self, address: &PciAddress) -> KernelResult<Vec<String>> {
-        storage::mounts_behind(&self.tree, &self.existing_function_dir(address)?)
-    }
-
-    fn usb_behind(&self, address: &PciAddress) -> KernelResult<Vec<UsbDevice>> {
-        usb::devices_behind(&self.tree, &self.existing_function_dir(address)?)
-    }
-
-    fn console_on(&self, address: &PciAddress) -> KernelResult<bool> {
-        let dir = self.existing_function_dir(address)?;
-        let boot_vga = device::boot_vga(&self.tree, &dir)?;
-        console::console_on(&self.tree, &dir, boot_vga)
-    }
-
-    fn vfio_group_node(&self, group: u32) -> Option<PathBuf> {
-        let node = Path::new(VFIO_GROUPS).join(group.to_string());
-        self.tree.exists(&node).then(|| Path::new("/").join(node))
-    }
-
-    fn vfio_device_nodes(&self, address: &PciAddress) -> KernelResult<Vec<PathBuf>> {
-        let Some(dir) = self.function_dir(address)? else {
-            return Ok(Vec::new());
-        };
-        let mut nodes = Vec::new();
-        for name in self.tree.list_optional(&dir.join("vfio-dev"))? {
-            // 6.1 to 6.5 have the sysfs entry but no device file.
-            let node = Path::new(VFIO_DEVICE_FILES).join(name);
-            if self.tree.exists(&node) {
-                nodes.push(node);
-            }
-        }
-        Ok(nodes)
-    }
-
+impl Kernel for Sysfs {
     fn vfio_group_open(&self, group: u32) -> Option<bool> {
         // A group opens once at a time: EBUSY means a VM has it. Ours is
         // closed again at once and sets nothing up.
         let node = self
-            .tree
+            .tree()
             .host_path(&Path::new(VFIO_GROUPS).join(group.to_string()));
         match std::fs::OpenOptions::new()
             .read(true)
@@ -304,20 +45,8 @@ impl Kernel for SysfsKernel {
         }
     }
 
-    fn host(&self) -> KernelResult<HostView> {
-        host::read(&self.tree)
-    }
-
-    fn boot_id(&self) -> KernelResult<String> {
-        Ok(self
-            .tree
-            .read(Path::new("proc/sys/kernel/random/boot_id"))?
-            .trim()
-            .to_string())
-    }
-
     fn load_module(&self, module: &str) -> KernelResult<()> {
-        modules::load_module(&self.tree, module)
+        load_module(self.tree(), module)
     }
 
     fn set_driver_override(&self, address: &PciAddress, driver: Option<&str>) -> KernelResult<()> {
@@ -329,12 +58,13 @@ impl Kernel for SysfsKernel {
             None => "\n",
         };
         // NoDevice rather than an I/O error for a function that is gone.
-        if !self.tree.exists(&Self::bus_entry(address)) {
+        if !self.tree().exists(&Sysfs::bus_entry(address)) {
             return Err(KernelError::NoDevice(*address));
         }
-        self.write(
+        write_once(
+            self.tree(),
             OP,
-            &Self::bus_entry(address).join("driver_override"),
+            &Sysfs::bus_entry(address).join("driver_override"),
             contents,
         )
     }
@@ -345,34 +75,80 @@ impl Kernel for SysfsKernel {
             return Err(invalid_driver(OP, driver));
         }
         let unbind = Path::new(PCI_DRIVERS).join(driver).join("unbind");
-        self.write(OP, &unbind, &address.to_string())
+        write_once(self.tree(), OP, &unbind, &address.to_string())
     }
 
     fn probe(&self, address: &PciAddress) -> KernelResult<()> {
-        self.write("probe", Path::new(DRIVERS_PROBE), &address.to_string())
+        write_once(
+            self.tree(),
+            "probe",
+            Path::new(DRIVERS_PROBE),
+            &address.to_string(),
+        )
     }
 }
 
-/// Under `/`, where a bus entry's link leads, read in one call: the entry
-/// is a relative link from a real directory to a real one below
-/// `sys/devices`, so joining the two is the kernel's own resolution (which
-/// costs three calls). `Some(None)`: no such entry. `None`: not such a
-/// link, resolve it the long way.
-fn bus_link_target(entry: &Path) -> KernelResult<Option<Option<PathBuf>>> {
-    let target = match std::fs::read_link(Path::new("/").join(entry)) {
-        Ok(target) => target,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Some(None)),
-        Err(_) => return Ok(None),
+/// Writes `contents` with a single write(2) to an existing file.
+///
+/// One call, not `write_all`: a sysfs store sees each write(2) as one
+/// command, so a retried remainder would be a second, garbled command.
+fn write_once(tree: &Rooted, op: &'static str, rel: &Path, contents: &str) -> KernelResult<()> {
+    let target = tree.write_target(op, rel)?;
+    // O_TRUNC as a shell's `>` does: sysfs ignores it, a fixture needs it.
+    let mut file = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(target)
+        .map_err(|err| tree.io_error(op, rel, err))?;
+    let written = file
+        .write(contents.as_bytes())
+        .map_err(|err| tree.io_error(op, rel, err))?;
+    if written != contents.len() {
+        let short = io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("the kernel took {written} of {} bytes", contents.len()),
+        );
+        return Err(tree.io_error(op, rel, short));
+    }
+    Ok(())
+}
+
+/// Runs `modprobe MODULE`, only on this machine's own root.
+fn load_module(tree: &Rooted, module: &str) -> KernelResult<()> {
+    let fail = |reason: String| KernelError::Module {
+        module: module.to_owned(),
+        reason,
     };
-    let mut dir = entry.parent().map(Path::to_path_buf).unwrap_or_default();
-    for component in target.components() {
-        match component {
-            std::path::Component::ParentDir if dir.pop() => {}
-            std::path::Component::Normal(name) => dir.push(name),
-            _ => return Ok(None),
+    if !is_module_name(module) {
+        return Err(fail("not a module name".into()));
+    }
+    if tree.root() != Path::new("/") {
+        return Err(fail(format!(
+            "{} is a fixture tree, not this machine's root: modules can't be loaded into it",
+            tree.root().display()
+        )));
+    }
+    let mut last_error = io::Error::from(io::ErrorKind::NotFound);
+    for program in MODPROBE {
+        let output = Command::new(program)
+            .arg(module)
+            .stdin(Stdio::null())
+            .output();
+        match output {
+            Ok(output) if output.status.success() => return Ok(()),
+            Ok(output) => {
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                let reason = match stderr.trim() {
+                    "" => format!("modprobe failed ({})", output.status),
+                    message => message.to_owned(),
+                };
+                return Err(fail(reason));
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => last_error = err,
+            Err(err) => return Err(fail(format!("cannot run {program}: {err}"))),
         }
     }
-    Ok(dir.starts_with("sys/devices").then_some(Some(dir)))
+    Err(fail(format!("cannot run modprobe: {last_error}")))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ mod narrator;
 mod objects;
 mod options;
 pub mod simulator;
+pub mod verdict;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -25,9 +26,10 @@ use zbus::names::{InterfaceName, UniqueName};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
+use self::verdict::Verdict;
 use crate::bouncer::Bouncer;
 use crate::doctor;
-use crate::engine::{Activity, Engine, Gate};
+use crate::engine::{Activity, Engine};
 use crate::kernel::{Uevent, UeventAction};
 use crate::plan::validate_target;
 pub use interfaces::{DeviceInterface, ManagerInterface, ProfileInterface};
@@ -426,8 +428,14 @@ impl Service {
         tracing::debug!(target, %direction, "move requested");
         validate_target(target)?;
         let options = parse_move_options(options)?;
-        let (key, gate) = Gate::pending();
-        let job = self.start_move(connection, target, direction, options.clone(), gate);
+        let (key, verdict) = verdict::pending();
+        let job = self.start_move(
+            connection,
+            target,
+            direction,
+            options.clone(),
+            Some(verdict),
+        );
         let job = match self.bouncer.caller_uid(connection, header).await {
             Ok(uid) if self.bouncer.trusts(uid) => {
                 self.announce_start(connection, target, direction);
@@ -441,7 +449,7 @@ impl Service {
                 drop(job);
                 self.bouncer.ask_polkit(connection, header, uid?).await?;
                 self.announce_start(connection, target, direction);
-                self.start_move(connection, target, direction, options, Gate::open())
+                self.start_move(connection, target, direction, options, None)
             }
         };
         let caller = header.sender().map(|s| s.to_owned());
@@ -458,7 +466,7 @@ impl Service {
         options: crate::plan::MoveOptions,
     ) -> Result<Vec<OwnedObjectPath>, Error> {
         self.announce_start(connection, target, direction);
-        let job = self.start_move(connection, target, direction, options, Gate::open());
+        let job = self.start_move(connection, target, direction, options, None);
         self.finish_move(connection, target, direction, job, None)
             .await
     }
@@ -475,14 +483,16 @@ impl Service {
         });
     }
 
-    /// The move on a blocking thread, its steps narrated as they start.
+    /// The move on a blocking thread, its steps narrated as they start;
+    /// with a `verdict`, planned while it is awaited and executed only
+    /// after a yes.
     fn start_move(
         self: &Arc<Self>,
         connection: &Connection,
         target: &str,
         direction: Direction,
         options: crate::plan::MoveOptions,
-        gate: Gate,
+        verdict: Option<Verdict>,
     ) -> JoinHandle<Result<Vec<PciAddress>, Error>> {
         let narrator = self.narrator(connection);
         let engine = self.engine.clone();
@@ -497,7 +507,12 @@ impl Service {
                     first: first.swap(false, std::sync::atomic::Ordering::Relaxed),
                 });
             };
-            engine.run(&target, direction, &options, &progress, &gate)
+            match &verdict {
+                Some(verdict) => verdict::run_when_allowed(
+                    &engine, &target, direction, &options, &progress, verdict,
+                ),
+                None => engine.run(&target, direction, &options, &progress),
+            }
         })
     }
 

@@ -7,9 +7,9 @@ use vfiod_dbus::{DeviceState, ProfileState};
 use vfiod_pci::{PciAddress, PciDevice, PciId};
 use zbus::Variant;
 
-use crate::config::Config;
 use crate::engine::Engine;
 use crate::kernel::{KernelError, VFIO_DRIVER};
+use vfiod_config::Config;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DeviceProps {

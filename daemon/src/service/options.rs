@@ -7,8 +7,8 @@ use std::time::Duration;
 use vfiod_dbus::Error;
 use zbus::OwnedVariant;
 
-use crate::config::MAX_NAME_LEN;
 use crate::plan::MoveOptions;
+use vfiod_config::MAX_NAME_LEN;
 
 pub fn parse_move_options(options: &HashMap<String, OwnedVariant>) -> Result<MoveOptions, Error> {
     let mut parsed = MoveOptions::default();

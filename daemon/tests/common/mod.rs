@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vfiod::config::Config;
 use vfiod::engine::Engine;
-use vfiod::kernel::Kernel;
+use vfiod::kernel::Inspect;
 use vfiod::kernel::sim::SimKernel;
 use vfiod::ledger::Ledger;
 use vfiod::plan::MoveOptions;
+use vfiod_config::Config;
 use vfiod_dbus::Error;
 use vfiod_pci::machine::MachineFile;
 use vfiod_pci::{PciAddress, PciDevice};
@@ -158,4 +158,11 @@ pub fn addr(s: &str) -> PciAddress {
 
 pub fn addrs(list: &[&str]) -> Vec<PciAddress> {
     list.iter().map(|s| addr(s)).collect()
+}
+
+/// Adds `fault = {..}` to one device of a machine file's text.
+pub fn with_fault(text: String, address: &str, fault: &str) -> String {
+    let line = format!("address = \"{address}\"\n");
+    assert!(text.contains(&line), "no device {address}");
+    text.replace(&line, &format!("{line}fault = {{ {fault} }}\n"))
 }

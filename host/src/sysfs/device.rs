@@ -7,7 +7,7 @@ use vfiod_pci::{PciAddress, PciClass, PciDevice, PciId};
 use super::pci_ids::PciIds;
 use super::rooted::Rooted;
 use super::subtree;
-use crate::kernel::KernelResult;
+use crate::KernelResult;
 
 /// What [`PciDevice::reset_methods`] holds on kernels before 5.15, which
 /// have no `reset_method` file: a `reset` file says the function can be
@@ -157,7 +157,7 @@ fn uevent_node(tree: &Rooted, dir: &Path) -> KernelResult<Option<PathBuf>> {
     let uevent = match tree.read_optional(&path) {
         Ok(Some(uevent)) => uevent,
         Ok(None) => return Ok(None),
-        Err(crate::kernel::KernelError::Io { source, .. }) if subtree::vanished(&source) => {
+        Err(crate::KernelError::Io { source, .. }) if subtree::vanished(&source) => {
             return Ok(None);
         }
         Err(err) => return Err(err),

@@ -10,10 +10,10 @@ use roxmltree::{Document, Node, ParsingOptions};
 use vfiod_pci::PciAddress;
 
 use super::{files_by_name, list, owner_names, text};
-use crate::kernel::host::{
+use crate::facts::{
     Accounts, Domain, DomainHostdev, FileStat, FirmwareImage, HookScript, QemuConf, QemuConfValue,
 };
-use crate::kernel::sysfs::rooted::Rooted;
+use crate::sysfs::rooted::Rooted;
 
 const QEMU_CONF: &str = "etc/libvirt/qemu.conf";
 const LIBVIRT_ETC: &str = "etc/libvirt";

@@ -10,7 +10,7 @@ use std::path::Path;
 use vfiod_pci::PciAddress;
 
 use super::rooted::Rooted;
-use crate::kernel::KernelResult;
+use crate::KernelResult;
 
 /// Directories of attributes that every function has and that never hold
 /// a device: skipping them saves a read_dir each.

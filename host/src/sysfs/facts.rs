@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use vfiod_pci::{PciAddress, PciId};
 
 use super::rooted::Rooted;
-use crate::kernel::KernelResult;
-use crate::kernel::host::{DeviceHostView, HostView, HugepagePool, parse_vfio_ids};
+use crate::KernelResult;
+use crate::facts::{DeviceHostView, HostView, HugepagePool, parse_vfio_ids};
 
 const OSRELEASE: &str = "proc/sys/kernel/osrelease";
 const CMDLINE: &str = "proc/cmdline";
@@ -287,12 +287,8 @@ fn device(tree: &Rooted, dir: &Path) -> DeviceHostView {
     }
 }
 
-/// Maps user and group ids to names for [`crate::kernel::host::FileStat`].
-fn owner_names(
-    accounts: Option<&crate::kernel::host::Accounts>,
-    uid: u32,
-    gid: u32,
-) -> (String, String) {
+/// Maps user and group ids to names for [`crate::facts::FileStat`].
+fn owner_names(accounts: Option<&crate::facts::Accounts>, uid: u32, gid: u32) -> (String, String) {
     let user = accounts
         .and_then(|a| a.user_name(uid))
         .map_or_else(|| uid.to_string(), str::to_owned);

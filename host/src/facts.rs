@@ -1,7 +1,7 @@
 //! What the doctor reads about the host beyond moving PCI devices: CPU,
 //! firmware tables, kernel command line and modules, framebuffers, memory,
 //! and libvirt's configuration. [`Kernel::host`](super::Kernel::host)
-//! returns it; `SysfsKernel` reads it under its root (procfs, sysfs, /etc,
+//! returns it; `Sysfs` reads it under its root (procfs, sysfs, /etc,
 //! /usr/share), `SimKernel` takes it from the machine file's `[host]`
 //! section and `[machine]` keys.
 //!

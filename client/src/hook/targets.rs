@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use vfiod::config::Config;
+use vfiod_config::Config;
 use vfiod_pci::{PciAddress, PciId};
 
 use super::domain::{Domain, Managed};
@@ -39,7 +39,7 @@ pub fn plan(
     id_of: impl Fn(&PciAddress) -> Option<PciId>,
 ) -> Plan {
     let mut plan = Plan::default();
-    let mine: Vec<(&String, &vfiod::config::Profile)> = config
+    let mine: Vec<(&String, &vfiod_config::Profile)> = config
         .profiles
         .iter()
         .filter(|(_, p)| p.vms.iter().any(|vm| vm == domain))
@@ -49,7 +49,7 @@ pub fn plan(
             .map(|(name, _)| Target::Profile((*name).clone())),
     );
 
-    let covers = |profile: &vfiod::config::Profile, address: &PciAddress| {
+    let covers = |profile: &vfiod_config::Profile, address: &PciAddress| {
         profile.devices.contains(address)
             || id_of(address).is_some_and(|id| profile.ids.contains(&id))
     };

@@ -8,54 +8,54 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::kernel::{KernelError, KernelResult};
+use crate::{KernelError, KernelResult};
 
 /// Linux gives up after 40 links too (ELOOP).
 const MAX_LINKS: usize = 40;
 
 #[derive(Debug, Clone)]
-pub(super) struct Rooted {
+pub struct Rooted {
     root: PathBuf,
     /// The root is `/`: the kernel's own resolution is the chrooted one.
     is_host_root: bool,
 }
 
 impl Rooted {
-    pub(super) fn new(root: PathBuf) -> Self {
+    pub fn new(root: PathBuf) -> Self {
         let is_host_root = root == Path::new("/");
         Rooted { root, is_host_root }
     }
 
-    pub(super) fn root(&self) -> &Path {
+    pub fn root(&self) -> &Path {
         &self.root
     }
 
     /// The root is the machine's own `/`.
-    pub(super) fn is_host_root(&self) -> bool {
+    pub fn is_host_root(&self) -> bool {
         self.is_host_root
     }
 
     /// Where a root-relative path is on this machine. A leading `/` is
     /// ignored so that `/dev/sda2` means `ROOT/dev/sda2`.
-    pub(super) fn host_path(&self, rel: &Path) -> PathBuf {
+    pub fn host_path(&self, rel: &Path) -> PathBuf {
         self.root.join(rel.strip_prefix("/").unwrap_or(rel))
     }
 
     /// `rel` with every link followed, as a root-relative path free of
     /// links. Fails like `open` would (NotFound for a missing component).
-    pub(super) fn resolve(&self, rel: &Path) -> io::Result<PathBuf> {
+    pub fn resolve(&self, rel: &Path) -> io::Result<PathBuf> {
         self.resolve_in(Path::new(""), rel)
     }
 
     /// [`Rooted::resolve`] of `base/rel`, where `base` is resolved already:
     /// resolving `sys/bus/pci/devices` once spares its four components
     /// a stat for every device.
-    pub(super) fn resolve_in(&self, base: &Path, rel: &Path) -> io::Result<PathBuf> {
+    pub fn resolve_in(&self, base: &Path, rel: &Path) -> io::Result<PathBuf> {
         if self.is_host_root {
             return resolve_by_kernel(&self.root.join(base).join(rel));
         }
@@ -96,16 +96,12 @@ impl Rooted {
     }
 
     /// [`Rooted::resolve`], with `None` when `rel` is absent or a dangling link.
-    pub(super) fn resolve_optional(&self, rel: &Path) -> KernelResult<Option<PathBuf>> {
+    pub fn resolve_optional(&self, rel: &Path) -> KernelResult<Option<PathBuf>> {
         self.resolve_optional_in(Path::new(""), rel)
     }
 
     /// [`Rooted::resolve_in`], with `None` when absent or a dangling link.
-    pub(super) fn resolve_optional_in(
-        &self,
-        base: &Path,
-        rel: &Path,
-    ) -> KernelResult<Option<PathBuf>> {
+    pub fn resolve_optional_in(&self, base: &Path, rel: &Path) -> KernelResult<Option<PathBuf>> {
         match self.resolve_in(base, rel) {
             Ok(resolved) => Ok(Some(resolved)),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -114,7 +110,7 @@ impl Rooted {
     }
 
     /// True when `rel` exists (a dangling link does not).
-    pub(super) fn exists(&self, rel: &Path) -> bool {
+    pub fn exists(&self, rel: &Path) -> bool {
         if self.is_host_root {
             return fs::metadata(self.host_path(rel)).is_ok();
         }
@@ -124,7 +120,7 @@ impl Rooted {
     /// A small text file (a sysfs attribute: a page at most), whole;
     /// `None` when it does not exist. `rel` is taken as it is, links and
     /// all: it should lie in a directory [`Rooted::resolve`] returned.
-    pub(super) fn read_optional(&self, rel: &Path) -> KernelResult<Option<String>> {
+    pub fn read_optional(&self, rel: &Path) -> KernelResult<Option<String>> {
         match read_small(&self.host_path(rel)) {
             Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -135,7 +131,7 @@ impl Rooted {
     /// A file of any size after resolving `rel`, for files outside sysfs
     /// reached through links (`/lib` → `usr/lib`, `proc/self`); `None`
     /// when it does not exist.
-    pub(super) fn read_resolved_optional(&self, rel: &Path) -> KernelResult<Option<String>> {
+    pub fn read_resolved_optional(&self, rel: &Path) -> KernelResult<Option<String>> {
         let Some(resolved) = self.resolve_optional(rel)? else {
             return Ok(None);
         };
@@ -146,19 +142,19 @@ impl Rooted {
         }
     }
 
-    pub(super) fn read_resolved(&self, rel: &Path) -> KernelResult<String> {
+    pub fn read_resolved(&self, rel: &Path) -> KernelResult<String> {
         self.read_resolved_optional(rel)?
             .ok_or_else(|| self.io_error("read", rel, io::ErrorKind::NotFound.into()))
     }
 
-    pub(super) fn read(&self, rel: &Path) -> KernelResult<String> {
+    pub fn read(&self, rel: &Path) -> KernelResult<String> {
         self.read_optional(rel)?
             .ok_or_else(|| self.io_error("read", rel, io::ErrorKind::NotFound.into()))
     }
 
     /// The last component of a link's target (`driver` → `amdgpu`);
     /// `None` when there is no such link.
-    pub(super) fn link_name(&self, rel: &Path) -> KernelResult<Option<String>> {
+    pub fn link_name(&self, rel: &Path) -> KernelResult<Option<String>> {
         let target = match fs::read_link(self.host_path(rel)) {
             Ok(target) => target,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -177,7 +173,7 @@ impl Rooted {
     }
 
     /// Names in a directory, sorted; an absent directory has none.
-    pub(super) fn list_optional(&self, rel: &Path) -> KernelResult<Vec<OsString>> {
+    pub fn list_optional(&self, rel: &Path) -> KernelResult<Vec<OsString>> {
         let entries = match fs::read_dir(self.host_path(rel)) {
             Ok(entries) => entries,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -191,49 +187,24 @@ impl Rooted {
         Ok(names)
     }
 
-    /// Writes `contents` with a single write(2) to an existing file.
-    ///
-    /// One call, not `write_all`: a sysfs store sees each write(2) as one
-    /// command, so a retried remainder would be a second, garbled command.
-    pub(super) fn write_once(
-        &self,
-        op: &'static str,
-        rel: &Path,
-        contents: &str,
-    ) -> KernelResult<()> {
-        // Resolve first so a link in a fixture cannot aim the write outside the root.
-        let target = if self.is_host_root {
-            self.host_path(rel)
-        } else {
-            let resolved = self
-                .resolve(rel)
-                .map_err(|err| self.io_error(op, rel, err))?;
-            self.root.join(resolved)
-        };
-        // O_TRUNC as a shell's `>` does: sysfs ignores it, a fixture needs it.
-        let mut file = OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(target)
-            .map_err(|err| self.io_error(op, rel, err))?;
-        let written = file
-            .write(contents.as_bytes())
-            .map_err(|err| self.io_error(op, rel, err))?;
-        if written != contents.len() {
-            let short = io::Error::new(
-                io::ErrorKind::WriteZero,
-                format!("the kernel took {written} of {} bytes", contents.len()),
-            );
-            return Err(self.io_error(op, rel, short));
+    /// Where a write to `rel` must go: resolved first, so a link in a
+    /// fixture cannot aim the write outside the root. Resolving is all
+    /// this crate does; the daemon writes.
+    pub fn write_target(&self, op: &'static str, rel: &Path) -> KernelResult<PathBuf> {
+        if self.is_host_root {
+            return Ok(self.host_path(rel));
         }
-        Ok(())
+        let resolved = self
+            .resolve(rel)
+            .map_err(|err| self.io_error(op, rel, err))?;
+        Ok(self.root.join(resolved))
     }
 
-    pub(super) fn io_error(&self, op: &'static str, rel: &Path, err: io::Error) -> KernelError {
+    pub fn io_error(&self, op: &'static str, rel: &Path, err: io::Error) -> KernelError {
         KernelError::io(op, self.host_path(rel).display().to_string(), err)
     }
 
-    pub(super) fn malformed(&self, rel: &Path, reason: impl Into<String>) -> KernelError {
+    pub fn malformed(&self, rel: &Path, reason: impl Into<String>) -> KernelError {
         KernelError::Malformed {
             path: self.host_path(rel).display().to_string(),
             reason: reason.into(),

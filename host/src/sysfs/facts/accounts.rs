@@ -2,8 +2,8 @@
 //! gives it.
 
 use super::text;
-use crate::kernel::host::Accounts;
-use crate::kernel::sysfs::rooted::Rooted;
+use crate::facts::Accounts;
+use crate::sysfs::rooted::Rooted;
 
 pub(super) fn read(tree: &Rooted) -> Option<Accounts> {
     let passwd = text(tree, "etc/passwd")?;

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use vfiod_pci::PciAddress;
 
 use super::{list, text};
-use crate::kernel::host::FramebufferView;
-use crate::kernel::sysfs::rooted::Rooted;
+use crate::facts::FramebufferView;
+use crate::sysfs::rooted::Rooted;
 
 const GRAPHICS: &str = "sys/class/graphics";
 const PROC_FB: &str = "proc/fb";

@@ -1,15 +1,10 @@
-//! Kernel modules: whether one is there or can be loaded, and `modprobe`.
+//! Kernel modules: whether one is there or can be loaded.
 
-use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use super::rooted::Rooted;
-use crate::kernel::{KernelError, KernelResult};
 
 const KERNEL_RELEASE: &str = "proc/sys/kernel/osrelease";
-/// Tried in order: a service's PATH may lack the sbin directories.
-const MODPROBE: [&str; 3] = ["modprobe", "/usr/sbin/modprobe", "/sbin/modprobe"];
 
 /// Loaded or built in with a `sys/module` entry, or listed for the running
 /// kernel in `modules.dep` (loadable) or `modules.builtin`. `-` and `_`
@@ -31,46 +26,8 @@ pub(super) fn module_available(tree: &Rooted, module: &str) -> bool {
         .any(|list| lists_module(tree, &modules_dir.join(list), &name))
 }
 
-/// Runs `modprobe MODULE`, only on this machine's own root.
-pub(super) fn load_module(tree: &Rooted, module: &str) -> KernelResult<()> {
-    let fail = |reason: String| KernelError::Module {
-        module: module.to_owned(),
-        reason,
-    };
-    if !is_module_name(module) {
-        return Err(fail("not a module name".into()));
-    }
-    if tree.root() != Path::new("/") {
-        return Err(fail(format!(
-            "{} is a fixture tree, not this machine's root: modules can't be loaded into it",
-            tree.root().display()
-        )));
-    }
-    let mut last_error = io::Error::from(io::ErrorKind::NotFound);
-    for program in MODPROBE {
-        let output = Command::new(program)
-            .arg(module)
-            .stdin(Stdio::null())
-            .output();
-        match output {
-            Ok(output) if output.status.success() => return Ok(()),
-            Ok(output) => {
-                let stderr = String::from_utf8_lossy(&output.stderr);
-                let reason = match stderr.trim() {
-                    "" => format!("modprobe failed ({})", output.status),
-                    message => message.to_owned(),
-                };
-                return Err(fail(reason));
-            }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => last_error = err,
-            Err(err) => return Err(fail(format!("cannot run {program}: {err}"))),
-        }
-    }
-    Err(fail(format!("cannot run modprobe: {last_error}")))
-}
-
 /// `vfio-pci`, `vfio_pci`: no paths, options or spaces.
-fn is_module_name(module: &str) -> bool {
+pub fn is_module_name(module: &str) -> bool {
     !module.is_empty()
         && !module.starts_with('-')
         && module
@@ -117,17 +74,5 @@ mod tests {
         for bad in ["", "-r", "../x", "a b", "vfio/pci", "x\n"] {
             assert!(!is_module_name(bad), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn loading_into_a_fixture_is_refused_without_running_anything() {
-        let tree = Rooted::new(PathBuf::from("/nonexistent/fixture"));
-        let err = load_module(&tree, "vfio_pci").unwrap_err().to_string();
-        assert!(
-            err.contains("vfio_pci") && err.contains("fixture tree"),
-            "{err}"
-        );
-        let err = load_module(&tree, "-r").unwrap_err().to_string();
-        assert!(err.contains("not a module name"), "{err}");
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use vfiod_pci::Holder;
 
 use super::rooted::Rooted;
-use crate::kernel::KernelResult;
+use crate::KernelResult;
 
 /// Each (pid, node) once, sorted. `nodes` are compared with the fd links
 /// as the kernel writes them (`/dev/dri/card0`), whatever the root.
@@ -59,7 +59,7 @@ pub(super) fn holders(tree: &Rooted, nodes: &[PathBuf]) -> KernelResult<Vec<Hold
             })?;
             found.extend(share);
         }
-        Ok::<_, crate::kernel::KernelError>(found)
+        Ok::<_, crate::KernelError>(found)
     })?;
     holders.sort();
     holders.dedup_by(|a, b| a.pid == b.pid && a.node == b.node);

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use super::accounts;
 use super::libvirt::{descriptor_images, parse_domain, parse_qemu_conf};
 use super::*;
-use crate::kernel::Kernel;
-use crate::kernel::host::{FramebufferView, QemuConfValue};
-use crate::kernel::sysfs::fixture::{Fixture, KERNEL_RELEASE};
+use crate::Inspect;
+use crate::facts::{FramebufferView, QemuConfValue};
+use crate::sysfs::fixture::{Fixture, KERNEL_RELEASE};
 
 fn addr(s: &str) -> PciAddress {
     s.parse().unwrap()

@@ -11,19 +11,23 @@ use std::io::Write;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
-use super::SysfsKernel;
+pub mod desktop;
+
+use super::Sysfs;
 
 /// What `proc/sys/kernel/osrelease` says in a fresh fixture.
-pub(crate) const KERNEL_RELEASE: &str = "6.1.0-test-amd64";
+pub const KERNEL_RELEASE: &str = "6.1.0-test-amd64";
 
-pub(crate) struct Fixture {
+pub struct Fixture {
     root: PathBuf,
 }
 
 impl Fixture {
     /// An empty machine: a PCI bus without devices, no IOMMU, no modules,
     /// nothing mounted, no processes.
-    pub(crate) fn new() -> Self {
+    // Not a Default: each one makes a directory on disk.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
         let template = scratch_dir().join("vfiod-sysfs-XXXXXX");
         let root = nix::unistd::mkdtemp(&template).expect("mkdtemp");
         let fixture = Fixture { root };
@@ -49,32 +53,32 @@ impl Fixture {
         fixture
     }
 
-    pub(crate) fn root(&self) -> &Path {
+    pub fn root(&self) -> &Path {
         &self.root
     }
 
-    pub(crate) fn kernel(&self) -> SysfsKernel {
-        SysfsKernel::new(&self.root)
+    pub fn kernel(&self) -> Sysfs {
+        Sysfs::new(&self.root)
     }
 
     /// Where `rel` is on this machine.
-    pub(crate) fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
+    pub fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
         self.root.join(rel)
     }
 
-    pub(crate) fn mkdir(&self, rel: impl AsRef<Path>) {
+    pub fn mkdir(&self, rel: impl AsRef<Path>) {
         fs::create_dir_all(self.path(rel)).expect("mkdir in fixture");
     }
 
     /// Writes a file, creating its directory.
-    pub(crate) fn write(&self, rel: impl AsRef<Path>, contents: &str) {
+    pub fn write(&self, rel: impl AsRef<Path>, contents: &str) {
         let path = self.path(rel);
         fs::create_dir_all(path.parent().expect("a file has a directory"))
             .expect("mkdir in fixture");
         fs::write(&path, contents).expect("write in fixture");
     }
 
-    pub(crate) fn append(&self, rel: impl AsRef<Path>, contents: &str) {
+    pub fn append(&self, rel: impl AsRef<Path>, contents: &str) {
         let mut file = fs::OpenOptions::new()
             .append(true)
             .create(true)
@@ -84,12 +88,12 @@ impl Fixture {
             .expect("append in fixture");
     }
 
-    pub(crate) fn read(&self, rel: impl AsRef<Path>) -> String {
+    pub fn read(&self, rel: impl AsRef<Path>) -> String {
         fs::read_to_string(self.path(rel)).expect("read in fixture")
     }
 
     /// Removes a file, a link or a whole directory.
-    pub(crate) fn remove(&self, rel: impl AsRef<Path>) {
+    pub fn remove(&self, rel: impl AsRef<Path>) {
         let path = self.path(rel);
         let metadata = fs::symlink_metadata(&path).expect("remove: no such path in fixture");
         if metadata.is_dir() {
@@ -101,7 +105,7 @@ impl Fixture {
 
     /// A link at `rel` to `target`, both root-relative, written relative
     /// (`../../../devices/...`) as sysfs writes its own.
-    pub(crate) fn link(&self, rel: impl AsRef<Path>, target: impl AsRef<Path>) {
+    pub fn link(&self, rel: impl AsRef<Path>, target: impl AsRef<Path>) {
         let rel = rel.as_ref();
         let depth = rel.parent().map_or(0, |dir| dir.components().count());
         let relative: PathBuf = std::iter::repeat_n(Path::new(".."), depth)
@@ -111,7 +115,7 @@ impl Fixture {
     }
 
     /// A link whose target is exactly `target` (absolute ones included).
-    pub(crate) fn raw_link(&self, rel: impl AsRef<Path>, target: impl AsRef<Path>) {
+    pub fn raw_link(&self, rel: impl AsRef<Path>, target: impl AsRef<Path>) {
         let path = self.path(rel);
         fs::create_dir_all(path.parent().expect("a link has a directory"))
             .expect("mkdir in fixture");
@@ -122,7 +126,7 @@ impl Fixture {
     }
 
     /// Starts describing a PCI function; [`PciFunction::add`] creates it.
-    pub(crate) fn pci(&self, address: &str) -> PciFunction<'_> {
+    pub fn pci(&self, address: &str) -> PciFunction<'_> {
         PciFunction {
             fixture: self,
             address: address.to_owned(),
@@ -140,7 +144,7 @@ impl Fixture {
 
     /// Gives an existing function other ids (`vvvv:dddd`), in `uevent` and
     /// in `vendor` and `device`.
-    pub(crate) fn set_id(&self, address: &str, id: &str) {
+    pub fn set_id(&self, address: &str, id: &str) {
         let dir = self.function_dir(address);
         let (vendor, device) = id.split_once(':').expect("vvvv:dddd");
         self.write(dir.join("vendor"), &format!("0x{vendor}\n"));
@@ -157,7 +161,7 @@ impl Fixture {
     }
 
     /// The real directory of an added function.
-    pub(crate) fn function_dir(&self, address: &str) -> PathBuf {
+    pub fn function_dir(&self, address: &str) -> PathBuf {
         let entry = self.path(format!("sys/bus/pci/devices/{address}"));
         let real = fs::canonicalize(&entry).expect("no such PCI function in fixture");
         let root = fs::canonicalize(&self.root).expect("fixture root");
@@ -167,14 +171,14 @@ impl Fixture {
     }
 
     /// `sys/bus/pci/drivers/DRIVER` with its `bind` and `unbind` files.
-    pub(crate) fn register_driver(&self, driver: &str) {
+    pub fn register_driver(&self, driver: &str) {
         for file in ["bind", "unbind", "new_id", "remove_id"] {
             self.write(format!("sys/bus/pci/drivers/{driver}/{file}"), "");
         }
     }
 
     /// Binds the function to `driver` (registered if needed): its `driver` link.
-    pub(crate) fn bind(&self, address: &str, driver: &str) {
+    pub fn bind(&self, address: &str, driver: &str) {
         self.register_driver(driver);
         let driver_dir = format!("sys/bus/pci/drivers/{driver}");
         let function_dir = self.function_dir(address);
@@ -183,7 +187,7 @@ impl Fixture {
     }
 
     /// Leaves the function without a driver.
-    pub(crate) fn unbind(&self, address: &str) {
+    pub fn unbind(&self, address: &str) {
         let driver_link = self.function_dir(address).join("driver");
         let driver = fs::read_link(self.path(&driver_link)).expect("function has a driver");
         let driver = driver
@@ -197,7 +201,7 @@ impl Fixture {
     /// A device with a node below `parent_dir` (`drm/card0` named
     /// `dri/card0`, number `226:0`): its `dev`, its `uevent` with DEVNAME,
     /// and its `sys/dev/char` link. Returns its directory.
-    pub(crate) fn char_device(
+    pub fn char_device(
         &self,
         parent_dir: impl AsRef<Path>,
         sub_dir: &str,
@@ -213,7 +217,7 @@ impl Fixture {
     /// A disk whose directory is `dir` (`.../0:0:0:0/block/sda`, or
     /// `.../nvme-subsys0/nvme0n1` where the parent is a class device),
     /// with its `sys/dev/block` link. Returns `dir`.
-    pub(crate) fn disk(&self, dir: impl AsRef<Path>, number: &str) -> PathBuf {
+    pub fn disk(&self, dir: impl AsRef<Path>, number: &str) -> PathBuf {
         let dir = dir.as_ref().to_path_buf();
         let name = dir
             .file_name()
@@ -228,12 +232,7 @@ impl Fixture {
     }
 
     /// A partition (`sda2`) of the disk in `disk_dir`. Returns its directory.
-    pub(crate) fn partition(
-        &self,
-        disk_dir: impl AsRef<Path>,
-        name: &str,
-        number: &str,
-    ) -> PathBuf {
+    pub fn partition(&self, disk_dir: impl AsRef<Path>, name: &str, number: &str) -> PathBuf {
         let dir = disk_dir.as_ref().join(name);
         self.device_files(&dir, name, number);
         self.write(dir.join("partition"), "2\n");
@@ -242,7 +241,7 @@ impl Fixture {
     }
 
     /// A device-mapper disk (`dm-0`) built on the devices in `lower_dirs`.
-    pub(crate) fn dm_disk(&self, name: &str, number: &str, lower_dirs: &[&Path]) -> PathBuf {
+    pub fn dm_disk(&self, name: &str, number: &str, lower_dirs: &[&Path]) -> PathBuf {
         let dir = self.disk(Path::new("sys/devices/virtual/block").join(name), number);
         for lower in lower_dirs {
             let lower_name = lower.file_name().expect("a device has a name");
@@ -273,7 +272,7 @@ impl Fixture {
     /// A USB device (or, with `port` like `usb1`, a root hub) below
     /// `parent_dir`, with one interface per class in `interface_classes`.
     /// Returns its directory.
-    pub(crate) fn usb_device(
+    pub fn usb_device(
         &self,
         parent_dir: impl AsRef<Path>,
         port: &str,
@@ -313,7 +312,7 @@ impl Fixture {
 
     /// Appends a mount of `number` (`8:2`) at `mount_point` (escaped as in
     /// mountinfo, `/mnt/my\040data`) to `proc/self/mountinfo`.
-    pub(crate) fn mount(&self, number: &str, mount_point: &str, fstype: &str, source: &str) {
+    pub fn mount(&self, number: &str, mount_point: &str, fstype: &str, source: &str) {
         let id = self.read("proc/self/mountinfo").lines().count() + 20;
         self.append(
             "proc/self/mountinfo",
@@ -324,7 +323,7 @@ impl Fixture {
     }
 
     /// A process with fds open on `targets` (fd 3, 4, ...).
-    pub(crate) fn process(&self, pid: u32, comm: &str, targets: &[&str]) {
+    pub fn process(&self, pid: u32, comm: &str, targets: &[&str]) {
         self.write(format!("proc/{pid}/comm"), &format!("{comm}\n"));
         self.raw_link(format!("proc/{pid}/exe"), format!("/usr/bin/{comm}"));
         self.mkdir(format!("proc/{pid}/fd"));
@@ -334,7 +333,7 @@ impl Fixture {
     }
 
     /// `sys/class/vtconsole/vtconN`.
-    pub(crate) fn vtconsole(&self, number: u32, name: &str, bound: bool) {
+    pub fn vtconsole(&self, number: u32, name: &str, bound: bool) {
         let dir = format!("sys/devices/virtual/vtconsole/vtcon{number}");
         self.write(format!("{dir}/name"), &format!("{name}\n"));
         self.write(format!("{dir}/bind"), if bound { "1\n" } else { "0\n" });
@@ -343,7 +342,7 @@ impl Fixture {
 
     /// Framebuffer `fbN` of the device in `device_dir` (a PCI function or
     /// a platform device), as `sys/class/graphics/fbN`.
-    pub(crate) fn framebuffer(&self, number: u32, device_dir: impl AsRef<Path>) {
+    pub fn framebuffer(&self, number: u32, device_dir: impl AsRef<Path>) {
         let device_dir = device_dir.as_ref();
         let name = format!("fb{number}");
         let dir = self.char_device(
@@ -357,7 +356,7 @@ impl Fixture {
     }
 
     /// A platform device (`efi-framebuffer.0`). Returns its directory.
-    pub(crate) fn platform_device(&self, name: &str) -> PathBuf {
+    pub fn platform_device(&self, name: &str) -> PathBuf {
         let dir = PathBuf::from(format!("sys/devices/platform/{name}"));
         self.write(
             dir.join("uevent"),
@@ -368,28 +367,28 @@ impl Fixture {
     }
 
     /// `dev/vfio/N`, as it appears once group N has a device on vfio-pci.
-    pub(crate) fn vfio_group(&self, group: u32) {
+    pub fn vfio_group(&self, group: u32) {
         self.write(format!("dev/vfio/{group}"), "");
     }
 
-    pub(crate) fn pci_ids(&self, text: &str) {
+    pub fn pci_ids(&self, text: &str) {
         self.write("usr/share/hwdata/pci.ids", text);
     }
 
     /// `sys/module/MODULE`, as for a loaded module.
-    pub(crate) fn loaded_module(&self, module: &str) {
+    pub fn loaded_module(&self, module: &str) {
         self.write(format!("sys/module/{module}/refcnt"), "0\n");
     }
 
     /// `lib/modules/RELEASE/FILE` (`modules.dep`, `modules.builtin`).
-    pub(crate) fn module_list(&self, file: &str, contents: &str) {
+    pub fn module_list(&self, file: &str, contents: &str) {
         self.write(format!("lib/modules/{KERNEL_RELEASE}/{file}"), contents);
     }
 
     // What the doctor reads beyond PCI (`kernel/sysfs/host.rs`).
 
     /// `proc/cpuinfo` of one CPU with these `flags`.
-    pub(crate) fn cpu_flags(&self, flags: &str) {
+    pub fn cpu_flags(&self, flags: &str) {
         self.write(
             "proc/cpuinfo",
             &format!("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: {flags}\n\n"),
@@ -397,18 +396,18 @@ impl Fixture {
     }
 
     /// `proc/cmdline`.
-    pub(crate) fn cmdline(&self, cmdline: &str) {
+    pub fn cmdline(&self, cmdline: &str) {
         self.write("proc/cmdline", &format!("{cmdline}\n"));
     }
 
     /// `dev/kvm`.
-    pub(crate) fn kvm(&self) {
+    pub fn kvm(&self) {
         self.write("dev/kvm", "");
     }
 
     /// `sys/firmware/acpi/tables/NAME` for each name (the directory even
     /// when there are none).
-    pub(crate) fn acpi_tables(&self, names: &[&str]) {
+    pub fn acpi_tables(&self, names: &[&str]) {
         self.mkdir("sys/firmware/acpi/tables");
         for name in names {
             self.write(format!("sys/firmware/acpi/tables/{name}"), "");
@@ -416,14 +415,14 @@ impl Fixture {
     }
 
     /// A hugepage pool of `size_kb` pages.
-    pub(crate) fn hugepages(&self, size_kb: u64, total: u64, free: u64) {
+    pub fn hugepages(&self, size_kb: u64, total: u64, free: u64) {
         let dir = format!("sys/kernel/mm/hugepages/hugepages-{size_kb}kB");
         self.write(format!("{dir}/nr_hugepages"), &format!("{total}\n"));
         self.write(format!("{dir}/free_hugepages"), &format!("{free}\n"));
     }
 
     /// A file with permission bits `mode`.
-    pub(crate) fn write_mode(&self, rel: impl AsRef<Path>, contents: &str, mode: u32) {
+    pub fn write_mode(&self, rel: impl AsRef<Path>, contents: &str, mode: u32) {
         use std::os::unix::fs::PermissionsExt;
         let rel = rel.as_ref();
         self.write(rel, contents);
@@ -434,7 +433,7 @@ impl Fixture {
     /// `etc/passwd` and `etc/group` in which the user and group that own
     /// the fixture's files (whoever runs the test) are `owner` and
     /// `group`; `passwd` and `groups` are further lines.
-    pub(crate) fn accounts(&self, owner: &str, group: &str, passwd: &str, groups: &str) {
+    pub fn accounts(&self, owner: &str, group: &str, passwd: &str, groups: &str) {
         let uid = nix::unistd::geteuid();
         let gid = nix::unistd::getegid();
         self.write(
@@ -479,7 +478,7 @@ enum Reset {
 }
 
 /// A PCI function being described; see [`Fixture::pci`].
-pub(crate) struct PciFunction<'f> {
+pub struct PciFunction<'f> {
     fixture: &'f Fixture,
     address: String,
     parent: Option<String>,
@@ -495,64 +494,64 @@ pub(crate) struct PciFunction<'f> {
 
 impl PciFunction<'_> {
     /// Behind the bridge at `parent` (added already).
-    pub(crate) fn behind(mut self, parent: &str) -> Self {
+    pub fn behind(mut self, parent: &str) -> Self {
         self.parent = Some(parent.to_owned());
         self
     }
 
     /// `1002:67df`.
-    pub(crate) fn id(mut self, id: &str) -> Self {
+    pub fn id(mut self, id: &str) -> Self {
         self.id = id.to_owned();
         self
     }
 
-    pub(crate) fn subsystem(mut self, id: &str) -> Self {
+    pub fn subsystem(mut self, id: &str) -> Self {
         self.subsystem = Some(id.to_owned());
         self
     }
 
     /// `0x030000`.
-    pub(crate) fn class(mut self, class: &str) -> Self {
+    pub fn class(mut self, class: &str) -> Self {
         self.class = class.to_owned();
         self
     }
 
-    pub(crate) fn driver(mut self, driver: &str) -> Self {
+    pub fn driver(mut self, driver: &str) -> Self {
         self.driver = Some(driver.to_owned());
         self
     }
 
     /// What `driver_override` reads; `(null)` when not given.
-    pub(crate) fn driver_override(mut self, driver: &str) -> Self {
+    pub fn driver_override(mut self, driver: &str) -> Self {
         self.driver_override = Some(driver.to_owned());
         self
     }
 
-    pub(crate) fn group(mut self, group: u32) -> Self {
+    pub fn group(mut self, group: u32) -> Self {
         self.group = Some(group);
         self
     }
 
     /// Writes `boot_vga` (only VGA functions have the file).
-    pub(crate) fn boot_vga(mut self, boot_vga: bool) -> Self {
+    pub fn boot_vga(mut self, boot_vga: bool) -> Self {
         self.boot_vga = Some(boot_vga);
         self
     }
 
     /// `reset_method`, e.g. `flr bus`.
-    pub(crate) fn reset_methods(mut self, methods: &str) -> Self {
+    pub fn reset_methods(mut self, methods: &str) -> Self {
         self.reset = Reset::Methods(methods.to_owned());
         self
     }
 
     /// Only a `reset` file, as before kernel 5.15.
-    pub(crate) fn legacy_reset(mut self) -> Self {
+    pub fn legacy_reset(mut self) -> Self {
         self.reset = Reset::Legacy;
         self
     }
 
     /// Creates the function. Returns its directory.
-    pub(crate) fn add(self) -> PathBuf {
+    pub fn add(self) -> PathBuf {
         let fx = self.fixture;
         let address = &self.address;
         let dir = match &self.parent {

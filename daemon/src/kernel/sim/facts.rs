@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use vfiod_pci::machine::{HostFacts, MachineFile};
 
-use crate::kernel::host::{
+use vfiod_host::facts::{
     DeviceHostView, FileStat, FirmwareImage, FramebufferView, HostView, HugepagePool, QemuConf,
     QemuConfValue,
 };

@@ -9,7 +9,7 @@ use vfiod_pci::{PciId, UsbDevice};
 
 use super::rooted::Rooted;
 use super::subtree;
-use crate::kernel::KernelResult;
+use crate::KernelResult;
 
 /// The HID interface class: keyboards and mice.
 const HID_CLASS: &str = "03";

@@ -25,7 +25,7 @@
 use std::path::{Path, PathBuf};
 
 use super::rooted::Rooted;
-use crate::kernel::KernelResult;
+use crate::KernelResult;
 
 const VTCONSOLES: &str = "sys/class/vtconsole";
 const FRAMEBUFFERS: &str = "sys/class/graphics";

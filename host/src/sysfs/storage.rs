@@ -14,7 +14,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::rooted::Rooted;
-use crate::kernel::KernelResult;
+use crate::KernelResult;
 
 const MOUNTINFO: &str = "proc/self/mountinfo";
 const SWAPS: &str = "proc/swaps";

@@ -1,0 +1,240 @@
+//! [`Inspect`] and [`Kernel`] for the simulated kernel: reads under its
+//! lock, writes as the real kernel makes them.
+
+use super::*;
+
+impl Inspect for SimKernel {
+    fn devices(&self) -> KernelResult<Vec<PciDevice>> {
+        let inner = self.lock();
+        Ok(self
+            .board
+            .entries()
+            .filter_map(|entry| inner.state.pci_device(entry))
+            .collect())
+    }
+
+    fn ids(&self) -> KernelResult<Vec<(PciAddress, PciId)>> {
+        Ok(self
+            .devices()?
+            .into_iter()
+            .map(|d| (d.address, d.id))
+            .collect())
+    }
+
+    fn device(&self, address: &PciAddress) -> KernelResult<Option<PciDevice>> {
+        let inner = self.lock();
+        Ok(self
+            .board
+            .entry(address)
+            .ok()
+            .and_then(|entry| inner.state.pci_device(entry)))
+    }
+
+    fn group_members(&self, group: u32) -> KernelResult<Vec<PciAddress>> {
+        Ok(self
+            .devices()?
+            .into_iter()
+            .filter(|d| d.iommu_group == Some(group))
+            .map(|d| d.address)
+            .collect())
+    }
+
+    fn driver(&self, address: &PciAddress) -> KernelResult<Option<String>> {
+        let inner = self.lock();
+        let dev = inner
+            .state
+            .present(address)
+            .ok_or(KernelError::NoDevice(*address))?;
+        Ok(dev.driver.clone())
+    }
+
+    fn driver_override(&self, address: &PciAddress) -> KernelResult<Option<String>> {
+        // Reading it takes the device lock: it waits for a pending removal.
+        let inner = self.lock();
+        let inner = self.wait_for_device(inner, address);
+        let dev = inner
+            .state
+            .present(address)
+            .ok_or(KernelError::NoDevice(*address))?;
+        Ok(dev.driver_override.clone())
+    }
+
+    fn iommu_enabled(&self) -> KernelResult<bool> {
+        Ok(self.board.iommu_enabled())
+    }
+
+    fn driver_registered(&self, driver: &str) -> bool {
+        let inner = self.lock();
+        let wanted = module_key(driver);
+        inner
+            .state
+            .registered_drivers(&self.board)
+            .any(|name| module_key(name) == wanted)
+    }
+
+    fn module_available(&self, module: &str) -> bool {
+        let module = module_key(module);
+        self.lock().state.modules.contains(&module) || !self.board.missing_modules.contains(&module)
+    }
+
+    fn nodes(&self, address: &PciAddress) -> KernelResult<Vec<PathBuf>> {
+        let inner = self.lock();
+        if inner.state.present(address).is_none() {
+            return Err(KernelError::NoDevice(*address));
+        }
+        Ok(self.board.entry(address)?.nodes.clone())
+    }
+
+    fn holders(&self, nodes: &[PathBuf]) -> KernelResult<Vec<Holder>> {
+        let inner = self.lock();
+        let mut holders: Vec<Holder> = inner
+            .state
+            .holders
+            .iter()
+            .filter(|h| nodes.contains(&h.node))
+            .cloned()
+            .collect();
+        holders.sort();
+        Ok(holders)
+    }
+
+    fn mounts_behind(&self, address: &PciAddress) -> KernelResult<Vec<String>> {
+        let inner = self.lock();
+        if inner.state.present(address).is_none() {
+            return Err(KernelError::NoDevice(*address));
+        }
+        let mut mounts = Vec::new();
+        for at in self.board.subtree(address) {
+            if inner.state.present(&at).is_some() {
+                mounts.extend(self.board.entry(&at)?.mounts.iter().cloned());
+            }
+        }
+        Ok(mounts)
+    }
+
+    fn usb_behind(&self, address: &PciAddress) -> KernelResult<Vec<UsbDevice>> {
+        Ok(self.present_entry(address)?.usb.clone())
+    }
+
+    fn console_on(&self, address: &PciAddress) -> KernelResult<bool> {
+        Ok(self.present_entry(address)?.console)
+    }
+
+    fn vfio_group_node(&self, group: u32) -> Option<PathBuf> {
+        self.lock()
+            .state
+            .group_node_exists(&self.board, group)
+            .then(|| group_node(group))
+    }
+
+    fn vfio_device_nodes(&self, _address: &PciAddress) -> KernelResult<Vec<PathBuf>> {
+        // Machine files (DESIGN §7) describe group nodes only.
+        Ok(Vec::new())
+    }
+
+    fn boot_id(&self) -> KernelResult<String> {
+        Ok(self.lock().state.boot_id.clone())
+    }
+
+    fn host(&self) -> KernelResult<HostView> {
+        let loaded = self.lock().state.modules.clone();
+        Ok(super::facts::view(&self.board.machine, loaded))
+    }
+}
+
+impl Kernel for SimKernel {
+    fn vfio_group_open(&self, group: u32) -> Option<bool> {
+        let node = group_node(group);
+        Some(self.lock().state.holders.iter().any(|h| h.node == node))
+    }
+
+    fn load_module(&self, module: &str) -> KernelResult<()> {
+        let result = self.transact(|board, state, _| state.load_module(board, module));
+        self.count_write();
+        result
+    }
+
+    fn set_driver_override(&self, address: &PciAddress, driver: Option<&str>) -> KernelResult<()> {
+        // The kernel keeps what comes before the first newline; nothing
+        // ("\n", which `None` stands for) clears the override.
+        let value = driver
+            .and_then(|d| d.split('\n').next())
+            .filter(|d| !d.is_empty());
+        if value.is_some_and(|d| d.len() > OVERRIDE_MAX_LEN) {
+            return Err(os_error("write", override_path(address), libc::EINVAL));
+        }
+        let inner = self.lock();
+        let mut inner = self.wait_for_device(inner, address);
+        let result = self.commit(&mut inner, |_, state, _| {
+            let dev = state
+                .present_mut(address)
+                .ok_or(KernelError::NoDevice(*address))?;
+            dev.driver_override = value.map(str::to_owned);
+            Ok(())
+        });
+        drop(inner);
+        self.count_write();
+        result
+    }
+
+    fn unbind(&self, address: &PciAddress, driver: &str) -> KernelResult<()> {
+        let mut inner = self.lock();
+        let state = &inner.state;
+        let dev = state.present(address);
+        if dev.is_some_and(|dev| dev.unbinding.as_deref() == Some(driver)) {
+            // The driver still has the device, its removal pending: this
+            // write waits for the device lock, then finds it unbound.
+            let inner = self.wait_for_device(inner, address);
+            drop(inner);
+            self.count_write();
+            return Ok(());
+        }
+        if dev.is_none_or(|dev| dev.driver.as_deref() != Some(driver)) {
+            // No such driver directory, or the device is not bound to it.
+            let errno = if state.registered(&self.board, driver) {
+                libc::ENODEV
+            } else {
+                libc::ENOENT
+            };
+            return Err(os_error("write", unbind_path(driver), errno));
+        }
+        match faults(self.board.entry(address)?).unbind {
+            Some(UnbindFault::Hang) => {
+                drop(inner);
+                hang_forever();
+            }
+            Some(UnbindFault::Busy) => {
+                return Err(os_error("write", unbind_path(driver), libc::EBUSY));
+            }
+            None => {}
+        }
+        // The link goes at once; the removal ends in this same change when
+        // the driver waits for nobody, else when the last holder lets go
+        // (DESIGN §2), and this writer waits for it.
+        let result = self.commit(&mut inner, |_, state, _| {
+            state.start_removal(address, driver);
+            Ok(())
+        });
+        if result.is_ok() {
+            inner = self.wait_for_device(inner, address);
+        }
+        drop(inner);
+        self.count_write();
+        result
+    }
+
+    fn probe(&self, address: &PciAddress) -> KernelResult<()> {
+        let inner = self.lock();
+        let mut inner = self.wait_for_device(inner, address);
+        let result = self.commit(&mut inner, |board, state, events| {
+            if state.present(address).is_none() {
+                return Err(os_error("write", probe_path(), libc::ENODEV));
+            }
+            state.probe_device(board, address, events);
+            Ok(())
+        });
+        drop(inner);
+        self.count_write();
+        result
+    }
+}
