@@ -1,42 +1,40 @@
 //! vfiod's objects as the client sees them, read from one
 //! `GetManagedObjects` answer (DESIGN §4).
 
-use std::collections::HashMap;
+use std::ops::Deref;
 
-use vfiod_dbus::names::{DEVICE_INTERFACE, PROFILE_INTERFACE};
+use vfiod_dbus::names::{DEVICE_INTERFACE, PROFILE_INTERFACE, address_from_device_path};
+use vfiod_dbus::objects::{DeviceProperties, ProfileProperties};
 use vfiod_pci::PciAddress;
 use zbus::fdo::ManagedObjects;
-use zbus::{OwnedObjectPath, OwnedVariant};
 
-/// An `org.vfiod1.Device`. A property the daemon did not send keeps its
-/// default, so an older or newer daemon still lists.
+/// An `org.vfiod1.Device` at its path. A property the daemon did not send
+/// keeps its default, so an older or newer daemon still lists.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DeviceView {
     pub path: String,
-    pub address: String,
-    pub vendor_id: u16,
-    pub device_id: u16,
-    pub class: u32,
-    pub name: String,
-    pub driver: String,
-    pub host_driver: String,
-    /// -1: no IOMMU group.
-    pub iommu_group: i32,
-    pub state: String,
-    pub owner: String,
-    pub boot_vga: bool,
+    pub properties: DeviceProperties,
 }
 
-/// An `org.vfiod1.Profile`.
+/// An `org.vfiod1.Profile` at its path.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProfileView {
     pub path: String,
-    pub name: String,
-    /// Object paths of its devices.
-    pub devices: Vec<String>,
-    pub state: String,
-    pub owner: String,
-    pub last_error: String,
+    pub properties: ProfileProperties,
+}
+
+impl Deref for DeviceView {
+    type Target = DeviceProperties;
+    fn deref(&self) -> &DeviceProperties {
+        &self.properties
+    }
+}
+
+impl Deref for ProfileView {
+    type Target = ProfileProperties;
+    fn deref(&self) -> &ProfileProperties {
+        &self.properties
+    }
 }
 
 /// Every device (by address) and profile (by name).
@@ -46,63 +44,6 @@ pub struct Objects {
     pub profiles: Vec<ProfileView>,
 }
 
-type Properties = HashMap<String, OwnedVariant>;
-
-fn take<T>(props: &mut Properties, name: &str) -> Option<T>
-where
-    T: TryFrom<OwnedVariant>,
-{
-    props.remove(name).and_then(|v| T::try_from(v).ok())
-}
-
-fn paths(props: &mut Properties, name: &str) -> Vec<String> {
-    take::<Vec<OwnedObjectPath>>(props, name)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|p| p.as_str().to_owned())
-        .collect()
-}
-
-impl DeviceView {
-    fn from_properties(path: String, mut p: Properties) -> DeviceView {
-        DeviceView {
-            path,
-            address: take(&mut p, "Address").unwrap_or_default(),
-            vendor_id: take(&mut p, "VendorId").unwrap_or_default(),
-            device_id: take(&mut p, "DeviceId").unwrap_or_default(),
-            class: take(&mut p, "Class").unwrap_or_default(),
-            name: take(&mut p, "Name").unwrap_or_default(),
-            driver: take(&mut p, "Driver").unwrap_or_default(),
-            host_driver: take(&mut p, "HostDriver").unwrap_or_default(),
-            iommu_group: take(&mut p, "IommuGroup").unwrap_or(-1),
-            state: take(&mut p, "State").unwrap_or_default(),
-            owner: take(&mut p, "Owner").unwrap_or_default(),
-            boot_vga: take(&mut p, "BootVga").unwrap_or_default(),
-        }
-    }
-
-    pub fn pci_address(&self) -> Option<PciAddress> {
-        self.address.parse().ok()
-    }
-
-    pub fn id(&self) -> String {
-        format!("{:04x}:{:04x}", self.vendor_id, self.device_id)
-    }
-}
-
-impl ProfileView {
-    fn from_properties(path: String, mut p: Properties) -> ProfileView {
-        ProfileView {
-            path,
-            name: take(&mut p, "Name").unwrap_or_default(),
-            devices: paths(&mut p, "Devices"),
-            state: take(&mut p, "State").unwrap_or_default(),
-            owner: take(&mut p, "Owner").unwrap_or_default(),
-            last_error: take(&mut p, "LastError").unwrap_or_default(),
-        }
-    }
-}
-
 impl Objects {
     pub fn from_managed(objects: ManagedObjects) -> Objects {
         let mut out = Objects::default();
@@ -110,11 +51,16 @@ impl Objects {
             let path = path.as_str().to_owned();
             // Intermediate nodes (/org/vfiod1/device) come with no interface.
             if let Some(props) = interfaces.remove(DEVICE_INTERFACE) {
-                out.devices
-                    .push(DeviceView::from_properties(path.clone(), props));
+                out.devices.push(DeviceView {
+                    path: path.clone(),
+                    properties: DeviceProperties::from_properties(props),
+                });
             }
             if let Some(props) = interfaces.remove(PROFILE_INTERFACE) {
-                out.profiles.push(ProfileView::from_properties(path, props));
+                out.profiles.push(ProfileView {
+                    path,
+                    properties: ProfileProperties::from_properties(props),
+                });
             }
         }
         // Fixed-width lowercase addresses sort in bus order as strings.
@@ -139,72 +85,79 @@ impl Objects {
 
     /// The profile a device belongs to (at most one, DESIGN §6).
     pub fn profile_of(&self, device: &DeviceView) -> Option<&ProfileView> {
-        self.profiles
-            .iter()
-            .find(|p| p.devices.contains(&device.path))
+        let address = device.pci_address()?;
+        self.profiles.iter().find(|p| p.devices.contains(&address))
     }
 
-    /// A profile's devices, in address order; paths vfiod did not list as
-    /// devices are skipped.
+    /// A profile's devices, in address order; devices vfiod did not list
+    /// are skipped.
     pub fn devices_of<'a>(
         &'a self,
         profile: &'a ProfileView,
     ) -> impl Iterator<Item = &'a DeviceView> {
-        self.devices
-            .iter()
-            .filter(|d| profile.devices.contains(&d.path))
+        self.devices.iter().filter(|d| {
+            d.pci_address()
+                .is_some_and(|a| profile.devices.contains(&a))
+        })
     }
 }
 
 /// The address in a device path (`/org/vfiod1/device/0000_01_00_0`), for
 /// when the device itself could not be read.
 pub fn address_from_path(path: &str) -> Option<String> {
-    let last = path.rsplit('/').next()?;
-    let parts: Vec<&str> = last.split('_').collect();
-    let [domain, bus, device, function] = parts.as_slice() else {
-        return None;
-    };
-    let address: PciAddress = format!("{domain}:{bus}:{device}.{function}").parse().ok()?;
-    Some(address.to_string())
+    address_from_device_path(path).map(|a| a.to_string())
 }
 
 #[cfg(test)]
 pub mod tests {
     use super::*;
-    use zbus::Variant;
+    use vfiod_dbus::{DeviceState, ProfileState};
+    use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
-    fn variant<'a>(v: impl Into<Variant<'a>>) -> OwnedVariant {
-        OwnedVariant::try_from(v.into()).unwrap()
+    type Properties = std::collections::HashMap<String, OwnedVariant>;
+
+    /// Properties as GetAll answers them.
+    fn wire(all: std::collections::HashMap<&'static str, Variant<'static>>) -> Properties {
+        all.into_iter()
+            .map(|(name, value)| (name.to_owned(), OwnedVariant::try_from(value).unwrap()))
+            .collect()
     }
 
-    pub fn device_props(address: &str, driver: &str, state: &str, owner: &str) -> Properties {
-        let mut p = Properties::new();
-        p.insert("Address".into(), variant(address));
-        p.insert("VendorId".into(), variant(0x1002u16));
-        p.insert("DeviceId".into(), variant(0x67dfu16));
-        p.insert("Class".into(), variant(0x030000u32));
-        p.insert("Name".into(), variant("Ellesmere"));
-        p.insert("Driver".into(), variant(driver));
-        p.insert("HostDriver".into(), variant("amdgpu"));
-        p.insert("IommuGroup".into(), variant(1i32));
-        p.insert("State".into(), variant(state));
-        p.insert("Owner".into(), variant(owner));
-        p.insert("BootVga".into(), variant(false));
-        p
+    pub fn device_props(
+        address: &str,
+        driver: &str,
+        state: DeviceState,
+        owner: &str,
+    ) -> Properties {
+        wire(
+            DeviceProperties {
+                address: address.into(),
+                vendor_id: 0x1002,
+                device_id: 0x67df,
+                class: 0x030000,
+                name: "Ellesmere".into(),
+                driver: driver.into(),
+                host_driver: "amdgpu".into(),
+                iommu_group: 1,
+                state,
+                owner: owner.into(),
+                boot_vga: false,
+            }
+            .all(),
+        )
     }
 
-    pub fn profile_props(name: &str, devices: &[&str], state: &str) -> Properties {
-        let mut p = Properties::new();
-        p.insert("Name".into(), variant(name));
-        let paths: Vec<zbus::ObjectPath<'_>> = devices
-            .iter()
-            .map(|d| zbus::ObjectPath::try_from(*d).unwrap())
-            .collect();
-        p.insert("Devices".into(), variant(paths));
-        p.insert("State".into(), variant(state));
-        p.insert("Owner".into(), variant(""));
-        p.insert("LastError".into(), variant(""));
-        p
+    pub fn profile_props(name: &str, devices: &[&str], state: ProfileState) -> Properties {
+        wire(
+            ProfileProperties {
+                name: name.into(),
+                devices: devices.iter().map(|d| d.parse().unwrap()).collect(),
+                state,
+                owner: String::new(),
+                last_error: String::new(),
+            }
+            .all(),
+        )
     }
 
     /// Two GPU functions in profile rx580, a USB controller outside any profile.
@@ -218,15 +171,15 @@ pub mod tests {
         add(
             "/org/vfiod1/device/0000_01_00_1",
             DEVICE_INTERFACE,
-            device_props("0000:01:00.1", "vfio-pci", "vfio", "win10"),
+            device_props("0000:01:00.1", "vfio-pci", DeviceState::Vfio, "win10"),
         );
         add(
             "/org/vfiod1/device/0000_01_00_0",
             DEVICE_INTERFACE,
-            device_props("0000:01:00.0", "vfio-pci", "vfio", "win10"),
+            device_props("0000:01:00.0", "vfio-pci", DeviceState::Vfio, "win10"),
         );
-        let mut usb = device_props("0000:04:00.0", "xhci_hcd", "host", "");
-        usb.insert("IommuGroup".into(), variant(-1i32));
+        let mut usb = device_props("0000:04:00.0", "xhci_hcd", DeviceState::Host, "");
+        usb.insert("IommuGroup".into(), OwnedVariant::from(-1i32));
         usb.remove("BootVga");
         add("/org/vfiod1/device/0000_04_00_0", DEVICE_INTERFACE, usb);
         add(
@@ -234,11 +187,8 @@ pub mod tests {
             PROFILE_INTERFACE,
             profile_props(
                 "rx580",
-                &[
-                    "/org/vfiod1/device/0000_01_00_0",
-                    "/org/vfiod1/device/0000_01_00_1",
-                ],
-                "vfio",
+                &["0000:01:00.0", "0000:01:00.1"],
+                ProfileState::Vfio,
             ),
         );
         m.entry(OwnedObjectPath::try_from("/org/vfiod1/device").unwrap())

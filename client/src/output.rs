@@ -175,45 +175,37 @@ pub fn device_json(device: &DeviceView, objects: Option<&Objects>) -> Value {
 }
 
 /// A profile with its devices as addresses.
-pub fn profile_json(profile: &ProfileView, objects: &Objects) -> Value {
+pub fn profile_json(profile: &ProfileView) -> Value {
     json!({
         "name": profile.name,
         "state": profile.state,
         "owner": or_null(&profile.owner),
         "last_error": or_null(&profile.last_error),
-        "devices": profile_addresses(profile, objects),
+        "devices": profile_addresses(profile),
     })
 }
 
-/// The addresses of a profile's devices; a path vfiod lists in the
-/// profile but not as a device still shows, decoded from the path.
-pub fn profile_addresses(profile: &ProfileView, objects: &Objects) -> Vec<String> {
-    profile
-        .devices
-        .iter()
-        .map(|path| match objects.device_at(path) {
-            Some(d) => d.address.clone(),
-            None => crate::model::address_from_path(path).unwrap_or_else(|| path.clone()),
-        })
-        .collect()
+/// The addresses of a profile's devices.
+pub fn profile_addresses(profile: &ProfileView) -> Vec<String> {
+    profile.devices.iter().map(ToString::to_string).collect()
 }
 
 pub fn device_row(d: &DeviceView) -> Vec<String> {
     vec![
         d.address.clone(),
         or_dash(&d.driver).to_owned(),
-        or_dash(&d.state).to_owned(),
+        d.state.to_string(),
         or_dash(&d.owner).to_owned(),
         d.name.clone(),
     ]
 }
 
-pub fn profile_row(p: &ProfileView, objects: &Objects) -> Vec<String> {
+pub fn profile_row(p: &ProfileView) -> Vec<String> {
     vec![
         p.name.clone(),
-        or_dash(&p.state).to_owned(),
+        p.state.to_string(),
         or_dash(&p.owner).to_owned(),
-        profile_addresses(p, objects).join(" "),
+        profile_addresses(p).join(" "),
     ]
 }
 
@@ -248,7 +240,7 @@ mod tests {
         assert_eq!(usb["iommu_group"], Value::Null);
         assert_eq!(usb["owner"], Value::Null);
         assert_eq!(usb["profile"], Value::Null);
-        let rx = profile_json(&o.profiles[0], &o);
+        let rx = profile_json(&o.profiles[0]);
         assert_eq!(rx["devices"], json!(["0000:01:00.0", "0000:01:00.1"]));
         assert_eq!(rx["last_error"], Value::Null);
     }

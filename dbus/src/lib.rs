@@ -3,6 +3,7 @@
 
 mod error;
 pub mod names;
+pub mod objects;
 pub mod proxy;
 mod types;
 

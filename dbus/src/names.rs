@@ -1,5 +1,8 @@
 //! Bus names, object paths and interface names.
 
+use vfiod_pci::PciAddress;
+use zbus::OwnedObjectPath;
+
 pub const BUS_NAME: &str = "org.vfiod1";
 pub const MANAGER_PATH: &str = "/org/vfiod1";
 pub const MANAGER_INTERFACE: &str = "org.vfiod1.Manager";
@@ -34,6 +37,28 @@ pub fn device_path(path_component: &str) -> String {
     format!("{DEVICE_PATH_PREFIX}{path_component}")
 }
 
+/// `/org/vfiod1/device/0000_01_00_0`.
+pub fn device_object_path(address: &PciAddress) -> OwnedObjectPath {
+    OwnedObjectPath::try_from(device_path(&address.path_component()))
+        .expect("device paths are valid object paths")
+}
+
+/// `/org/vfiod1/profile/NAME`, escaped.
+pub fn profile_object_path(name: &str) -> OwnedObjectPath {
+    OwnedObjectPath::try_from(profile_path(name))
+        .expect("escaped profile paths are valid object paths")
+}
+
+/// The address in a device path, for when the device itself could not be
+/// read; `None` for any other path.
+pub fn address_from_device_path(path: &str) -> Option<PciAddress> {
+    let last = path.strip_prefix(DEVICE_PATH_PREFIX)?;
+    let [domain, bus, device, function] = last.split('_').collect::<Vec<_>>()[..] else {
+        return None;
+    };
+    format!("{domain}:{bus}:{device}.{function}").parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -44,5 +69,18 @@ mod tests {
         assert_eq!(escape_path_element("usb-3"), "usb_2d3");
         assert_eq!(escape_path_element("a_b"), "a_b");
         assert_eq!(profile_path("win-10"), "/org/vfiod1/profile/win_2d10");
+    }
+
+    #[test]
+    fn device_paths_and_addresses_round_trip() {
+        let address: PciAddress = "0000:01:00.1".parse().unwrap();
+        let path = device_object_path(&address);
+        assert_eq!(path.as_str(), "/org/vfiod1/device/0000_01_00_1");
+        assert_eq!(address_from_device_path(path.as_str()), Some(address));
+        assert_eq!(
+            address_from_device_path("/org/vfiod1/profile/a_b_c_d"),
+            None
+        );
+        assert_eq!(address_from_device_path("/org/vfiod1/device/zz"), None);
     }
 }

@@ -62,45 +62,4 @@ impl ManagerProxy<'_> {
     }
 }
 
-#[proxy(interface = "org.vfiod1.Device", default_service = "org.vfiod1")]
-pub trait Device {
-    #[zbus(property)]
-    fn address(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn vendor_id(&self) -> zbus::Result<u16>;
-    #[zbus(property)]
-    fn device_id(&self) -> zbus::Result<u16>;
-    #[zbus(property)]
-    fn class(&self) -> zbus::Result<u32>;
-    #[zbus(property)]
-    fn name(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn driver(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn host_driver(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn iommu_group(&self) -> zbus::Result<i32>;
-    #[zbus(property)]
-    fn state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn owner(&self) -> zbus::Result<String>;
-    #[zbus(property, name = "BootVga")]
-    fn boot_vga(&self) -> zbus::Result<bool>;
-}
-
-#[proxy(interface = "org.vfiod1.Profile", default_service = "org.vfiod1")]
-pub trait Profile {
-    fn bind(&self, options: Options<'_>) -> Result<Vec<OwnedObjectPath>, Error>;
-    fn release(&self, options: Options<'_>) -> Result<Vec<OwnedObjectPath>, Error>;
-
-    #[zbus(property)]
-    fn name(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn devices(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
-    #[zbus(property)]
-    fn state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn owner(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn last_error(&self) -> zbus::Result<String>;
-}
+pub use crate::objects::{DeviceProxy, ProfileProxy};

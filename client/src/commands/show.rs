@@ -1,6 +1,7 @@
 //! `list` and `status`: read-only views of vfiod's objects.
 
 use serde_json::{Value, json};
+use vfiod_dbus::DeviceState;
 use vfiod_pci::PciAddress;
 
 use crate::bus::Bus;
@@ -87,7 +88,7 @@ fn last_error<'a>(device: &DeviceView, objects: &'a Objects) -> Option<&'a str> 
 fn list_json(objects: &Objects) -> Value {
     json!({
         "devices": objects.devices.iter().map(|d| output::device_json(d, Some(objects))).collect::<Vec<_>>(),
-        "profiles": objects.profiles.iter().map(|p| output::profile_json(p, objects)).collect::<Vec<_>>(),
+        "profiles": objects.profiles.iter().map(output::profile_json).collect::<Vec<_>>(),
     })
 }
 
@@ -109,12 +110,7 @@ fn list_human(objects: &Objects) -> String {
     let mut text = table(&rows, "");
     if !objects.profiles.is_empty() {
         let mut rows = vec![profile_header()];
-        rows.extend(
-            objects
-                .profiles
-                .iter()
-                .map(|p| output::profile_row(p, objects)),
-        );
+        rows.extend(objects.profiles.iter().map(output::profile_row));
         text.push('\n');
         text.push_str(&table(&rows, ""));
     }
@@ -122,18 +118,18 @@ fn list_human(objects: &Objects) -> String {
 }
 
 fn summary_human(version: &str, objects: &Objects) -> String {
-    let on_vfio = objects.devices.iter().filter(|d| d.state == "vfio").count();
+    let on_vfio = objects
+        .devices
+        .iter()
+        .filter(|d| d.state == DeviceState::Vfio)
+        .count();
     let mut text = format!(
         "vfiod {version}: {} devices ({on_vfio} on vfio-pci), {} profiles\n",
         objects.devices.len(),
         objects.profiles.len()
     );
     if !objects.profiles.is_empty() {
-        let rows: Vec<_> = objects
-            .profiles
-            .iter()
-            .map(|p| output::profile_row(p, objects))
-            .collect();
+        let rows: Vec<_> = objects.profiles.iter().map(output::profile_row).collect();
         text.push_str("profiles:\n");
         text.push_str(&table(&rows, "  "));
     }
@@ -158,15 +154,15 @@ fn summary_human(version: &str, objects: &Objects) -> String {
 /// On vfio-pci, moving, stuck, or without the driver it should have; a
 /// device that never had a driver (a host bridge) is where it belongs.
 fn away_from_host(d: &DeviceView) -> bool {
-    match d.state.as_str() {
-        "host" => false,
-        "unbound" => !d.host_driver.is_empty(),
+    match d.state {
+        DeviceState::Host => false,
+        DeviceState::Unbound => !d.host_driver.is_empty(),
         _ => true,
     }
 }
 
 fn profile_detail_json(profile: &ProfileView, objects: &Objects) -> Value {
-    let mut doc = output::profile_json(profile, objects);
+    let mut doc = output::profile_json(profile);
     doc["devices"] = objects
         .devices_of(profile)
         .map(|d| output::device_json(d, Some(objects)))
@@ -176,7 +172,7 @@ fn profile_detail_json(profile: &ProfileView, objects: &Objects) -> Value {
 }
 
 fn profile_detail_human(profile: &ProfileView, objects: &Objects) -> String {
-    let mut text = format!("profile {}: {}", profile.name, or_dash(&profile.state));
+    let mut text = format!("profile {}: {}", profile.name, profile.state.as_str());
     if !profile.owner.is_empty() {
         text.push_str(&format!(", owner {}", profile.owner));
     }
@@ -190,7 +186,7 @@ fn profile_detail_human(profile: &ProfileView, objects: &Objects) -> String {
         vec![
             d.address.clone(),
             or_dash(&d.driver).to_owned(),
-            or_dash(&d.state).to_owned(),
+            d.state.to_string(),
             or_dash(&d.owner).to_owned(),
             or_dash(&d.host_driver).to_owned(),
             d.name.clone(),
@@ -232,7 +228,7 @@ fn device_detail_human(d: &DeviceView, objects: &Objects) -> String {
             }
         ),
     );
-    field("state", or_dash(&d.state).to_owned());
+    field("state", d.state.to_string());
     field("owner", or_dash(&d.owner).to_owned());
     if let Some(p) = objects.profile_of(d) {
         field("profile", p.name.clone());
@@ -320,14 +316,12 @@ mod tests {
 
     #[test]
     fn a_device_that_never_had_a_driver_is_not_away() {
-        let mut d = DeviceView {
-            state: "unbound".into(),
-            ..DeviceView::default()
-        };
+        let mut d = DeviceView::default();
+        d.properties.state = DeviceState::Unbound;
         assert!(!away_from_host(&d), "a host bridge has no driver to miss");
-        d.host_driver = "amdgpu".into();
+        d.properties.host_driver = "amdgpu".into();
         assert!(away_from_host(&d), "a GPU left driverless is");
-        d.state = "stuck".into();
+        d.properties.state = DeviceState::Stuck;
         assert!(away_from_host(&d));
     }
 }

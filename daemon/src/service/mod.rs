@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use vfiod_dbus::names::{
     BUS_NAME, DEVICE_INTERFACE, MANAGER_INTERFACE, MANAGER_PATH, PROFILE_INTERFACE,
 };
-use vfiod_dbus::{Direction, Error, names};
+use vfiod_dbus::{Direction, Error};
 use vfiod_pci::PciAddress;
 use zbus::message::Header;
 use zbus::names::{InterfaceName, UniqueName};
@@ -32,24 +32,16 @@ use crate::doctor;
 use crate::engine::{Activity, Engine};
 use crate::kernel::{Uevent, UeventAction};
 use crate::plan::validate_target;
-pub use interfaces::{DeviceInterface, ManagerInterface, ProfileInterface};
+pub use interfaces::{DeviceAt, ManagerInterface, ProfileNamed};
 use narrator::{Narration, Narrator};
-pub use objects::{DeviceProps, ProfileProps, Reread, Snapshot};
+pub use objects::{Reread, Snapshot};
 pub use options::parse_move_options;
+pub use vfiod_dbus::names::{device_object_path, profile_object_path};
+use vfiod_dbus::objects::{DeviceObject, DeviceProperties, ProfileObject, ProfileProperties};
 
 /// A snapshot that takes longer than this is given up (a sysfs read stuck
 /// behind a hung driver); the published view stays as it was.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
-
-pub fn device_object_path(address: &PciAddress) -> OwnedObjectPath {
-    OwnedObjectPath::try_from(names::device_path(&address.path_component()))
-        .expect("device paths are valid object paths")
-}
-
-pub fn profile_object_path(name: &str) -> OwnedObjectPath {
-    OwnedObjectPath::try_from(names::profile_path(name))
-        .expect("escaped profile paths are valid object paths")
-}
 
 /// What a batch of uevents calls for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,7 +182,7 @@ impl Service {
     pub(crate) fn with_device<T>(
         &self,
         address: &PciAddress,
-        f: impl FnOnce(&DeviceProps) -> T,
+        f: impl FnOnce(&DeviceProperties) -> T,
     ) -> Option<T> {
         self.snapshot().devices.get(address).map(f)
     }
@@ -198,7 +190,7 @@ impl Service {
     pub(crate) fn with_profile<T>(
         &self,
         name: &str,
-        f: impl FnOnce(&ProfileProps) -> T,
+        f: impl FnOnce(&ProfileProperties) -> T,
     ) -> Option<T> {
         self.snapshot().profiles.get(name).map(f)
     }
@@ -341,10 +333,10 @@ impl Service {
                     server
                         .at(
                             &path,
-                            DeviceInterface {
+                            DeviceObject(DeviceAt {
                                 service: self.clone(),
                                 address: *address,
-                            },
+                            }),
                         )
                         .await?;
                 }
@@ -356,7 +348,7 @@ impl Service {
             .filter(|a| !fresh.devices.contains_key(a))
         {
             server
-                .remove::<DeviceInterface, _>(&device_object_path(address))
+                .remove::<DeviceObject<DeviceAt>, _>(&device_object_path(address))
                 .await?;
         }
         for (name, props) in &fresh.profiles {
@@ -364,22 +356,17 @@ impl Service {
             match old.profiles.get(name) {
                 Some(before) if before == props => {}
                 Some(before) => {
-                    let (mut changed, devices_changed) = props.changes(before);
-                    if devices_changed {
-                        let paths: Vec<OwnedObjectPath> =
-                            props.devices.iter().map(device_object_path).collect();
-                        changed.insert("Devices", Variant::from(paths));
-                    }
-                    emit_changes(connection, &path, PROFILE_INTERFACE, changed).await?;
+                    emit_changes(connection, &path, PROFILE_INTERFACE, props.changes(before))
+                        .await?;
                 }
                 None => {
                     server
                         .at(
                             &path,
-                            ProfileInterface {
+                            ProfileObject(ProfileNamed {
                                 service: self.clone(),
                                 name: name.clone(),
-                            },
+                            }),
                         )
                         .await?;
                 }
@@ -391,7 +378,7 @@ impl Service {
             .filter(|n| !fresh.profiles.contains_key(*n))
         {
             server
-                .remove::<ProfileInterface, _>(&profile_object_path(name))
+                .remove::<ProfileObject<ProfileNamed>, _>(&profile_object_path(name))
                 .await?;
         }
         let mut manager_changes = HashMap::new();

@@ -1,30 +1,15 @@
 //! What the bus shows about each device and profile: plain values taken
 //! from the kernel and the engine in one blocking snapshot.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
+use vfiod_dbus::objects::{DeviceProperties, ProfileProperties};
 use vfiod_dbus::{DeviceState, ProfileState};
 use vfiod_pci::{PciAddress, PciDevice, PciId};
-use zbus::Variant;
 
 use crate::engine::Engine;
 use crate::kernel::{KernelError, VFIO_DRIVER};
 use vfiod_config::Config;
-
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct DeviceProps {
-    pub address: String,
-    pub vendor_id: u16,
-    pub device_id: u16,
-    pub class: u32,
-    pub name: String,
-    pub driver: String,
-    pub host_driver: String,
-    pub iommu_group: i32,
-    pub state: String,
-    pub owner: String,
-    pub boot_vga: bool,
-}
 
 /// How much of a device a refresh reads again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,25 +21,22 @@ pub enum Reread {
     Driver,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProfileProps {
-    pub name: String,
-    pub devices: Vec<PciAddress>,
-    pub state: String,
-    pub owner: String,
-    pub last_error: String,
-}
-
 /// The whole published view at one moment.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Snapshot {
-    pub devices: BTreeMap<PciAddress, DeviceProps>,
-    pub profiles: BTreeMap<String, ProfileProps>,
+    pub devices: BTreeMap<PciAddress, DeviceProperties>,
+    pub profiles: BTreeMap<String, ProfileProperties>,
 }
 
-impl DeviceProps {
-    fn of(engine: &Engine, device: &PciDevice) -> DeviceProps {
-        let mut props = DeviceProps {
+/// A device as the bus shows it, from the kernel and the engine.
+trait FromEngine {
+    fn of(engine: &Engine, device: &PciDevice) -> Self;
+    fn set_driver(&mut self, engine: &Engine, address: &PciAddress, driver: Option<String>);
+}
+
+impl FromEngine for DeviceProperties {
+    fn of(engine: &Engine, device: &PciDevice) -> DeviceProperties {
+        let mut props = DeviceProperties {
             address: device.address.to_string(),
             vendor_id: device.id.vendor,
             device_id: device.id.device,
@@ -63,7 +45,7 @@ impl DeviceProps {
             driver: String::new(),
             host_driver: String::new(),
             iommu_group: device.iommu_group.map(|g| g as i32).unwrap_or(-1),
-            state: String::new(),
+            state: DeviceState::Unbound,
             owner: String::new(),
             boot_vga: device.boot_vga,
         };
@@ -78,61 +60,15 @@ impl DeviceProps {
             Some(d) if d != VFIO_DRIVER => d.to_string(),
             _ => engine.host_driver(address).unwrap_or_default(),
         };
-        self.state = engine.state_of(address, driver.as_deref()).to_string();
+        self.state = engine.state_of(address, driver.as_deref());
         self.owner = engine.owner(address).unwrap_or_default();
         self.driver = driver.unwrap_or_default();
-    }
-
-    /// Name → value of every property, as GetAll gives them.
-    pub fn all(&self) -> HashMap<&'static str, Variant<'static>> {
-        self.entries().into_iter().collect()
-    }
-
-    /// Name → value of every property that differs from `old`.
-    pub fn changes(&self, old: &DeviceProps) -> HashMap<&'static str, Variant<'static>> {
-        self.entries()
-            .into_iter()
-            .zip(old.entries())
-            .filter(|(new, old)| new.1 != old.1)
-            .map(|(new, _)| new)
-            .collect()
-    }
-
-    fn entries(&self) -> [(&'static str, Variant<'static>); 11] {
-        [
-            ("Address", Variant::from(self.address.clone())),
-            ("VendorId", Variant::from(self.vendor_id)),
-            ("DeviceId", Variant::from(self.device_id)),
-            ("Class", Variant::from(self.class)),
-            ("Name", Variant::from(self.name.clone())),
-            ("Driver", Variant::from(self.driver.clone())),
-            ("HostDriver", Variant::from(self.host_driver.clone())),
-            ("IommuGroup", Variant::from(self.iommu_group)),
-            ("State", Variant::from(self.state.clone())),
-            ("Owner", Variant::from(self.owner.clone())),
-            ("BootVga", Variant::from(self.boot_vga)),
-        ]
-    }
-}
-
-impl ProfileProps {
-    pub fn changes(&self, old: &ProfileProps) -> (HashMap<&'static str, Variant<'static>>, bool) {
-        let mut changed = HashMap::new();
-        macro_rules! diff {
-            ($($field:ident => $name:literal),*) => {
-                $(if self.$field != old.$field {
-                    changed.insert($name, Variant::from(self.$field.clone()));
-                })*
-            };
-        }
-        diff!(name => "Name", state => "State", owner => "Owner", last_error => "LastError");
-        (changed, self.devices != old.devices)
     }
 }
 
 /// One device read whole into `devices`, or dropped when it is gone.
 fn read_whole(
-    devices: &mut BTreeMap<PciAddress, DeviceProps>,
+    devices: &mut BTreeMap<PciAddress, DeviceProperties>,
     engine: &Engine,
     address: &PciAddress,
 ) -> Result<(), vfiod_dbus::Error> {
@@ -141,20 +77,18 @@ fn read_whole(
         .device(address)
         .map_err(crate::plan::kernel_error)?
     {
-        Some(device) => devices.insert(*address, DeviceProps::of(engine, &device)),
+        Some(device) => devices.insert(*address, DeviceProperties::of(engine, &device)),
         None => devices.remove(address),
     };
     Ok(())
 }
 
-fn profile_state(members: &[&DeviceProps]) -> ProfileState {
-    let states: Vec<&str> = members.iter().map(|d| d.state.as_str()).collect();
-    let all = |s: DeviceState| !states.is_empty() && states.iter().all(|x| *x == s.as_str());
-    if states.contains(&DeviceState::Moving.as_str()) {
+fn profile_state(members: &[&DeviceProperties]) -> ProfileState {
+    let states: Vec<DeviceState> = members.iter().map(|d| d.state).collect();
+    let all = |s: DeviceState| !states.is_empty() && states.iter().all(|x| *x == s);
+    if states.contains(&DeviceState::Moving) {
         ProfileState::Moving
-    } else if states.contains(&DeviceState::Stuck.as_str())
-        || states.contains(&DeviceState::Unbound.as_str())
-    {
+    } else if states.contains(&DeviceState::Stuck) || states.contains(&DeviceState::Unbound) {
         ProfileState::Error
     } else if all(DeviceState::Vfio) {
         ProfileState::Vfio
@@ -178,7 +112,7 @@ impl Snapshot {
             .map_err(crate::plan::kernel_error)?;
         let device_props = devices
             .iter()
-            .map(|d| (d.address, DeviceProps::of(engine, d)))
+            .map(|d| (d.address, DeviceProperties::of(engine, d)))
             .collect();
         Ok(Snapshot::with_profiles(
             device_props,
@@ -230,7 +164,7 @@ impl Snapshot {
         for address in addresses {
             if let Some(props) = devices.get_mut(address) {
                 let driver = (!props.driver.is_empty()).then_some(props.driver.as_str());
-                props.state = engine.state_of(address, driver).to_string();
+                props.state = engine.state_of(address, driver);
                 props.owner = engine.owner(address).unwrap_or_default();
             }
         }
@@ -238,7 +172,7 @@ impl Snapshot {
     }
 
     fn with_profiles(
-        devices: BTreeMap<PciAddress, DeviceProps>,
+        devices: BTreeMap<PciAddress, DeviceProperties>,
         config: &Config,
         last_errors: &BTreeMap<String, String>,
     ) -> Snapshot {
@@ -255,7 +189,8 @@ impl Snapshot {
                 })
                 .map(|(address, _)| *address)
                 .collect();
-            let props: Vec<&DeviceProps> = members.iter().filter_map(|a| devices.get(a)).collect();
+            let props: Vec<&DeviceProperties> =
+                members.iter().filter_map(|a| devices.get(a)).collect();
             let mut owners: Vec<&str> = props
                 .iter()
                 .map(|d| d.owner.as_str())
@@ -269,10 +204,10 @@ impl Snapshot {
             };
             profiles.insert(
                 name.clone(),
-                ProfileProps {
+                ProfileProperties {
                     name: name.clone(),
                     devices: members,
-                    state: state.to_string(),
+                    state,
                     owner: owners.join(","),
                     last_error: last_errors.get(name).cloned().unwrap_or_default(),
                 },

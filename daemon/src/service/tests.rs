@@ -18,10 +18,10 @@ fn published() -> Snapshot {
     for (device, driver) in [("0000:01:00.0", "amdgpu"), ("0000:01:00.1", "vfio-pci")] {
         snapshot.devices.insert(
             address(device),
-            DeviceProps {
+            DeviceProperties {
                 address: device.into(),
                 driver: driver.into(),
-                ..DeviceProps::default()
+                ..DeviceProperties::default()
             },
         );
     }
