@@ -1,5 +1,5 @@
 //! Installing vfiod: `make install` / `make uninstall` into a DESTDIR with
-//! the already-built debug binaries, the Debian package's assets, the
+//! the debug binaries (`bin` builds them on first use), the Debian package's assets, the
 //! PKGBUILD, and vfiod.toml(5) against the config parser.
 
 use std::collections::{BTreeMap, BTreeSet};

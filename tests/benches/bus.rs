@@ -1,7 +1,8 @@
 //! vfiod on the bus, measured: idle memory and wakeups, the round trip of
 //! a read, and one `vfioctl status` process against `busctl call` for the
-//! same answer. Build the release binaries first:
-//!   cargo build --release --workspace && cargo bench -p vfiod-tests --bench bus
+//! same answer. The release binaries are built by the bench itself
+//! (`bin`, in the profile it runs in):
+//!   cargo bench -p vfiod-tests --bench bus
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -2,10 +2,12 @@
 //! which includes the shipped policy), the real `vfiod --machine` and
 //! `vfioctl` binaries, and `busctl` / `gdbus` as outside clients.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub fn repo() -> PathBuf {
@@ -16,18 +18,88 @@ pub fn machine(name: &str) -> PathBuf {
     repo().join("machines").join(name)
 }
 
-/// A binary of the workspace, built by `cargo build --workspace` next to
-/// the test executables (target/<profile>/).
+/// A binary of the workspace (`vfiod`, `vfioctl`, `xtask`), built on first
+/// use in this test process: `cargo build -p vfiod -p vfioctl -p xtask` in
+/// the profile and target directory of the running test executable, so
+/// `cargo test` needs no build before it (and costs a no-op cargo call when
+/// they are built already). Threads of one test binary share one build
+/// (`OnceLock`); concurrent test binaries wait for each other on cargo's own
+/// lock of the build directory. The path is the one cargo reports.
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace` before the tests (tests/run-all does)",
-        path.display()
-    );
-    path
+    static BINS: OnceLock<Result<BTreeMap<String, PathBuf>, String>> = OnceLock::new();
+    match BINS.get_or_init(build_bins) {
+        Ok(bins) => bins.get(name).cloned().unwrap_or_else(|| {
+            panic!(
+                "{name} is not a binary cargo built for the tests ({})",
+                bins.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        }),
+        Err(why) => panic!("{why}"),
+    }
+}
+
+/// `cargo build` of the binary packages the tests run, in the profile and
+/// target directory the test executable (target/<profile>/deps/<test>)
+/// comes from: the tests' own build, and CARGO_TARGET_DIR or --target-dir
+/// as the test run was given them. CARGO is the cargo that runs the tests.
+fn build_bins() -> Result<BTreeMap<String, PathBuf>, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("test executable path: {e}"))?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("{} is not in target/<profile>/deps", exe.display()))?;
+    let target_dir = profile_dir.parent().ok_or("no target directory")?;
+    // cargo's "dev" profile builds into target/debug; the others into their name.
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_owned(),
+        Some(name) => name.to_owned(),
+        None => return Err(format!("no profile in {}", exe.display())),
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(&cargo);
+    command
+        .current_dir(repo())
+        .arg("build")
+        .arg("--manifest-path")
+        .arg(repo().join("Cargo.toml"))
+        .args(["-p", "vfiod", "-p", "vfioctl", "-p", "xtask", "--bins"])
+        .args(["--profile", &profile])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .arg("--message-format=json-render-diagnostics")
+        .stdin(Stdio::null());
+    let shown = format!("{command:?}");
+    let out = command
+        .output()
+        .map_err(|e| format!("{shown}: cannot run {}: {e}", cargo.to_string_lossy()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{shown} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let mut bins = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if message["reason"] != "compiler-artifact" {
+            continue;
+        }
+        if let (Some(name), Some(path)) = (
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+        ) {
+            bins.insert(name.to_owned(), PathBuf::from(path));
+        }
+    }
+    for name in ["vfiod", "vfioctl", "xtask"] {
+        if !bins.contains_key(name) {
+            return Err(format!("{shown} reported no executable {name}"));
+        }
+    }
+    Ok(bins)
 }
 
 pub fn is_root() -> bool {
