@@ -108,6 +108,12 @@ impl Engine {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What a plan reads of the ledger, copied out: a plan reads the kernel
+    /// for as long as it must, and the event loop reads owners meanwhile.
+    fn ledger_copy(&self) -> Ledger {
+        self.ledger().copy_in_memory()
+    }
+
     fn activities(&self) -> MutexGuard<'_, BTreeMap<PciAddress, Activity>> {
         self.activity.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -150,7 +156,7 @@ impl Engine {
         options: &MoveOptions,
     ) -> Result<Plan, Error> {
         let config = self.config();
-        let ledger = self.ledger();
+        let ledger = self.ledger_copy();
         plan::plan(&*self.kernel, &config, &ledger, target, direction, options)
     }
 

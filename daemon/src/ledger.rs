@@ -40,6 +40,14 @@ impl Ledger {
         }
     }
 
+    /// The records alone, kept in memory: what a plan reads.
+    pub fn copy_in_memory(&self) -> Ledger {
+        Ledger {
+            file: None,
+            records: self.records.clone(),
+        }
+    }
+
     /// Opens `state_dir/ledger.json`; a missing file is an empty ledger.
     pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
         let path = state_dir.join("ledger.json");

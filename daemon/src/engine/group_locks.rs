@@ -33,7 +33,7 @@ impl Engine {
             }
             let plan = {
                 let config = self.config();
-                let ledger = self.ledger();
+                let ledger = self.ledger_copy();
                 plan::plan_on(
                     &*self.kernel,
                     &devices,

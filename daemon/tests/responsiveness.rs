@@ -1,0 +1,91 @@
+//! What the event loop reads from the engine (owners, host drivers,
+//! states) answers at once whatever a move is doing: nothing it touches is
+//! held across a kernel read.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Rig, addr};
+use vfiod::plan::MoveOptions;
+use vfiod_dbus::Direction;
+use vfiod_pci::Holder;
+
+/// The slowest of `read`'s answers while `busy` runs.
+fn slowest_answer_while(busy: impl FnOnce() + Send, read: impl Fn()) -> Duration {
+    let done = AtomicBool::new(false);
+    let mut slowest = Duration::ZERO;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            busy();
+            done.store(true, Ordering::SeqCst);
+        });
+        while !done.load(Ordering::SeqCst) {
+            let asked = Instant::now();
+            read();
+            slowest = slowest.max(asked.elapsed());
+        }
+    });
+    slowest
+}
+
+#[test]
+fn owners_answer_at_once_while_a_plan_waits_on_the_kernel() {
+    let rig = Rig::shipped("z77-rx580");
+    // A udev worker that never lets go of the audio's node: the plan waits
+    // a second for it to, reading the holders again and again.
+    rig.sim
+        .add_holder(Holder {
+            pid: 330,
+            comm: "(udev-worker)".into(),
+            node: "/dev/snd/controlC1".into(),
+        })
+        .unwrap();
+    let gpu = addr("01:00.0");
+    let planning = Instant::now();
+    let slowest = slowest_answer_while(
+        || {
+            let plan = rig
+                .engine
+                .plan("rx580", Direction::Bind, &MoveOptions::default());
+            assert!(plan.is_err(), "the worker holds the node: {plan:?}");
+        },
+        || {
+            rig.engine.owner(&gpu);
+            rig.engine.host_driver(&gpu);
+        },
+    );
+    assert!(
+        planning.elapsed() >= Duration::from_millis(500),
+        "the plan did wait on the kernel ({:?})",
+        planning.elapsed()
+    );
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a read of the ledger waited {slowest:?} for the plan"
+    );
+}
+
+#[test]
+fn owners_answer_at_once_while_a_move_plans_under_its_locks() {
+    let rig = Rig::shipped("z77-rx580");
+    rig.sim
+        .add_holder(Holder {
+            pid: 330,
+            comm: "(udev-worker)".into(),
+            node: "/dev/snd/controlC1".into(),
+        })
+        .unwrap();
+    let gpu = addr("01:00.0");
+    let slowest = slowest_answer_while(
+        || assert!(rig.bind("rx580").is_err()),
+        || {
+            rig.engine.owner(&gpu);
+        },
+    );
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a read of the ledger waited {slowest:?} for the move's plan"
+    );
+}
