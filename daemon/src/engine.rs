@@ -28,16 +28,6 @@ use self::group_locks::*;
 /// plain words, e.g. "unbind amdgpu".
 pub type ProgressFn<'a> = &'a (dyn Fn(&PciAddress, &str) + Sync);
 
-/// A move planned with its groups locked, not yet executed.
-pub struct Prepared {
-    plan: Plan,
-    /// Released when the move ends or is dropped.
-    _held: GroupGuard,
-    started: Instant,
-    target: String,
-    direction: Direction,
-}
-
 /// One move in progress: what was asked, since when, and who listens.
 struct Run<'a> {
     options: &'a MoveOptions,
@@ -65,7 +55,7 @@ pub struct Engine {
     activity: ActivityMap,
     /// One lock per IOMMU group (or per device without one): moves within a
     /// group are serialized, moves on different groups run side by side.
-    busy_groups: Arc<(Mutex<BTreeSet<LockKey>>, Condvar)>,
+    busy_groups: Arc<GroupTable>,
     /// The threads kernel calls run on.
     workers: Workers,
 }
@@ -178,7 +168,8 @@ impl Engine {
         self.run(target, Direction::Release, options, progress)
     }
 
-    /// Plans the move with its groups locked, then executes it.
+    /// Plans the move with its groups locked, then executes it; the wait
+    /// for the groups counts against the move's `timeout_ms`.
     pub fn run(
         &self,
         target: &str,
@@ -186,49 +177,9 @@ impl Engine {
         options: &MoveOptions,
         progress: ProgressFn,
     ) -> Result<Vec<PciAddress>, Error> {
-        let prepared = self
-            .prepare(target, direction, options, true)?
-            .expect("waited");
-        self.execute(prepared, options, progress)
-    }
-
-    /// Plans a move and locks its groups, writing nothing: until the
-    /// [`Prepared`] move is executed or dropped, no other move touches
-    /// them. Without `wait`, `None` when another move holds one of them.
-    pub fn prepare(
-        &self,
-        target: &str,
-        direction: Direction,
-        options: &MoveOptions,
-        wait: bool,
-    ) -> Result<Option<Prepared>, Error> {
         let started = Instant::now();
-        Ok(self
-            .plan_locked(target, direction, options, wait)?
-            .map(|(plan, held)| Prepared {
-                plan,
-                _held: held,
-                started,
-                target: target.to_owned(),
-                direction,
-            }))
-    }
-
-    /// Executes a prepared move one verified step at a time.
-    pub fn execute(
-        &self,
-        prepared: Prepared,
-        options: &MoveOptions,
-        progress: ProgressFn,
-    ) -> Result<Vec<PciAddress>, Error> {
-        let Prepared {
-            plan,
-            _held,
-            started,
-            target,
-            direction,
-        } = prepared;
-        let target = target.as_str();
+        let deadline = options.timeout.map(|t| started + t);
+        let (plan, _held) = self.plan_locked(target, direction, options, deadline)?;
         if let Some(busy) = plan
             .devices
             .iter()

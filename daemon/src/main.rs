@@ -39,11 +39,18 @@ fn init_logging() {
     }
 }
 
+/// Four moves and two checks at once, a snapshot read, recovery and the
+/// config's reload, with room to spare.
+const BLOCKING_THREADS: usize = 10;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging();
+    // Blocking work (moves, checks, snapshot reads) is capped by the
+    // service's own slots; this caps the threads whatever a caller sends.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()
     {
         Ok(rt) => rt,

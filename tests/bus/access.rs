@@ -48,8 +48,8 @@ fn an_unprivileged_caller_reads_but_may_not_move() {
     let out = rig.as_nobody(vfioctl.to_str().unwrap(), &["status", "rx580"]);
     assert_exit(&out, 0);
     assert_eq!(rig.driver("01:00.0"), "amdgpu", "nothing moved");
-    // vfiod plans while it asks, but a caller it turns away hears only
-    // that, not why the move would be refused (the boot VGA's console).
+    // A caller vfiod turns away hears only that, not why the move would
+    // be refused (the boot VGA's console): it is never planned.
     let out = rig.as_nobody(vfioctl.to_str().unwrap(), &["bind", "06:00.0"]);
     assert_exit(&out, 4);
     assert!(!stderr(&out).contains("console"), "{}", stderr(&out));

@@ -1,6 +1,8 @@
 //! Group locks: one move per IOMMU group at a time, all of a move's
 //! groups taken at once, and the plan made under them.
 
+use std::collections::VecDeque;
+
 use super::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -13,21 +15,24 @@ impl Engine {
     /// Locks the groups the target touches, then plans under the locks so
     /// nothing moves between the checks and the writes. One listing of the
     /// bus serves both when nobody else is moving these groups; after a
-    /// wait, what the other move did is read again. Without `wait`, `None`
-    /// when another move holds one of the groups.
+    /// wait, what the other move did is read again. The wait for the locks
+    /// ends at `deadline` (the move's `timeout_ms`), with Timeout.
     pub(super) fn plan_locked(
         &self,
         target: &str,
         direction: Direction,
         options: &MoveOptions,
-        wait: bool,
-    ) -> Result<Option<(Plan, GroupGuard)>, Error> {
+        deadline: Option<Instant>,
+    ) -> Result<(Plan, GroupGuard), Error> {
         let mut devices = plan::listing_for(&*self.kernel, &self.config(), target)?;
         let mut keys = self.lock_keys_for(&devices, target)?;
         loop {
-            let Some((held, waited)) = self.lock_groups(&keys, wait) else {
-                return Ok(None);
-            };
+            let (held, waited) = self.busy_groups.lock(&keys, deadline).map_err(|t| {
+                Error::Timeout(format!(
+                    "cannot {direction} {target}: nothing was moved: another move held its IOMMU group for all of the {} ms allowed",
+                    t.waited.as_millis()
+                ))
+            })?;
             if waited {
                 devices = plan::listing_for(&*self.kernel, &self.config(), target)?;
             }
@@ -46,7 +51,7 @@ impl Engine {
             };
             let planned = lock_keys(&plan.devices);
             if planned.iter().all(|k| keys.contains(k)) {
-                return Ok(Some((plan, held)));
+                return Ok((plan, held));
             }
             // The set changed while we waited (a device appeared): relock.
             drop(held);
@@ -69,43 +74,118 @@ impl Engine {
             .collect();
         Ok(lock_keys(&members))
     }
+}
 
-    /// Takes all the keys at once (or waits until it can, unless not to
-    /// `wait`), so two movers can never each hold part of what the other
-    /// needs. Also says whether it had to wait for another move.
-    pub(super) fn lock_groups(&self, keys: &[LockKey], wait: bool) -> Option<(GroupGuard, bool)> {
-        let (lock, freed) = &*self.busy_groups;
-        let busy = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let waited = keys.iter().any(|k| busy.contains(k));
-        if waited && !wait {
-            return None;
-        }
-        let mut busy = freed
-            .wait_while(busy, |busy| keys.iter().any(|k| busy.contains(k)))
-            .unwrap_or_else(|e| e.into_inner());
-        busy.extend(keys.iter().copied());
-        let guard = GroupGuard {
-            table: self.busy_groups.clone(),
-            keys: keys.to_vec(),
-        };
-        Some((guard, waited))
+/// Who holds which groups, and who waits for them, first come first
+/// served: a move may take its keys only when they are free and no move
+/// that asked earlier wants any of them, so a move that needs two groups
+/// is never starved by a stream of moves that need one.
+#[derive(Default)]
+pub(super) struct GroupTable {
+    state: Mutex<TableState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct TableState {
+    busy: BTreeSet<LockKey>,
+    /// Waiting moves in the order they asked: (ticket, keys).
+    queue: VecDeque<(u64, Vec<LockKey>)>,
+    next_ticket: u64,
+}
+
+/// The wait for a group ended at the move's deadline.
+#[derive(Debug)]
+pub(super) struct LockTimeout {
+    pub(super) waited: Duration,
+}
+
+impl TableState {
+    fn may_take(&self, ticket: u64, keys: &[LockKey]) -> bool {
+        keys.iter().all(|k| !self.busy.contains(k))
+            && self
+                .queue
+                .iter()
+                .take_while(|(t, _)| *t != ticket)
+                .all(|(_, earlier)| !earlier.iter().any(|k| keys.contains(k)))
     }
 }
 
+impl GroupTable {
+    /// Takes all `keys` at once, waiting (until `deadline`, if any) for
+    /// moves that hold them or asked for them first. Also says whether it
+    /// had to wait.
+    pub(super) fn lock(
+        self: &Arc<Self>,
+        keys: &[LockKey],
+        deadline: Option<Instant>,
+    ) -> Result<(GroupGuard, bool), LockTimeout> {
+        let asked = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.queue.push_back((ticket, keys.to_vec()));
+        let mut waited = false;
+        while !state.may_take(ticket, keys) {
+            waited = true;
+            let timed_out = match deadline {
+                None => {
+                    state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+                    false
+                }
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let (next, result) = self
+                        .changed
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(|e| e.into_inner());
+                    state = next;
+                    result.timed_out() && !state.may_take(ticket, keys)
+                }
+            };
+            if timed_out {
+                state.queue.retain(|(t, _)| *t != ticket);
+                // Those queued behind this move may go now.
+                self.changed.notify_all();
+                return Err(LockTimeout {
+                    waited: asked.elapsed(),
+                });
+            }
+        }
+        state.queue.retain(|(t, _)| *t != ticket);
+        state.busy.extend(keys.iter().copied());
+        // A later move that wants none of these keys may be free to go.
+        self.changed.notify_all();
+        let guard = GroupGuard {
+            table: self.clone(),
+            keys: keys.to_vec(),
+        };
+        Ok((guard, waited))
+    }
+
+    /// Moves waiting for a group now.
+    #[cfg(test)]
+    pub(super) fn waiting(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue
+            .len()
+    }
+}
 /// The groups one move holds; dropping it lets waiting moves in.
 pub(super) struct GroupGuard {
-    pub(super) table: Arc<(Mutex<BTreeSet<LockKey>>, Condvar)>,
+    pub(super) table: Arc<GroupTable>,
     pub(super) keys: Vec<LockKey>,
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        let (lock, freed) = &*self.table;
-        let mut busy = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.table.state.lock().unwrap_or_else(|e| e.into_inner());
         for k in &self.keys {
-            busy.remove(k);
+            state.busy.remove(k);
         }
-        freed.notify_all();
+        self.table.changed.notify_all();
     }
 }
 
@@ -120,4 +200,63 @@ pub(super) fn lock_keys(devices: &[PciDevice]) -> Vec<LockKey> {
     keys.sort();
     keys.dedup();
     keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn until(condition: impl Fn() -> bool) {
+        let since = Instant::now();
+        while !condition() {
+            assert!(since.elapsed() < Duration::from_secs(10), "never happened");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_move_that_asked_first_goes_first_even_when_a_later_one_could_slip_in() {
+        let table = Arc::new(GroupTable::default());
+        let (one, two) = (LockKey::Group(1), LockKey::Group(2));
+        let (holding_one, _) = table.lock(&[one], None).unwrap();
+        std::thread::scope(|s| {
+            // Wants groups 1 and 2; 1 is taken, so it waits.
+            let both = s.spawn(|| table.lock(&[one, two], None).map(|_| ()));
+            until(|| table.waiting() == 1);
+            // Group 2 is free, but the move queued before wants it too.
+            let slipped = table.lock(&[two], Some(Instant::now() + Duration::from_millis(100)));
+            assert!(slipped.is_err(), "a later move took group 2 first");
+            drop(holding_one);
+            both.join()
+                .unwrap()
+                .expect("the first move got both groups");
+        });
+        assert_eq!(table.waiting(), 0);
+        table.lock(&[one, two], None).expect("all free again");
+    }
+
+    #[test]
+    fn a_wait_ends_at_the_deadline_and_lets_those_behind_it_go() {
+        let table = Arc::new(GroupTable::default());
+        let (one, two) = (LockKey::Group(1), LockKey::Group(2));
+        let _holding_one = table.lock(&[one], None).unwrap();
+        std::thread::scope(|s| {
+            let asked = Instant::now();
+            let both = s.spawn(|| {
+                table
+                    .lock(
+                        &[one, two],
+                        Some(Instant::now() + Duration::from_millis(200)),
+                    )
+                    .map(|_| ())
+            });
+            until(|| table.waiting() == 1);
+            // Queued behind the move that wants 1 and 2, until it gives up.
+            let (_two, waited) = table.lock(&[two], None).unwrap();
+            assert!(waited);
+            let timeout = both.join().unwrap().unwrap_err();
+            assert!(timeout.waited >= Duration::from_millis(200), "{timeout:?}");
+            assert!(asked.elapsed() < Duration::from_secs(5));
+        });
+    }
 }

@@ -38,6 +38,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
@@ -99,6 +100,9 @@ pub struct SimKernel {
     /// Crash-point testing: the process kills itself (SIGKILL) right after
     /// this many more kernel writes have taken effect.
     crash_after_writes: Mutex<Option<u32>>,
+    /// Reads served since boot (every [`Inspect`] call): tests see from it
+    /// that a call did no work.
+    reads: AtomicU64,
 }
 
 struct Inner {
@@ -162,6 +166,7 @@ impl SimKernel {
             }),
             changed: Condvar::new(),
             crash_after_writes: Mutex::new(None),
+            reads: AtomicU64::new(0),
         })
     }
 
@@ -367,6 +372,15 @@ impl SimKernel {
             .crash_after_writes
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = writes;
+    }
+
+    /// How many reads vfiod has made of this kernel since it started.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    fn count_read(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
     }
 
     fn count_write(&self) {

@@ -7,13 +7,13 @@ mod narrator;
 mod objects;
 mod options;
 pub mod simulator;
-pub mod verdict;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use vfiod_dbus::names::{
@@ -26,7 +26,6 @@ use zbus::names::{InterfaceName, UniqueName};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
-use self::verdict::Verdict;
 use crate::bouncer::Bouncer;
 use crate::doctor;
 use crate::engine::{Activity, Engine};
@@ -127,7 +126,18 @@ pub struct Service {
     refreshing: tokio::sync::Mutex<()>,
     /// Emits the Transition* signals in the engine's order.
     narrator: OnceLock<Narrator>,
+    /// Moves that may plan and run at once; more wait their turn (each
+    /// holds a blocking thread while it runs).
+    move_slots: Semaphore,
+    /// Checks that may inspect the host at once: Check is open to
+    /// everyone, and a full inspection reads every process's files.
+    check_slots: Semaphore,
 }
+
+/// See [`Service::move_slots`].
+const CONCURRENT_MOVES: usize = 4;
+/// See [`Service::check_slots`].
+const CONCURRENT_CHECKS: usize = 2;
 
 impl Service {
     pub fn new(engine: Arc<Engine>, bouncer: Arc<Bouncer>) -> Arc<Service> {
@@ -138,6 +148,8 @@ impl Service {
             last_errors: Mutex::default(),
             refreshing: tokio::sync::Mutex::new(()),
             narrator: OnceLock::new(),
+            move_slots: Semaphore::new(CONCURRENT_MOVES),
+            check_slots: Semaphore::new(CONCURRENT_CHECKS),
         })
     }
 
@@ -399,11 +411,10 @@ impl Service {
         emit_changes(connection, &manager, MANAGER_INTERFACE, manager_changes).await
     }
 
-    /// Bind or Release from the bus: check the arguments, then learn who
-    /// calls while the move plans (planning only reads). Root goes on with
-    /// that plan; anyone else is asked about by polkit first, and the plan
-    /// is made again. Nothing is written and nothing announced before the
-    /// bouncer says yes; a caller it turns away hears only that.
+    /// Bind or Release from the bus: check the arguments, then the caller
+    /// (the bouncer asks polkit about anyone but root), and only then plan
+    /// and move: a caller it turns away gets no work done and hears only
+    /// that.
     pub(crate) async fn move_request(
         self: &Arc<Self>,
         connection: &Connection,
@@ -415,30 +426,10 @@ impl Service {
         tracing::debug!(target, %direction, "move requested");
         validate_target(target)?;
         let options = parse_move_options(options)?;
-        let (key, verdict) = verdict::pending();
-        let job = self.start_move(
-            connection,
-            target,
-            direction,
-            options.clone(),
-            Some(verdict),
-        );
-        let job = match self.bouncer.caller_uid(connection, header).await {
-            Ok(uid) if self.bouncer.trusts(uid) => {
-                self.announce_start(connection, target, direction);
-                key.decide(true);
-                job
-            }
-            uid => {
-                // That plan stops at the closed gate: it waits for no
-                // lock and writes nothing, so it is left to end alone.
-                key.decide(false);
-                drop(job);
-                self.bouncer.ask_polkit(connection, header, uid?).await?;
-                self.announce_start(connection, target, direction);
-                self.start_move(connection, target, direction, options, None)
-            }
-        };
+        self.bouncer.authorize_move(connection, header).await?;
+        let _slot = self.move_slots.acquire().await;
+        self.announce_start(connection, target, direction);
+        let job = self.start_move(connection, target, direction, options);
         let caller = header.sender().map(|s| s.to_owned());
         self.finish_move(connection, target, direction, job, caller.as_ref())
             .await
@@ -453,7 +444,7 @@ impl Service {
         options: crate::plan::MoveOptions,
     ) -> Result<Vec<OwnedObjectPath>, Error> {
         self.announce_start(connection, target, direction);
-        let job = self.start_move(connection, target, direction, options, None);
+        let job = self.start_move(connection, target, direction, options);
         self.finish_move(connection, target, direction, job, None)
             .await
     }
@@ -470,16 +461,13 @@ impl Service {
         });
     }
 
-    /// The move on a blocking thread, its steps narrated as they start;
-    /// with a `verdict`, planned while it is awaited and executed only
-    /// after a yes.
+    /// The move on a blocking thread, its steps narrated as they start.
     fn start_move(
         self: &Arc<Self>,
         connection: &Connection,
         target: &str,
         direction: Direction,
         options: crate::plan::MoveOptions,
-        verdict: Option<Verdict>,
     ) -> JoinHandle<Result<Vec<PciAddress>, Error>> {
         let narrator = self.narrator(connection);
         let engine = self.engine.clone();
@@ -494,12 +482,7 @@ impl Service {
                     first: first.swap(false, std::sync::atomic::Ordering::Relaxed),
                 });
             };
-            match &verdict {
-                Some(verdict) => verdict::run_when_allowed(
-                    &engine, &target, direction, &options, &progress, verdict,
-                ),
-                None => engine.run(&target, direction, &options, &progress),
-            }
+            engine.run(&target, direction, &options, &progress)
         })
     }
 
@@ -593,6 +576,7 @@ impl Service {
         if !target.is_empty() {
             validate_target(target)?;
         }
+        let _slot = self.check_slots.acquire().await;
         let engine = self.engine.clone();
         let target = target.to_string();
         let findings = tokio::task::spawn_blocking(move || doctor::check(&engine, &target))

@@ -126,6 +126,13 @@ impl SimulatorInterface {
         .await
     }
 
+    /// How many reads vfiod has made of the simulated kernel since it
+    /// started: a call that did no work leaves it as it was.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn kernel_reads(&self) -> u64 {
+        self.kernel.reads()
+    }
+
     /// Crash-point testing: vfiod dies by SIGKILL right after `writes` more
     /// kernel writes have taken effect (0 disarms).
     async fn crash_after_writes(

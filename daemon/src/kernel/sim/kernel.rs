@@ -5,6 +5,7 @@ use super::*;
 
 impl Inspect for SimKernel {
     fn devices(&self) -> KernelResult<Vec<PciDevice>> {
+        self.count_read();
         let inner = self.lock();
         Ok(self
             .board
@@ -14,6 +15,7 @@ impl Inspect for SimKernel {
     }
 
     fn ids(&self) -> KernelResult<Vec<(PciAddress, PciId)>> {
+        self.count_read();
         Ok(self
             .devices()?
             .into_iter()
@@ -22,6 +24,7 @@ impl Inspect for SimKernel {
     }
 
     fn device(&self, address: &PciAddress) -> KernelResult<Option<PciDevice>> {
+        self.count_read();
         let inner = self.lock();
         Ok(self
             .board
@@ -31,6 +34,7 @@ impl Inspect for SimKernel {
     }
 
     fn group_members(&self, group: u32) -> KernelResult<Vec<PciAddress>> {
+        self.count_read();
         Ok(self
             .devices()?
             .into_iter()
@@ -40,6 +44,7 @@ impl Inspect for SimKernel {
     }
 
     fn driver(&self, address: &PciAddress) -> KernelResult<Option<String>> {
+        self.count_read();
         let inner = self.lock();
         let dev = inner
             .state
@@ -49,6 +54,7 @@ impl Inspect for SimKernel {
     }
 
     fn driver_override(&self, address: &PciAddress) -> KernelResult<Option<String>> {
+        self.count_read();
         // Reading it takes the device lock: it waits for a pending removal.
         let inner = self.lock();
         let inner = self.wait_for_device(inner, address);
@@ -60,10 +66,12 @@ impl Inspect for SimKernel {
     }
 
     fn iommu_enabled(&self) -> KernelResult<bool> {
+        self.count_read();
         Ok(self.board.iommu_enabled())
     }
 
     fn driver_registered(&self, driver: &str) -> bool {
+        self.count_read();
         let inner = self.lock();
         let wanted = module_key(driver);
         inner
@@ -73,11 +81,13 @@ impl Inspect for SimKernel {
     }
 
     fn module_available(&self, module: &str) -> bool {
+        self.count_read();
         let module = module_key(module);
         self.lock().state.modules.contains(&module) || !self.board.missing_modules.contains(&module)
     }
 
     fn nodes(&self, address: &PciAddress) -> KernelResult<Vec<PathBuf>> {
+        self.count_read();
         let inner = self.lock();
         if inner.state.present(address).is_none() {
             return Err(KernelError::NoDevice(*address));
@@ -86,6 +96,7 @@ impl Inspect for SimKernel {
     }
 
     fn holders(&self, nodes: &[PathBuf]) -> KernelResult<Vec<Holder>> {
+        self.count_read();
         let inner = self.lock();
         let mut holders: Vec<Holder> = inner
             .state
@@ -99,6 +110,7 @@ impl Inspect for SimKernel {
     }
 
     fn mounts_behind(&self, address: &PciAddress) -> KernelResult<Vec<String>> {
+        self.count_read();
         let inner = self.lock();
         if inner.state.present(address).is_none() {
             return Err(KernelError::NoDevice(*address));
@@ -113,14 +125,17 @@ impl Inspect for SimKernel {
     }
 
     fn usb_behind(&self, address: &PciAddress) -> KernelResult<Vec<UsbDevice>> {
+        self.count_read();
         Ok(self.present_entry(address)?.usb.clone())
     }
 
     fn console_on(&self, address: &PciAddress) -> KernelResult<bool> {
+        self.count_read();
         Ok(self.present_entry(address)?.console)
     }
 
     fn vfio_group_node(&self, group: u32) -> Option<PathBuf> {
+        self.count_read();
         self.lock()
             .state
             .group_node_exists(&self.board, group)
@@ -128,15 +143,18 @@ impl Inspect for SimKernel {
     }
 
     fn vfio_device_nodes(&self, _address: &PciAddress) -> KernelResult<Vec<PathBuf>> {
+        self.count_read();
         // Machine files (DESIGN §7) describe group nodes only.
         Ok(Vec::new())
     }
 
     fn boot_id(&self) -> KernelResult<String> {
+        self.count_read();
         Ok(self.lock().state.boot_id.clone())
     }
 
     fn host(&self) -> KernelResult<HostView> {
+        self.count_read();
         let loaded = self.lock().state.modules.clone();
         Ok(super::facts::view(&self.board.machine, loaded))
     }
