@@ -66,7 +66,8 @@ built = $(BUILD_DIR)/vfiod $(VFIOCTL_BIN) \
 	$(DIST_DIR)/completions/vfioctl.fish
 
 example_scripts = examples/vfiod-busctl examples/vfiod-dbus.py
-examples = $(example_scripts) systemd/50-vfiod-vfio-group.rules.example
+examples = $(example_scripts) systemd/50-vfiod-vfio-group.rules.example \
+	systemd/50-vfiod-one-profile.rules.example
 
 .PHONY: all build static-vfioctl dist install uninstall deb clean-dist
 
@@ -110,7 +111,8 @@ install:
 	$(INSTALL) -Dm644 $(DIST_DIR)/completions/_vfioctl $(DESTDIR)$(ZSHCOMPDIR)/_vfioctl
 	$(INSTALL) -Dm644 $(DIST_DIR)/completions/vfioctl.fish $(DESTDIR)$(FISHCOMPDIR)/vfioctl.fish
 	$(INSTALL) -Dm755 -t $(DESTDIR)$(DOCDIR)/examples $(example_scripts)
-	$(INSTALL) -Dm644 -t $(DESTDIR)$(DOCDIR)/examples systemd/50-vfiod-vfio-group.rules.example
+	$(INSTALL) -Dm644 -t $(DESTDIR)$(DOCDIR)/examples systemd/50-vfiod-vfio-group.rules.example \
+		systemd/50-vfiod-one-profile.rules.example
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/vfiod $(DESTDIR)$(BINDIR)/vfioctl

@@ -69,6 +69,10 @@ fn expected_files() -> BTreeMap<String, u32> {
             "usr/share/doc/vfiod/examples/50-vfiod-vfio-group.rules.example",
             0o644,
         ),
+        (
+            "usr/share/doc/vfiod/examples/50-vfiod-one-profile.rules.example",
+            0o644,
+        ),
     ]
     .into_iter()
     .map(|(path, mode)| (path.to_owned(), mode))

@@ -2,15 +2,47 @@
 //! open to everyone; Bind and Release need polkit action
 //! `org.vfiod1.manage`. Root always passes. Without polkitd only root may
 //! move devices, and on a simulated machine also the user running vfiod.
+//! polkit is told what the move is (DESIGN §10: `profile`, `devices`, `vm`,
+//! `direction`), so a rule can allow one group one profile.
 
 use std::collections::HashMap;
 
 use tracing::{debug, warn};
-use vfiod_dbus::Error;
 use vfiod_dbus::names::MANAGE_ACTION;
+use vfiod_dbus::{Direction, Error};
+use vfiod_pci::PciAddress;
 use zbus::Connection;
 use zbus::message::Header;
 use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
+
+/// What a caller asks to do, as polkit's rules see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoveDetails {
+    /// The profile named by the target; empty for a PCI address.
+    pub profile: String,
+    /// The completed set, as far as the published view tells.
+    pub devices: Vec<PciAddress>,
+    /// The `vm` option; empty when not given.
+    pub vm: String,
+    /// `bind` or `release`; empty for the simulator's controls.
+    pub direction: Option<Direction>,
+}
+
+impl MoveDetails {
+    /// The details polkit passes to rules (`action.lookup("profile")`).
+    pub fn polkit_details(&self) -> HashMap<&'static str, String> {
+        let devices: Vec<String> = self.devices.iter().map(ToString::to_string).collect();
+        HashMap::from([
+            ("profile", self.profile.clone()),
+            ("devices", devices.join(",")),
+            ("vm", self.vm.clone()),
+            (
+                "direction",
+                self.direction.map(|d| d.to_string()).unwrap_or_default(),
+            ),
+        ])
+    }
+}
 
 pub struct Bouncer {
     /// The user running a simulated vfiod: it owns the simulated machine.
@@ -37,12 +69,13 @@ impl Bouncer {
         &self,
         connection: &Connection,
         header: &Header<'_>,
+        details: &MoveDetails,
     ) -> Result<(), Error> {
         let uid = self.caller_uid(connection, header).await?;
         if self.trusts(uid) {
             return Ok(());
         }
-        self.ask_polkit(connection, header, uid).await
+        self.ask_polkit(connection, header, uid, details).await
     }
 
     /// Who called, from the bus (one round trip).
@@ -76,6 +109,7 @@ impl Bouncer {
         connection: &Connection,
         header: &Header<'_>,
         uid: u32,
+        details: &MoveDetails,
     ) -> Result<(), Error> {
         let sender = header
             .sender()
@@ -87,7 +121,8 @@ impl Bouncer {
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await?;
-        let details: HashMap<&str, &str> = HashMap::new();
+        let details = details.polkit_details();
+        let details: HashMap<&str, &str> = details.iter().map(|(k, v)| (*k, v.as_str())).collect();
         match authority
             .check_authorization(
                 &subject,
@@ -128,5 +163,53 @@ fn polkit_absent(e: &zbus::Error) -> bool {
             zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_)
         ),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_is_trusted_everywhere_and_the_machine_owner_only_on_its_simulation() {
+        let host = Bouncer::for_host();
+        assert!(host.trusts(0));
+        assert!(!host.trusts(1000));
+        let simulation = Bouncer::for_simulation(1000);
+        assert!(simulation.trusts(0));
+        assert!(simulation.trusts(1000));
+        assert!(!simulation.trusts(1001));
+    }
+
+    #[test]
+    fn polkit_hears_each_detail_by_its_contract_name() {
+        let details = MoveDetails {
+            profile: "rx580".into(),
+            devices: vec![
+                "0000:01:00.0".parse().unwrap(),
+                "0000:01:00.1".parse().unwrap(),
+            ],
+            vm: "win10".into(),
+            direction: Some(Direction::Release),
+        };
+        let map = details.polkit_details();
+        assert_eq!(map.len(), 4);
+        assert_eq!(map["profile"], "rx580");
+        assert_eq!(map["devices"], "0000:01:00.0,0000:01:00.1");
+        assert_eq!(map["vm"], "win10");
+        assert_eq!(map["direction"], "release");
+        let simulator = MoveDetails::default().polkit_details();
+        assert!(simulator.values().all(String::is_empty), "{simulator:?}");
+    }
+
+    #[test]
+    fn only_a_missing_polkitd_counts_as_absent() {
+        let absent = zbus::Error::FDO(Box::new(zbus::fdo::Error::ServiceUnknown(
+            "org.freedesktop.PolicyKit1".into(),
+        )));
+        assert!(polkit_absent(&absent));
+        let refused = zbus::Error::FDO(Box::new(zbus::fdo::Error::AccessDenied("no".into())));
+        assert!(!polkit_absent(&refused));
+        assert!(!polkit_absent(&zbus::Error::InvalidReply));
     }
 }

@@ -20,13 +20,14 @@ use vfiod_dbus::names::{
     BUS_NAME, DEVICE_INTERFACE, MANAGER_INTERFACE, MANAGER_PATH, PROFILE_INTERFACE,
 };
 use vfiod_dbus::{Direction, Error};
-use vfiod_pci::PciAddress;
+use vfiod_pci::{PciAddress, PciDevice};
 use zbus::message::Header;
 use zbus::names::{InterfaceName, UniqueName};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
 use crate::bouncer::Bouncer;
+use crate::bouncer::MoveDetails;
 use crate::doctor;
 use crate::engine::{Activity, Engine};
 use crate::kernel::{Uevent, UeventAction};
@@ -426,13 +427,46 @@ impl Service {
         tracing::debug!(target, %direction, "move requested");
         validate_target(target)?;
         let options = parse_move_options(options)?;
-        self.bouncer.authorize_move(connection, header).await?;
+        let details = self.move_details(target, direction, &options);
+        self.bouncer
+            .authorize_move(connection, header, &details)
+            .await?;
         let _slot = self.move_slots.acquire().await;
         self.announce_start(connection, target, direction);
         let job = self.start_move(connection, target, direction, options);
         let caller = header.sender().map(|s| s.to_owned());
         self.finish_move(connection, target, direction, job, caller.as_ref())
             .await
+    }
+
+    /// What polkit is told about a move: the profile, and the set the
+    /// planner would complete, from the published view (no kernel read:
+    /// the caller is not authorized yet).
+    fn move_details(
+        &self,
+        target: &str,
+        direction: Direction,
+        options: &crate::plan::MoveOptions,
+    ) -> MoveDetails {
+        let config = self.engine.config();
+        let devices: Vec<PciDevice> = self
+            .snapshot()
+            .devices
+            .values()
+            .filter_map(objects::as_pci_device)
+            .collect();
+        let set = crate::plan::resolve_target(&config, &devices, target)
+            .map(|targets| crate::plan::complete_set(&devices, &targets).0)
+            .unwrap_or_default();
+        MoveDetails {
+            profile: config
+                .profile(target)
+                .map(|_| target.to_owned())
+                .unwrap_or_default(),
+            devices: set,
+            vm: options.vm.clone().unwrap_or_default(),
+            direction: Some(direction),
+        }
     }
 
     /// Runs one move off the event loop and narrates it on the bus.

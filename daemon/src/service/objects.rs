@@ -216,3 +216,23 @@ impl Snapshot {
         Snapshot { devices, profiles }
     }
 }
+
+/// A published device as the planner's functions take it: what the bus
+/// shows (address, ids, class, driver, group), nothing more.
+pub fn as_pci_device(p: &DeviceProperties) -> Option<PciDevice> {
+    Some(PciDevice {
+        address: p.pci_address()?,
+        id: PciId {
+            vendor: p.vendor_id,
+            device: p.device_id,
+        },
+        subsystem: None,
+        class: vfiod_pci::PciClass(p.class),
+        name: p.name.clone(),
+        driver: (!p.driver.is_empty()).then(|| p.driver.clone()),
+        iommu_group: u32::try_from(p.iommu_group).ok(),
+        parent: None,
+        boot_vga: p.boot_vga,
+        reset_methods: Vec::new(),
+    })
+}

@@ -11,7 +11,7 @@ use vfiod_pci::{Holder, PciAddress};
 use zbus::message::Header;
 use zbus::{Connection, interface};
 
-use crate::bouncer::Bouncer;
+use crate::bouncer::{Bouncer, MoveDetails};
 use crate::kernel::sim::SimKernel;
 
 pub const SIMULATOR_PATH: &str = "/org/vfiod1/simulator";
@@ -34,7 +34,9 @@ impl SimulatorInterface {
         header: &Header<'_>,
         change: impl FnOnce(&SimKernel) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
-        self.bouncer.authorize_move(connection, header).await?;
+        self.bouncer
+            .authorize_move(connection, header, &MoveDetails::default())
+            .await?;
         let kernel = self.kernel.clone();
         tokio::task::spawn_blocking(move || change(&kernel))
             .await
