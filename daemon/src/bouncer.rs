@@ -78,6 +78,25 @@ impl Bouncer {
         self.ask_polkit(connection, header, uid, details).await
     }
 
+    /// Whether the caller may move devices at all, asked without any
+    /// password prompt: what a Check may tell it depends on it.
+    pub async fn may_move(&self, connection: &Connection, header: &Header<'_>) -> bool {
+        match self.caller_uid(connection, header).await {
+            Ok(uid) if self.trusts(uid) => true,
+            Ok(uid) => self
+                .polkit_verdict(
+                    connection,
+                    header,
+                    uid,
+                    &MoveDetails::default(),
+                    CheckAuthorizationFlags::empty(),
+                )
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    }
+
     /// Who called, from the bus (one round trip).
     pub async fn caller_uid(
         &self,
@@ -111,6 +130,19 @@ impl Bouncer {
         uid: u32,
         details: &MoveDetails,
     ) -> Result<(), Error> {
+        let flags = CheckAuthorizationFlags::ALLOW_USER_INTERACTION;
+        self.polkit_verdict(connection, header, uid, details, flags)
+            .await
+    }
+
+    async fn polkit_verdict(
+        &self,
+        connection: &Connection,
+        header: &Header<'_>,
+        uid: u32,
+        details: &MoveDetails,
+        flags: CheckAuthorizationFlags,
+    ) -> Result<(), Error> {
         let sender = header
             .sender()
             .ok_or_else(|| Error::AccessDenied("the call carries no sender".into()))?;
@@ -124,13 +156,7 @@ impl Bouncer {
         let details = details.polkit_details();
         let details: HashMap<&str, &str> = details.iter().map(|(k, v)| (*k, v.as_str())).collect();
         match authority
-            .check_authorization(
-                &subject,
-                MANAGE_ACTION,
-                &details,
-                CheckAuthorizationFlags::ALLOW_USER_INTERACTION,
-                "",
-            )
+            .check_authorization(&subject, MANAGE_ACTION, &details, flags.into(), "")
             .await
         {
             Ok(result) if result.is_authorized => Ok(()),

@@ -46,7 +46,7 @@ use crate::engine::Engine;
 use crate::kernel::Kernel;
 use crate::plan::{Described, MoveOptions, complete_set, kernel_error, resolve_target};
 use vfiod_config::Config;
-use vfiod_host::facts::HostView;
+use vfiod_host::facts::{Domain, HostView};
 
 /// What an unknown finding's message starts with.
 pub const UNKNOWN: &str = "unknown: ";
@@ -54,17 +54,37 @@ pub const UNKNOWN: &str = "unknown: ";
 /// Runs the checks for `target` (a profile or an address), or for the
 /// whole host when it is empty, then the dry run of a bind of the target.
 /// Blocking: reads the kernel.
-pub fn check(engine: &Engine, target: &str) -> Result<Vec<Finding>, Error> {
-    let mut findings = inspect(engine.kernel().as_ref(), &engine.config(), target)?;
+pub fn check(engine: &Engine, target: &str, told: Disclosure) -> Result<Vec<Finding>, Error> {
+    let mut findings = inspect_for(engine.kernel().as_ref(), &engine.config(), target, told)?;
     if !target.is_empty() {
-        findings.push(dry_run(engine, target)?);
+        findings.push(dry_run(engine, target, told)?);
     }
     Ok(findings)
+}
+
+/// How much a Check may tell its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disclosure {
+    /// Everything: the caller may move devices.
+    Full,
+    /// Not other users' processes (pids, commands) nor libvirt's domain
+    /// names and files, which only root can read.
+    Redacted,
 }
 
 /// Every check but the dry run, on any kernel: what the tests run on
 /// fixture trees and machine files.
 pub fn inspect(kernel: &dyn Kernel, config: &Config, target: &str) -> Result<Vec<Finding>, Error> {
+    inspect_for(kernel, config, target, Disclosure::Full)
+}
+
+/// [`inspect`], telling only what `told` allows.
+pub fn inspect_for(
+    kernel: &dyn Kernel,
+    config: &Config,
+    target: &str,
+    told: Disclosure,
+) -> Result<Vec<Finding>, Error> {
     let host = kernel.host().map_err(kernel_error)?;
     let devices = kernel.devices().map_err(kernel_error)?;
     let scope = if target.is_empty() {
@@ -77,6 +97,7 @@ pub fn inspect(kernel: &dyn Kernel, config: &Config, target: &str) -> Result<Vec
         host,
         devices,
         scope,
+        told,
     };
     let mut findings = Findings::default();
     virt::check(&context, &mut findings).map_err(kernel_error)?;
@@ -94,35 +115,36 @@ pub fn inspect(kernel: &dyn Kernel, config: &Config, target: &str) -> Result<Vec
 }
 
 /// The bind `Bind` would do, planned and not done.
-fn dry_run(engine: &Engine, target: &str) -> Result<Finding, Error> {
-    Ok(
-        match engine.plan(target, Direction::Bind, &MoveOptions::default()) {
-            Ok(plan) => {
-                let moving: Vec<String> =
-                    plan.devices.iter().map(|d| d.address.to_string()).collect();
-                finding(
-                    "bind.plan",
-                    Severity::Ok,
-                    format!("a bind of {target} would move {}", moving.join(", ")),
-                )
-            }
-            Err(
-                refusal @ (Error::Protected(_)
-                | Error::GroupNotViable(_)
-                | Error::DeviceBusy(_)
-                | Error::NoIommu(_)
-                | Error::Conflict(_)),
-            ) => finding(
+fn dry_run(engine: &Engine, target: &str, told: Disclosure) -> Result<Finding, Error> {
+    let options = MoveOptions {
+        redacted: told == Disclosure::Redacted,
+        ..MoveOptions::default()
+    };
+    Ok(match engine.plan(target, Direction::Bind, &options) {
+        Ok(plan) => {
+            let moving: Vec<String> = plan.devices.iter().map(|d| d.address.to_string()).collect();
+            finding(
                 "bind.plan",
-                Severity::Fail,
-                format!(
-                    "{}. Fix each reason (the findings above say how), or choose another slot for the card",
-                    refusal.message()
-                ),
+                Severity::Ok,
+                format!("a bind of {target} would move {}", moving.join(", ")),
+            )
+        }
+        Err(
+            refusal @ (Error::Protected(_)
+            | Error::GroupNotViable(_)
+            | Error::DeviceBusy(_)
+            | Error::NoIommu(_)
+            | Error::Conflict(_)),
+        ) => finding(
+            "bind.plan",
+            Severity::Fail,
+            format!(
+                "{}. Fix each reason (the findings above say how), or choose another slot for the card",
+                refusal.message()
             ),
-            Err(other) => return Err(other),
-        },
-    )
+        ),
+        Err(other) => return Err(other),
+    })
 }
 
 fn finding(id: &str, severity: Severity, message: impl Into<String>) -> Finding {
@@ -201,9 +223,26 @@ pub(crate) struct Context<'a> {
     host: HostView,
     devices: Vec<PciDevice>,
     scope: Option<Scope>,
+    told: Disclosure,
 }
 
 impl Context<'_> {
+    /// A libvirt domain as the caller may see it named.
+    fn domain_name<'d>(&self, domain: &'d Domain) -> &'d str {
+        match self.told {
+            Disclosure::Full => &domain.name,
+            Disclosure::Redacted => "a libvirt domain",
+        }
+    }
+
+    /// Where a domain's XML is, as the caller may see it.
+    fn domain_file(&self, domain: &Domain) -> String {
+        match self.told {
+            Disclosure::Full => domain.path.display().to_string(),
+            Disclosure::Redacted => "/etc/libvirt/qemu/, readable by root alone".into(),
+        }
+    }
+
     /// The command line's words, when known.
     fn cmdline_words(&self) -> Option<Vec<&str>> {
         self.host

@@ -25,6 +25,10 @@ pub struct MoveOptions {
     pub vm: Option<String>,
     /// Bound on the whole move.
     pub timeout: Option<Duration>,
+    /// The refusal is for someone who may not move devices (a Check's dry
+    /// run): it says that processes hold a device, not which ones, nor the
+    /// VM that owns it.
+    pub redacted: bool,
 }
 
 /// A checked move: the whole set, in the order it will be moved.
@@ -138,10 +142,16 @@ impl fmt::Display for Described {
 fn list_holders(holders: &[Holder]) -> String {
     holders
         .iter()
-        .map(|h| format!("{} (pid {}) holds {}", h.comm, h.pid, h.node.display()))
+        .map(|h| match h.pid {
+            REDACTED_PID => format!("a process holds {}", h.node.display()),
+            pid => format!("{} (pid {pid}) holds {}", h.comm, h.node.display()),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// The pid a redacted holder carries: no process has it.
+const REDACTED_PID: u32 = 0;
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -197,11 +207,15 @@ impl fmt::Display for Reason {
             ),
             Reason::VfioGroupHeld { group, holders } => write!(
                 f,
-                "IOMMU group {group} is held by {}; stop the VM first",
+                "IOMMU group {group} is open: {}; stop the VM first",
                 list_holders(holders)
             ),
             Reason::OwnedByOtherVm { device, owner, vm } => {
-                write!(f, "{device} belongs to VM {owner}, not {vm}")
+                if owner.is_empty() {
+                    write!(f, "{device} belongs to another VM, not {vm}")
+                } else {
+                    write!(f, "{device} belongs to VM {owner}, not {vm}")
+                }
             }
         }
     }
@@ -213,6 +227,30 @@ pub struct Refusal {
     pub target: String,
     pub direction: Direction,
     pub reasons: Vec<Reason>,
+}
+
+impl Refusal {
+    /// The same refusal with what another user's processes and VMs are
+    /// left out: which processes hold a device, which VM owns it.
+    pub fn redacted(mut self) -> Refusal {
+        let hide = |holders: &mut Vec<Holder>| {
+            for h in holders.iter_mut() {
+                h.pid = REDACTED_PID;
+                h.comm.clear();
+            }
+            holders.dedup_by(|a, b| a.node == b.node);
+        };
+        for reason in &mut self.reasons {
+            match reason {
+                Reason::Holders { holders, .. } | Reason::VfioGroupHeld { holders, .. } => {
+                    hide(holders)
+                }
+                Reason::OwnedByOtherVm { owner, .. } => owner.clear(),
+                _ => {}
+            }
+        }
+        self
+    }
 }
 
 impl From<Refusal> for Error {
@@ -443,10 +481,14 @@ pub fn plan_on(
         Direction::Release => release_reasons(kernel, &members, ledger, options)?,
     };
     if !reasons.is_empty() {
-        return Err(Refusal {
+        let refusal = Refusal {
             target: target.to_string(),
             direction,
             reasons,
+        };
+        return Err(match options.redacted {
+            true => refusal.redacted(),
+            false => refusal,
         }
         .into());
     }

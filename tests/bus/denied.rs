@@ -126,3 +126,33 @@ fn polkit_is_told_what_the_move_is() {
     assert_exit(&rig.as_nobody(vfioctl, &["release", "rx580"]), 0);
     assert_eq!(rig.driver("01:00.1"), "snd_hda_intel");
 }
+
+/// Check is open to everyone, but tells only those who may move devices
+/// which processes hold them.
+#[test]
+fn a_check_by_someone_who_may_not_move_names_no_process() {
+    assert!(
+        is_root(),
+        "needs root to run a client as another user (CI runs as root)"
+    );
+    let rig = Rig::z77();
+    rig.simulate(
+        "AddHolder",
+        "uss",
+        &["4242", "firefox", "/dev/dri/renderD129"],
+    );
+    let vfioctl = vfiod_tests::bin("vfioctl");
+    let vfioctl = vfioctl.to_str().unwrap();
+    let theirs = rig.as_nobody(vfioctl, &["check", "rx580"]);
+    let told = vfiod_tests::stdout(&theirs);
+    assert!(
+        told.contains("a process holds /dev/dri/renderD129"),
+        "{told}"
+    );
+    assert!(
+        !told.contains("firefox") && !told.contains("4242"),
+        "{told}"
+    );
+    let root = vfiod_tests::stdout(&rig.vfioctl(&["check", "rx580"]));
+    assert!(root.contains("firefox (pid 4242)"), "{root}");
+}

@@ -180,14 +180,14 @@ fn managed(cx: &Context<'_>, out: &mut Findings) {
                     ID,
                     format!(
                         "domain {} ({}) takes {} with managed='yes': libvirt detaches and reattaches it by itself, behind vfiod's back, and bus-resets it under its host driver. Set managed='no' (virsh edit {}) and let vfiod's hook move it",
-                        domain.name,
-                        domain.path.display(),
+                        cx.domain_name(domain),
+                        cx.domain_file(domain),
                         hostdev.address,
-                        domain.name
+                        cx.domain_name(domain)
                     ),
                 );
             } else {
-                clean.push(format!("{} ({})", domain.name, hostdev.address));
+                clean.push(format!("{} ({})", cx.domain_name(domain), hostdev.address));
             }
         }
     }

@@ -48,7 +48,10 @@ fn hugepages(cx: &Context<'_>, domains: Option<&[&Domain]>, out: &mut Findings) 
         .filter(|d| d.hugepages)
         .collect();
     let wanted_kb: u64 = wanting.iter().filter_map(|d| d.memory_kb).sum();
-    let wanting_names: Vec<String> = wanting.iter().map(|d| d.name.clone()).collect();
+    let wanting_names: Vec<String> = wanting
+        .iter()
+        .map(|d| cx.domain_name(d).to_owned())
+        .collect();
     let reserved: Vec<_> = pools.iter().filter(|p| p.total > 0).collect();
     let free_kb: u64 = reserved.iter().map(|p| p.free * p.size_kb).sum();
     if reserved.is_empty() {
@@ -126,8 +129,8 @@ fn pinned(cx: &Context<'_>, domains: Option<&[&Domain]>, out: &mut Findings) {
     let parts: Vec<String> = domains
         .iter()
         .map(|d| match d.memory_kb {
-            Some(kb) => format!("{} pins {}", d.name, size_kb(kb)),
-            None => format!("{} (memory not given)", d.name),
+            Some(kb) => format!("{} pins {}", cx.domain_name(d), size_kb(kb)),
+            None => format!("{} (memory not given)", cx.domain_name(d)),
         })
         .collect();
     // The VMs may not run at once; the largest is what one start needs.

@@ -658,6 +658,33 @@ fn a_domain_taking_the_target_with_managed_yes_warns() {
     assert!(expect(&findings, "memory.pinned", Severity::Ok).contains("old-win10"));
 }
 
+/// Someone who may not move devices is not told libvirt's domain names
+/// nor their files, which only root can read.
+#[test]
+fn a_redacted_check_names_no_domain() {
+    let fx = good_host();
+    fx.write(
+        "etc/libvirt/qemu/old.xml",
+        "<domain><name>old-win10</name><memory unit='KiB'>4194304</memory><devices><hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x0000' bus='0x01' slot='0x00' function='0x1'/></source></hostdev></devices></domain>",
+    );
+    let findings = inspect_for(&fx.kernel(), &config(), "gpu", Disclosure::Redacted).unwrap();
+    let message = expect(&findings, "libvirt.managed", Severity::Warn);
+    assert!(
+        message.contains("a libvirt domain") && message.contains("0000:01:00.1"),
+        "{message}"
+    );
+    for finding in &findings {
+        for secret in ["old-win10", "win10", "old.xml"] {
+            assert!(
+                !finding.message.contains(secret),
+                "{} tells {secret}: {}",
+                finding.id,
+                finding.message
+            );
+        }
+    }
+}
+
 #[test]
 fn usb_devices_behind_the_controller_with_input_devices_called_out() {
     let fx = good_host();

@@ -50,8 +50,13 @@ impl ManagerInterface {
             .await
     }
 
-    async fn check(&self, target: String) -> Result<Vec<(String, String, String)>, Error> {
-        self.service.check(&target).await
+    async fn check(
+        &self,
+        target: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<Vec<(String, String, String)>, Error> {
+        self.service.check(connection, &header, &target).await
     }
 
     #[zbus(property(emits_changed_signal = "const"))]

@@ -606,14 +606,25 @@ impl Service {
         Ok(())
     }
 
-    pub async fn check(&self, target: &str) -> Result<Vec<(String, String, String)>, Error> {
+    /// The doctor's findings; a caller who may not move devices is not
+    /// told other users' processes nor libvirt's root-only domain names.
+    pub async fn check(
+        &self,
+        connection: &Connection,
+        header: &Header<'_>,
+        target: &str,
+    ) -> Result<Vec<(String, String, String)>, Error> {
         if !target.is_empty() {
             validate_target(target)?;
         }
+        let told = match self.bouncer.may_move(connection, header).await {
+            true => doctor::Disclosure::Full,
+            false => doctor::Disclosure::Redacted,
+        };
         let _slot = self.check_slots.acquire().await;
         let engine = self.engine.clone();
         let target = target.to_string();
-        let findings = tokio::task::spawn_blocking(move || doctor::check(&engine, &target))
+        let findings = tokio::task::spawn_blocking(move || doctor::check(&engine, &target, told))
             .await
             .map_err(|e| Error::Kernel(format!("the check failed inside vfiod: {e}")))??;
         Ok(findings
