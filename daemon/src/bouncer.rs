@@ -156,7 +156,7 @@ impl Bouncer {
         let details = details.polkit_details();
         let details: HashMap<&str, &str> = details.iter().map(|(k, v)| (*k, v.as_str())).collect();
         match authority
-            .check_authorization(&subject, MANAGE_ACTION, &details, flags.into(), "")
+            .check_authorization(&subject, MANAGE_ACTION, &details, flags, "")
             .await
         {
             Ok(result) if result.is_authorized => Ok(()),
