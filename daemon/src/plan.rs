@@ -37,11 +37,20 @@ pub struct Plan {
     pub completed_with: Vec<PciAddress>,
     /// vfio-pci must be loaded first.
     pub load_vfio: bool,
+    /// Devices of the set a release with `vm` leaves on vfio-pci: no VM
+    /// owns them (bound at boot or by an administrator), so the VM only
+    /// used them (DESIGN §8).
+    pub kept: Vec<PciAddress>,
 }
 
 impl Plan {
     pub fn addresses(&self) -> Vec<PciAddress> {
         self.devices.iter().map(|d| d.address).collect()
+    }
+
+    /// Whether the move leaves `address` where it is, whatever its driver.
+    pub fn keeps(&self, address: &PciAddress) -> bool {
+        self.kept.contains(address)
     }
 }
 
@@ -438,9 +447,13 @@ pub fn plan_on(
         .filter_map(|a| by_address.get(a).map(|d| (*d).clone()))
         .collect();
 
+    let kept = match direction {
+        Direction::Bind => Vec::new(),
+        Direction::Release => not_owned_by_the_vm(&members, ledger, options),
+    };
     let reasons = match direction {
         Direction::Bind => bind_reasons(kernel, devices, &members, ledger, options)?,
-        Direction::Release => release_reasons(kernel, &members, ledger, options)?,
+        Direction::Release => release_reasons(kernel, &members, &kept, ledger, options)?,
     };
     if !reasons.is_empty() {
         return Err(Refusal {
@@ -457,7 +470,25 @@ pub fn plan_on(
         devices: members,
         completed_with,
         load_vfio,
+        kept,
     })
+}
+
+/// The devices on vfio-pci that no VM owns, when a VM releases: they were
+/// there before it took anything. Another VM's are a conflict instead.
+fn not_owned_by_the_vm(
+    members: &[PciDevice],
+    ledger: &Ledger,
+    options: &MoveOptions,
+) -> Vec<PciAddress> {
+    if options.vm.is_none() {
+        return Vec::new();
+    }
+    members
+        .iter()
+        .filter(|d| d.is_bound_to(VFIO_DRIVER) && ledger.owner(&d.address).is_none())
+        .map(|d| d.address)
+        .collect()
 }
 
 fn ownership_reasons(members: &[PciDevice], ledger: &Ledger, options: &MoveOptions) -> Vec<Reason> {
@@ -630,16 +661,18 @@ fn settled_holders(kernel: &dyn Kernel, nodes: &[PathBuf]) -> Result<Vec<Holder>
 fn release_reasons(
     kernel: &dyn Kernel,
     members: &[PciDevice],
+    kept: &[PciAddress],
     ledger: &Ledger,
     options: &MoveOptions,
 ) -> Result<Vec<Reason>, Error> {
     let mut reasons = Vec::new();
     // Unbinding vfio-pci while a VM holds the group (or, with iommufd, the
     // function's device file) blocks in the kernel until the VM lets go:
-    // refuse instead, whatever `force` says.
+    // refuse instead, whatever `force` says. Devices left where they are
+    // are not unbound.
     let on_vfio: Vec<&PciDevice> = members
         .iter()
-        .filter(|d| d.is_bound_to(VFIO_DRIVER))
+        .filter(|d| d.is_bound_to(VFIO_DRIVER) && !kept.contains(&d.address))
         .collect();
     let groups: BTreeSet<u32> = on_vfio.iter().filter_map(|d| d.iommu_group).collect();
     for group in groups {

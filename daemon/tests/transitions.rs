@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Rig, addr, addrs, with_fault, z77_config};
+use common::{Rig, addr, addrs, vm, with_fault, z77_config};
 use vfiod::kernel::Inspect;
 use vfiod::plan::MoveOptions;
 use vfiod_dbus::{DeviceState, Direction, Error};
@@ -15,13 +15,6 @@ use vfiod_pci::Holder;
 fn force() -> MoveOptions {
     MoveOptions {
         force: true,
-        ..MoveOptions::default()
-    }
-}
-
-fn vm(name: &str) -> MoveOptions {
-    MoveOptions {
-        vm: Some(name.into()),
         ..MoveOptions::default()
     }
 }
