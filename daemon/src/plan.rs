@@ -9,11 +9,15 @@ use std::time::Duration;
 use vfiod_dbus::Direction;
 use vfiod_dbus::Error;
 use vfiod_dbus::names::MAX_TARGET_LEN;
+use vfiod_pci::machine::ModuleLoading;
 use vfiod_pci::{Holder, PciAddress, PciDevice, UsbDevice};
 
 use crate::kernel::{Kernel, KernelError, VFIO_DRIVER, VFIO_MODULE};
 use crate::ledger::Ledger;
 use vfiod_config::Config;
+
+/// Where `make install` puts systemd/vfio-pci.conf.
+const MODULES_LOAD_FILE: &str = "/usr/lib/modules-load.d/vfio-pci.conf";
 
 /// What the caller asked for besides the target.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -59,6 +63,10 @@ impl Plan {
 pub enum Reason {
     NoIommu,
     VfioUnavailable,
+    /// vfio-pci is on disk, but this vfiod may not load modules.
+    VfioNotLoadable {
+        why: ModuleLoading,
+    },
     Bridge {
         device: Described,
     },
@@ -106,7 +114,9 @@ enum RefusalKind {
 impl Reason {
     fn kind(&self) -> RefusalKind {
         match self {
-            Reason::NoIommu | Reason::VfioUnavailable => RefusalKind::NoIommu,
+            Reason::NoIommu | Reason::VfioUnavailable | Reason::VfioNotLoadable { .. } => {
+                RefusalKind::NoIommu
+            }
             Reason::Bridge { .. }
             | Reason::Mounted { .. }
             | Reason::Console { .. }
@@ -165,6 +175,10 @@ impl fmt::Display for Reason {
                     "vfio-pci is not loaded and module {VFIO_MODULE} cannot be loaded"
                 )
             }
+            Reason::VfioNotLoadable { why } => write!(
+                f,
+                "{VFIO_DRIVER} is not loaded and {why}: have it loaded at boot by the shipped modules-load.d file (systemd/vfio-pci.conf, installed as {MODULES_LOAD_FILE}), then reboot or run `modprobe {VFIO_MODULE}` as root"
+            ),
             Reason::Bridge { device } => write!(f, "{device} is a bridge; bridges are never moved"),
             Reason::Mounted { device, mounts } => write!(
                 f,
@@ -547,8 +561,17 @@ fn host_reasons(
     if !kernel.iommu_enabled().map_err(kernel_error)? {
         reasons.push(Reason::NoIommu);
     }
-    if !kernel.driver_registered(VFIO_DRIVER) && !kernel.module_available(VFIO_MODULE) {
-        reasons.push(Reason::VfioUnavailable);
+    if !kernel.driver_registered(VFIO_DRIVER) {
+        // On disk is not enough: under the unit's ProtectKernelModules=yes
+        // the load would fail at the move's first write.
+        if !kernel.module_available(VFIO_MODULE) {
+            reasons.push(Reason::VfioUnavailable);
+        } else {
+            let loading = kernel.module_loading();
+            if !loading.is_allowed() {
+                reasons.push(Reason::VfioNotLoadable { why: loading });
+            }
+        }
     }
     for d in members {
         if d.is_bridge() {
