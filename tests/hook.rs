@@ -144,6 +144,51 @@ fn release_never_takes_what_another_domain_owns() {
     assert_eq!(rig.device_property("01:00.0", "Owner"), "win10");
 }
 
+/// DESIGN §8, ownership: rx580 goes to vfio-pci as vfiod starts, win10
+/// uses it, and it stays there when win10 is done.
+#[test]
+fn a_boot_vfio_profile_stays_on_vfio_after_the_domain_releases() {
+    let machine_text = std::fs::read_to_string(machine("z77-rx580.toml")).unwrap();
+    let config = std::fs::read_to_string(machine("z77-rx580.vfiod.toml"))
+        .unwrap()
+        .replace(
+            "vms = [\"win10\"]\n\n# The USB",
+            "vms = [\"win10\"]\nboot = \"vfio\"\n\n# The USB",
+        );
+    assert!(config.contains("boot = \"vfio\""), "{config}");
+    let rig = Rig::with_text(&machine_text, &config);
+    assert_eq!(rig.driver("01:00.0"), "vfio-pci", "bound at start");
+    let xml = domain("win10", &[]);
+    assert_exit(&hook(&rig, "win10", "prepare", "begin", &xml), 0);
+    assert_eq!(rig.device_property("01:00.0", "Owner"), "");
+    assert_eq!(rig.device_property("03:00.0", "Owner"), "win10");
+    assert_exit(&hook(&rig, "win10", "release", "end", &xml), 0);
+    assert_eq!(rig.driver("01:00.0"), "vfio-pci");
+    assert_eq!(rig.driver("01:00.1"), "vfio-pci");
+    assert_eq!(
+        rig.driver("03:00.0"),
+        "xhci_hcd",
+        "what win10 took goes back"
+    );
+}
+
+/// An administrator binds the xHCI; a domain using it and a card of a
+/// non-viable group fails to start and must not take the xHCI from the
+/// administrator, neither then nor at `release end`.
+#[test]
+fn a_failed_prepare_releases_nothing_it_did_not_take() {
+    let rig = Rig::with_text(SHARED_GROUP, "");
+    assert_exit(&rig.vfioctl(&["bind", "06:00.0"]), 0);
+    let xml = domain("win10", &[("06:00.0", "no"), ("05:00.0", "no")]);
+    let out = hook(&rig, "win10", "prepare", "begin", &xml);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("GroupNotViable"), "{}", stderr(&out));
+    assert_eq!(rig.driver("06:00.0"), "vfio-pci", "the administrator's");
+    assert_exit(&hook(&rig, "win10", "release", "end", &xml), 0);
+    assert_eq!(rig.driver("06:00.0"), "vfio-pci", "the administrator's");
+    assert_eq!(rig.driver("05:00.0"), "nouveau");
+}
+
 #[test]
 fn xml_that_is_not_xml_is_a_usage_error_and_moves_nothing() {
     let rig = Rig::z77();

@@ -192,10 +192,14 @@ impl Engine {
         }
         let devices: Vec<String> = plan.addresses().iter().map(ToString::to_string).collect();
         info!(target, %direction, devices = %devices.join(" "), "move planned");
+        for address in &plan.kept {
+            let vm = options.vm.as_deref().unwrap_or_default();
+            info!(device = %address, vm, "left on vfio-pci: it was there before the VM took anything");
+        }
         let changing: Vec<PciAddress> = plan
             .devices
             .iter()
-            .filter(|d| self.needs_move(d, direction))
+            .filter(|d| self.needs_move(&plan, d))
             .map(|d| d.address)
             .collect();
         let journal = self
@@ -268,9 +272,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Whether `device` is not yet where a move in `direction` takes it.
-    fn needs_move(&self, device: &PciDevice, direction: Direction) -> bool {
-        match direction {
+    /// Whether `device` is not yet where the plan takes it.
+    fn needs_move(&self, plan: &Plan, device: &PciDevice) -> bool {
+        if plan.keeps(&device.address) {
+            return false;
+        }
+        match plan.direction {
             Direction::Bind => !device.is_bound_to(VFIO_DRIVER),
             // A release also brings back a device left without a driver (an
             // unbind behind vfiod's back, a crash) that has a host driver.
@@ -292,7 +299,7 @@ impl Engine {
         let binding = plan.direction == Direction::Bind;
         let mut touched: Vec<PciAddress> = Vec::new();
         for device in &plan.devices {
-            if !self.needs_move(device, plan.direction) {
+            if !self.needs_move(plan, device) {
                 continue;
             }
             touched.push(device.address);
@@ -312,15 +319,19 @@ impl Engine {
                 return Err(failure.into_error(&context, &aftermath));
             }
         }
-        let owner = if binding {
-            run.options.vm.as_deref()
+        // A bind owns only what it moved (DESIGN §8): a device already on
+        // vfio-pci (bound at boot or by an administrator) keeps its owner,
+        // so the VM's release leaves it there.
+        let (owned, owner) = if binding {
+            (touched, run.options.vm.as_deref())
         } else {
-            None
+            let released = plan.addresses().into_iter();
+            (released.filter(|a| !plan.keeps(a)).collect(), None)
         };
         let mut ledger = self.ledger();
-        for device in &plan.devices {
+        for address in owned {
             ledger
-                .set_owner(device.address, owner)
+                .set_owner(address, owner)
                 .map_err(|e| Error::Kernel(format!("{context}: done, but {e}")))?;
         }
         Ok(())

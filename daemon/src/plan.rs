@@ -9,11 +9,15 @@ use std::time::Duration;
 use vfiod_dbus::Direction;
 use vfiod_dbus::Error;
 use vfiod_dbus::names::MAX_TARGET_LEN;
+use vfiod_pci::machine::ModuleLoading;
 use vfiod_pci::{Holder, PciAddress, PciDevice, UsbDevice};
 
 use crate::kernel::{Kernel, KernelError, VFIO_DRIVER, VFIO_MODULE};
 use crate::ledger::Ledger;
 use vfiod_config::Config;
+
+/// Where `make install` puts systemd/vfio-pci.conf.
+const MODULES_LOAD_FILE: &str = "/usr/lib/modules-load.d/vfio-pci.conf";
 
 /// What the caller asked for besides the target.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -41,11 +45,20 @@ pub struct Plan {
     pub completed_with: Vec<PciAddress>,
     /// vfio-pci must be loaded first.
     pub load_vfio: bool,
+    /// Devices of the set a release with `vm` leaves on vfio-pci: no VM
+    /// owns them (bound at boot or by an administrator), so the VM only
+    /// used them (DESIGN §8).
+    pub kept: Vec<PciAddress>,
 }
 
 impl Plan {
     pub fn addresses(&self) -> Vec<PciAddress> {
         self.devices.iter().map(|d| d.address).collect()
+    }
+
+    /// Whether the move leaves `address` where it is, whatever its driver.
+    pub fn keeps(&self, address: &PciAddress) -> bool {
+        self.kept.contains(address)
     }
 }
 
@@ -54,6 +67,10 @@ impl Plan {
 pub enum Reason {
     NoIommu,
     VfioUnavailable,
+    /// vfio-pci is on disk, but this vfiod may not load modules.
+    VfioNotLoadable {
+        why: ModuleLoading,
+    },
     Bridge {
         device: Described,
     },
@@ -101,7 +118,9 @@ enum RefusalKind {
 impl Reason {
     fn kind(&self) -> RefusalKind {
         match self {
-            Reason::NoIommu | Reason::VfioUnavailable => RefusalKind::NoIommu,
+            Reason::NoIommu | Reason::VfioUnavailable | Reason::VfioNotLoadable { .. } => {
+                RefusalKind::NoIommu
+            }
             Reason::Bridge { .. }
             | Reason::Mounted { .. }
             | Reason::Console { .. }
@@ -166,6 +185,10 @@ impl fmt::Display for Reason {
                     "vfio-pci is not loaded and module {VFIO_MODULE} cannot be loaded"
                 )
             }
+            Reason::VfioNotLoadable { why } => write!(
+                f,
+                "{VFIO_DRIVER} is not loaded and {why}: have it loaded at boot by the shipped modules-load.d file (systemd/vfio-pci.conf, installed as {MODULES_LOAD_FILE}), then reboot or run `modprobe {VFIO_MODULE}` as root"
+            ),
             Reason::Bridge { device } => write!(f, "{device} is a bridge; bridges are never moved"),
             Reason::Mounted { device, mounts } => write!(
                 f,
@@ -476,9 +499,13 @@ pub fn plan_on(
         .filter_map(|a| by_address.get(a).map(|d| (*d).clone()))
         .collect();
 
+    let kept = match direction {
+        Direction::Bind => Vec::new(),
+        Direction::Release => not_owned_by_the_vm(&members, ledger, options),
+    };
     let reasons = match direction {
         Direction::Bind => bind_reasons(kernel, devices, &members, ledger, options)?,
-        Direction::Release => release_reasons(kernel, &members, ledger, options)?,
+        Direction::Release => release_reasons(kernel, &members, &kept, ledger, options)?,
     };
     if !reasons.is_empty() {
         let refusal = Refusal {
@@ -499,7 +526,25 @@ pub fn plan_on(
         devices: members,
         completed_with,
         load_vfio,
+        kept,
     })
+}
+
+/// The devices on vfio-pci that no VM owns, when a VM releases: they were
+/// there before it took anything. Another VM's are a conflict instead.
+fn not_owned_by_the_vm(
+    members: &[PciDevice],
+    ledger: &Ledger,
+    options: &MoveOptions,
+) -> Vec<PciAddress> {
+    if options.vm.is_none() {
+        return Vec::new();
+    }
+    members
+        .iter()
+        .filter(|d| d.is_bound_to(VFIO_DRIVER) && ledger.owner(&d.address).is_none())
+        .map(|d| d.address)
+        .collect()
 }
 
 fn ownership_reasons(members: &[PciDevice], ledger: &Ledger, options: &MoveOptions) -> Vec<Reason> {
@@ -558,8 +603,17 @@ fn host_reasons(
     if !kernel.iommu_enabled().map_err(kernel_error)? {
         reasons.push(Reason::NoIommu);
     }
-    if !kernel.driver_registered(VFIO_DRIVER) && !kernel.module_available(VFIO_MODULE) {
-        reasons.push(Reason::VfioUnavailable);
+    if !kernel.driver_registered(VFIO_DRIVER) {
+        // On disk is not enough: under the unit's ProtectKernelModules=yes
+        // the load would fail at the move's first write.
+        if !kernel.module_available(VFIO_MODULE) {
+            reasons.push(Reason::VfioUnavailable);
+        } else {
+            let loading = kernel.module_loading();
+            if !loading.is_allowed() {
+                reasons.push(Reason::VfioNotLoadable { why: loading });
+            }
+        }
     }
     for d in members {
         if d.is_bridge() {
@@ -672,16 +726,18 @@ fn settled_holders(kernel: &dyn Kernel, nodes: &[PathBuf]) -> Result<Vec<Holder>
 fn release_reasons(
     kernel: &dyn Kernel,
     members: &[PciDevice],
+    kept: &[PciAddress],
     ledger: &Ledger,
     options: &MoveOptions,
 ) -> Result<Vec<Reason>, Error> {
     let mut reasons = Vec::new();
     // Unbinding vfio-pci while a VM holds the group (or, with iommufd, the
     // function's device file) blocks in the kernel until the VM lets go:
-    // refuse instead, whatever `force` says.
+    // refuse instead, whatever `force` says. Devices left where they are
+    // are not unbound.
     let on_vfio: Vec<&PciDevice> = members
         .iter()
-        .filter(|d| d.is_bound_to(VFIO_DRIVER))
+        .filter(|d| d.is_bound_to(VFIO_DRIVER) && !kept.contains(&d.address))
         .collect();
     let groups: BTreeSet<u32> = on_vfio.iter().filter_map(|d| d.iommu_group).collect();
     for group in groups {

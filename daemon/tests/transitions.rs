@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Rig, addr, addrs, with_fault, z77_config};
+use common::{Rig, addr, addrs, vm, with_fault, z77_config};
 use vfiod::kernel::Inspect;
 use vfiod::plan::MoveOptions;
 use vfiod_dbus::{DeviceState, Direction, Error};
@@ -15,13 +15,6 @@ use vfiod_pci::Holder;
 fn force() -> MoveOptions {
     MoveOptions {
         force: true,
-        ..MoveOptions::default()
-    }
-}
-
-fn vm(name: &str) -> MoveOptions {
-    MoveOptions {
-        vm: Some(name.into()),
         ..MoveOptions::default()
     }
 }
@@ -254,6 +247,32 @@ fn vfio_pci_is_loaded_on_demand() {
     assert!(!rig.sim.driver_registered("vfio-pci"));
     rig.bind("rx580").unwrap();
     assert!(rig.sim.group_viable(1));
+}
+
+/// Under the shipped unit's ProtectKernelModules=yes vfio-pci is on disk
+/// but cannot be loaded: refused before any write, naming the way out.
+#[test]
+fn vfio_pci_that_cannot_be_loaded_is_refused_before_any_write() {
+    for (loading, why) in [
+        ("no-cap-sys-module", "CAP_SYS_MODULE"),
+        ("disabled", "modules_disabled"),
+    ] {
+        let rig = Rig::z77_with(|t| {
+            t.replace("\"vfio\", \"vfio_iommu_type1\", \"vfio_pci\", ", "")
+                .replace(
+                    "iommu = \"intel\"",
+                    &format!("iommu = \"intel\"\nmodule_loading = \"{loading}\""),
+                )
+        });
+        assert!(!rig.sim.driver_registered("vfio-pci"));
+        let err = refused(&rig, "rx580", MoveOptions::default());
+        assert!(matches!(err, Error::NoIommu(_)), "{loading}: {err:?}");
+        let m = err.message();
+        for part in [why, "systemd/vfio-pci.conf", "modules-load.d"] {
+            assert!(m.contains(part), "{loading}: no {part:?} in {m}");
+        }
+        assert_eq!(rig.overrides("01:00.0"), None, "nothing written");
+    }
 }
 
 #[test]

@@ -9,6 +9,7 @@
 use std::io;
 use std::path::PathBuf;
 
+use vfiod_pci::machine::ModuleLoading;
 use vfiod_pci::{Holder, PciAddress, PciDevice, PciId, UsbDevice};
 
 use self::facts::HostView;
@@ -81,8 +82,12 @@ pub trait Inspect: Send + Sync + 'static {
     fn iommu_enabled(&self) -> KernelResult<bool>;
     /// True when a PCI driver of that name is registered.
     fn driver_registered(&self, driver: &str) -> bool;
-    /// True when the module is loaded, built in, or can be loaded.
+    /// True when the module is loaded, built in, or on disk to be loaded.
     fn module_available(&self, module: &str) -> bool;
+    /// Whether this process may load modules at all (a module on disk is
+    /// no use otherwise). Unknown is [`ModuleLoading::Allowed`]: the load
+    /// itself says.
+    fn module_loading(&self) -> ModuleLoading;
     /// Device nodes under /dev that belong to the function (DRM, sound,
     /// fb, disks and input behind a controller). Read apart from
     /// [`Kernel::devices`]: only the functions a move takes need them.

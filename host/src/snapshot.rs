@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 
 use crate::facts::{HostView, HugepagePool};
 use crate::sysfs::Sysfs;
+use crate::sysfs::modules::MODULES_DISABLED;
 use crate::{Inspect, KernelError, VFIO_MODULE};
 use vfiod_pci::PciAddress;
 use vfiod_pci::machine::{
     DeviceEntry, FirmwareFile, Framebuffer, HostFacts, Hugepages, IommuKind, MachineFile,
-    MachineInfo, QemuConf,
+    MachineInfo, ModuleLoading, QemuConf,
 };
 
 /// Modules vfio-pci needs, in load order.
@@ -190,6 +191,12 @@ pub fn snapshot(
             iommu,
             modules,
             missing,
+            // Host-wide; whether vfiod lacks CAP_SYS_MODULE is its unit's.
+            module_loading: if host.line(MODULES_DISABLED) == "1" {
+                ModuleLoading::Disabled
+            } else {
+                ModuleLoading::Allowed
+            },
         },
         host: host_facts,
         devices,

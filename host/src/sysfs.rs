@@ -237,6 +237,10 @@ impl Inspect for Sysfs {
         modules::module_available(&self.tree, module)
     }
 
+    fn module_loading(&self) -> vfiod_pci::machine::ModuleLoading {
+        modules::module_loading(&self.tree)
+    }
+
     fn nodes(&self, address: &PciAddress) -> KernelResult<Vec<PathBuf>> {
         device::nodes(&self.tree, &self.existing_function_dir(address)?)
     }

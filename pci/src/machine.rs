@@ -42,6 +42,43 @@ pub struct MachineInfo {
     /// Modules that cannot be loaded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<String>,
+    /// Whether vfiod may load any module at all.
+    #[serde(default, skip_serializing_if = "ModuleLoading::is_allowed")]
+    pub module_loading: ModuleLoading,
+}
+
+/// Whether the process (and the `modprobe` it runs) may load kernel
+/// modules: a module that is on disk is of no use otherwise.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModuleLoading {
+    #[default]
+    Allowed,
+    /// No `CAP_SYS_MODULE` in the effective or bounding set, as under
+    /// systemd's `ProtectKernelModules=yes`.
+    NoCapSysModule,
+    /// `/proc/sys/kernel/modules_disabled` is 1: no one may, until reboot.
+    Disabled,
+}
+
+impl ModuleLoading {
+    pub fn is_allowed(&self) -> bool {
+        *self == ModuleLoading::Allowed
+    }
+}
+
+impl std::fmt::Display for ModuleLoading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ModuleLoading::Allowed => "modules can be loaded",
+            ModuleLoading::NoCapSysModule => {
+                "vfiod has no CAP_SYS_MODULE (its unit sets ProtectKernelModules=yes), so it cannot load modules"
+            }
+            ModuleLoading::Disabled => {
+                "module loading is disabled (/proc/sys/kernel/modules_disabled is 1) until the next boot"
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -43,6 +43,14 @@ fn vfio_module(cx: &Context<'_>, id: &str, module: &str, role: &str, out: &mut F
         out.ok(id, format!("{module} ({role}) is loaded"));
     } else if builtin {
         out.ok(id, format!("{module} ({role}) is built into the kernel"));
+    } else if cx.kernel.module_available(module) && !cx.kernel.module_loading().is_allowed() {
+        out.fail(
+            id,
+            format!(
+                "{module} ({role}) is not loaded and {}: have it loaded at boot by the shipped modules-load.d file (systemd/vfio-pci.conf, installed as /usr/lib/modules-load.d/vfio-pci.conf)",
+                cx.kernel.module_loading()
+            ),
+        );
     } else if cx.kernel.module_available(module) {
         out.ok(
             id,

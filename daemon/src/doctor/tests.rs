@@ -357,6 +357,17 @@ fn vfio_modules_loaded_built_in_loadable_or_missing() {
     assert!(expect(&findings, "modules.vfio-pci", Severity::Ok).contains("first bind"));
     assert!(expect(&findings, "modules.vfio", Severity::Ok).contains("not loaded yet"));
     assert!(expect(&findings, "modules.vfio-iommu-type1", Severity::Ok).contains("built into"));
+    // On disk, but vfiod may not load it (ProtectKernelModules=yes).
+    fx.write(
+        "proc/self/status",
+        "CapEff:\t000001fffffeffff\nCapBnd:\t000001fffffeffff\n",
+    );
+    let findings = run(&fx, "");
+    let message = expect(&findings, "modules.vfio-pci", Severity::Fail);
+    assert!(
+        message.contains("CAP_SYS_MODULE") && message.contains("systemd/vfio-pci.conf"),
+        "{message}"
+    );
 }
 
 #[test]

@@ -45,7 +45,8 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use nix::libc;
 use serde::{Deserialize, Serialize};
 use vfiod_pci::machine::{
-    DeviceEntry, Faults, IommuKind, MachineError, MachineFile, ProbeFault, UnbindFault, VanishFault,
+    DeviceEntry, Faults, IommuKind, MachineError, MachineFile, ModuleLoading, ProbeFault,
+    UnbindFault, VanishFault,
 };
 use vfiod_pci::{Holder, PciAddress, PciClass, PciDevice, PciId, UsbDevice};
 

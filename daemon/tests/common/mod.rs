@@ -152,6 +152,14 @@ impl Rig {
     }
 }
 
+/// Options of a move for (bind) or by (release) VM `name`.
+pub fn vm(name: &str) -> MoveOptions {
+    MoveOptions {
+        vm: Some(name.into()),
+        ..MoveOptions::default()
+    }
+}
+
 pub fn addr(s: &str) -> PciAddress {
     s.parse().unwrap()
 }

@@ -179,6 +179,22 @@ fn no_iommu_means_no_groups() {
     render(&machine).unwrap();
 }
 
+#[test]
+fn disabled_module_loading_is_snapshotted_and_loads_back() {
+    let s = gpu_host();
+    let kernel = Sysfs::new(&s.0);
+    let (machine, _) = snapshot(&kernel, &HostFiles::new(&s.0)).unwrap();
+    assert!(machine.machine.module_loading.is_allowed());
+    assert!(!render(&machine).unwrap().contains("module_loading"));
+    s.write("proc/sys/kernel/modules_disabled", "1\n");
+    let (machine, _) = snapshot(&kernel, &HostFiles::new(&s.0)).unwrap();
+    assert_eq!(machine.machine.module_loading, ModuleLoading::Disabled);
+    let text = render(&machine).unwrap();
+    assert!(text.contains("module_loading = \"disabled\""), "{text}");
+    let back = MachineFile::parse(&text, Path::new("snapshot.toml")).unwrap();
+    assert_eq!(back.machine.module_loading, ModuleLoading::Disabled);
+}
+
 /// The simulated kernel of the project's example machine, snapshotted,
 /// gives back that machine's devices (less what a snapshot leaves out).
 #[test]
@@ -259,6 +275,7 @@ fn host_facts_are_written_only_when_known() {
             iommu: IommuKind::Intel,
             modules: Vec::new(),
             missing: Vec::new(),
+            module_loading: Default::default(),
         },
         host: Some(facts),
         devices: Vec::new(),

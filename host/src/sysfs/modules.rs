@@ -4,7 +4,14 @@ use std::path::{Path, PathBuf};
 
 use super::rooted::Rooted;
 
+use vfiod_pci::machine::ModuleLoading;
+
 const KERNEL_RELEASE: &str = "proc/sys/kernel/osrelease";
+/// `1`: no module may be loaded until the next boot.
+pub const MODULES_DISABLED: &str = "proc/sys/kernel/modules_disabled";
+const OWN_STATUS: &str = "proc/self/status";
+/// `CAP_SYS_MODULE`, bit 16 of the `Cap*` masks in `/proc/PID/status`.
+const CAP_SYS_MODULE: u32 = 16;
 
 /// Loaded or built in with a `sys/module` entry, or listed for the running
 /// kernel in `modules.dep` (loadable) or `modules.builtin`. `-` and `_`
@@ -24,6 +31,36 @@ pub(super) fn module_available(tree: &Rooted, module: &str) -> bool {
     ["modules.dep", "modules.builtin"]
         .iter()
         .any(|list| lists_module(tree, &modules_dir.join(list), &name))
+}
+
+/// Whether this process may load modules: not when the kernel forbids it
+/// to everyone, nor without `CAP_SYS_MODULE` in the effective set (the
+/// insmod syscall checks it) or the bounding set (`modprobe`, run as root,
+/// gets no more than that). A file that cannot be read says nothing.
+pub(super) fn module_loading(tree: &Rooted) -> ModuleLoading {
+    let read = |path: &str| tree.read_resolved_optional(Path::new(path)).ok().flatten();
+    if read(MODULES_DISABLED).is_some_and(|v| v.trim() == "1") {
+        return ModuleLoading::Disabled;
+    }
+    let Some(status) = read(OWN_STATUS) else {
+        return ModuleLoading::Allowed;
+    };
+    let lacks = |field: &str| {
+        capability_mask(&status, field).is_some_and(|mask| mask & (1 << CAP_SYS_MODULE) == 0)
+    };
+    if lacks("CapEff") || lacks("CapBnd") {
+        ModuleLoading::NoCapSysModule
+    } else {
+        ModuleLoading::Allowed
+    }
+}
+
+/// `CapEff:\t000001ffffffffff` as a number.
+fn capability_mask(status: &str, field: &str) -> Option<u64> {
+    let value = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))?;
+    u64::from_str_radix(value.trim(), 16).ok()
 }
 
 /// `vfio-pci`, `vfio_pci`: no paths, options or spaces.
@@ -66,6 +103,48 @@ fn lists_module(tree: &Rooted, list: &Path, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const STATUS: &str = "Name:\tvfiod\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\n";
+
+    /// A fixture with `files`, read through the Inspect trait.
+    fn loading_with(files: &[(&str, &str)]) -> ModuleLoading {
+        use crate::Inspect;
+        let fixture = crate::sysfs::fixture::Fixture::new();
+        for (path, text) in files {
+            fixture.write(path, text);
+        }
+        fixture.kernel().module_loading()
+    }
+
+    #[test]
+    fn module_loading_needs_cap_sys_module_and_modules_enabled() {
+        assert_eq!(
+            loading_with(&[(OWN_STATUS, STATUS)]),
+            ModuleLoading::Allowed
+        );
+        // ProtectKernelModules=yes: bit 16 gone from both sets.
+        let protected = STATUS.replace("000001ffffffffff", "000001fffffeffff");
+        assert_eq!(
+            loading_with(&[(OWN_STATUS, &protected)]),
+            ModuleLoading::NoCapSysModule
+        );
+        // Bounding set alone (modprobe would get no more).
+        let bounded = STATUS.replace("CapBnd:\t000001ffffffffff", "CapBnd:\t0000000000080004");
+        assert_eq!(
+            loading_with(&[(OWN_STATUS, &bounded)]),
+            ModuleLoading::NoCapSysModule
+        );
+        assert_eq!(
+            loading_with(&[(OWN_STATUS, STATUS), (MODULES_DISABLED, "1\n")]),
+            ModuleLoading::Disabled
+        );
+        assert_eq!(
+            loading_with(&[(OWN_STATUS, STATUS), (MODULES_DISABLED, "0\n")]),
+            ModuleLoading::Allowed
+        );
+        // Nothing readable: the load itself will say.
+        assert_eq!(loading_with(&[]), ModuleLoading::Allowed);
+    }
 
     #[test]
     fn module_names_are_plain() {

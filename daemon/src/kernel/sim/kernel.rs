@@ -86,6 +86,10 @@ impl Inspect for SimKernel {
         self.lock().state.modules.contains(&module) || !self.board.missing_modules.contains(&module)
     }
 
+    fn module_loading(&self) -> ModuleLoading {
+        self.board.machine.machine.module_loading
+    }
+
     fn nodes(&self, address: &PciAddress) -> KernelResult<Vec<PathBuf>> {
         self.count_read();
         let inner = self.lock();

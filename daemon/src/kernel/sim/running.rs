@@ -158,6 +158,15 @@ impl RunningState {
         if self.modules.contains(&key) {
             return Ok(());
         }
+        if !board.machine.machine.module_loading.is_allowed() {
+            // What modprobe says when init_module fails with EPERM.
+            return Err(KernelError::Module {
+                module: module.to_owned(),
+                reason: format!(
+                    "modprobe: ERROR: could not insert '{key}': Operation not permitted"
+                ),
+            });
+        }
         if board.missing_modules.contains(&key) {
             let kernel = match board.machine.machine.kernel.as_str() {
                 "" => "(unknown kernel)",

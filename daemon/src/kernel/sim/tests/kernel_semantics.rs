@@ -384,6 +384,29 @@ fn a_missing_vfio_module_cannot_be_loaded_and_nothing_binds() {
 }
 
 #[test]
+fn no_module_loads_when_module_loading_is_forbidden() {
+    for loading in ["no-cap-sys-module", "disabled"] {
+        let dir = TempDir::new();
+        let machine = format!("iommu = \"intel\"\nmodule_loading = \"{loading}\"");
+        let kernel = sim(&dir, gpu_machine(&machine, ""));
+        assert!(kernel.module_available(VFIO_MODULE), "on disk");
+        assert!(!kernel.module_loading().is_allowed());
+        let err = kernel.load_module("vfio-pci").unwrap_err();
+        assert!(
+            err.to_string().contains("Operation not permitted"),
+            "{loading}: {err}"
+        );
+        assert!(!kernel.driver_registered(VFIO_DRIVER));
+    }
+    // A value the simulator does not know is refused, like any unknown key.
+    let text = std::fs::read_to_string(Z77).unwrap().replace(
+        "iommu = \"intel\"",
+        "iommu = \"intel\"\nmodule_loading = \"maybe\"",
+    );
+    assert!(MachineFile::parse(&text, Path::new("inline.toml")).is_err());
+}
+
+#[test]
 fn vfio_pci_loads_on_demand_with_its_dependencies() {
     let dir = TempDir::new();
     let kernel = sim(&dir, gpu_machine("iommu = \"amd\"", ""));
