@@ -50,7 +50,7 @@ type ActivityMap = Arc<Mutex<BTreeMap<PciAddress, Activity>>>;
 pub struct Engine {
     kernel: Arc<dyn Kernel>,
     config: RwLock<Arc<Config>>,
-    ledger: Mutex<Ledger>,
+    ledger: Arc<Mutex<Ledger>>,
     journal: Journal,
     activity: ActivityMap,
     /// One lock per IOMMU group (or per device without one): moves within a
@@ -65,7 +65,7 @@ impl Engine {
         Engine {
             kernel,
             config: RwLock::new(Arc::new(config)),
-            ledger: Mutex::new(ledger),
+            ledger: Arc::new(Mutex::new(ledger)),
             journal: Journal::disabled(),
             activity: Arc::default(),
             busy_groups: Arc::default(),
@@ -178,8 +178,7 @@ impl Engine {
         progress: ProgressFn,
     ) -> Result<Vec<PciAddress>, Error> {
         let started = Instant::now();
-        let deadline = options.timeout.map(|t| started + t);
-        let (plan, _held) = self.plan_locked(target, direction, options, deadline)?;
+        let (plan, _held) = self.plan_bounded(target, direction, options, started)?;
         if let Some(busy) = plan
             .devices
             .iter()

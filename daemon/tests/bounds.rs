@@ -47,3 +47,36 @@ fn the_wait_for_a_group_another_move_holds_ends_at_the_moves_timeout() {
         assert!(holder.join().unwrap().is_err(), "the hung bind times out");
     });
 }
+
+#[test]
+fn planning_that_waits_on_the_kernel_ends_at_the_moves_timeout() {
+    let rig = Rig::shipped("z77-rx580");
+    // A udev worker that never lets go: the plan reads the holders again
+    // and again for a second before it refuses.
+    rig.sim
+        .add_holder(vfiod_pci::Holder {
+            pid: 330,
+            comm: "(udev-worker)".into(),
+            node: "/dev/snd/controlC1".into(),
+        })
+        .unwrap();
+    let asked = Instant::now();
+    let planned = rig.bind_with(
+        "rx580",
+        MoveOptions {
+            timeout: Some(Duration::from_millis(300)),
+            ..MoveOptions::default()
+        },
+    );
+    let took = asked.elapsed();
+    assert!(matches!(planned, Err(Error::Timeout(_))), "{planned:?}");
+    assert!(took < Duration::from_millis(800), "planning took {took:?}");
+    assert_eq!(
+        rig.driver("01:00.0").as_deref(),
+        Some("amdgpu"),
+        "nothing moved"
+    );
+    // The late plan let its group go: the next move is not refused for it.
+    rig.sim.remove_holder(330).unwrap();
+    rig.bind("rx580").expect("the group is free again");
+}

@@ -1,6 +1,8 @@
 //! What the event loop reads from the engine (owners, host drivers,
 //! states) answers at once whatever a move is doing: nothing it touches is
-//! held across a kernel read.
+//! held across a kernel read. The plan here waits a second on the kernel;
+//! a read that waited for it would take about that long (the bound is
+//! wide for loaded machines).
 
 mod common;
 
@@ -62,7 +64,7 @@ fn owners_answer_at_once_while_a_plan_waits_on_the_kernel() {
         planning.elapsed()
     );
     assert!(
-        slowest < Duration::from_millis(100),
+        slowest < Duration::from_millis(500),
         "a read of the ledger waited {slowest:?} for the plan"
     );
 }
@@ -85,7 +87,7 @@ fn owners_answer_at_once_while_a_move_plans_under_its_locks() {
         },
     );
     assert!(
-        slowest < Duration::from_millis(100),
+        slowest < Duration::from_millis(500),
         "a read of the ledger waited {slowest:?} for the move's plan"
     );
 }

@@ -27,7 +27,10 @@ use zbus::proxy::CacheProperties;
 const IN_FLIGHT: usize = 64;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     match args.first().map(String::as_str) {
         Some("--flood-client") => flood_client(&args[1]),
         Some("flood") | None => flood(),
@@ -192,12 +195,19 @@ fn vfioctl(rig: &Rig, args: &[&str]) -> Duration {
         .output()
         .unwrap();
     let took = started.elapsed();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     took
 }
 
 fn flood() {
-    assert!(vfiod_tests::is_root(), "the flood runs a client as nobody: run as root");
+    assert!(
+        vfiod_tests::is_root(),
+        "the flood runs a client as nobody: run as root"
+    );
     let rig = Rig::z77();
     let pid = rig.vfiod_pid().unwrap();
     println!("vfiod binary: {}", bin("vfiod").display());

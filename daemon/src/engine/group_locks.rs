@@ -11,38 +11,97 @@ pub(super) enum LockKey {
     Device(PciAddress),
 }
 
+/// What planning under the group locks needs, owned, so that it can run on
+/// a worker thread the move waits for no longer than it may.
+struct Planner {
+    kernel: Arc<dyn Kernel>,
+    config: Arc<Config>,
+    ledger: Arc<Mutex<Ledger>>,
+    groups: Arc<GroupTable>,
+}
+
 impl Engine {
+    /// [`Planner::plan_locked`] on a worker thread: waiting for the groups
+    /// and the planning reads (which can block behind a device's lock on a
+    /// real kernel) end together at the move's `timeout_ms`, or at the
+    /// per-call bound when none is given, with Timeout. A plan that comes
+    /// back later is dropped, and its groups with it.
+    pub(super) fn plan_bounded(
+        &self,
+        target: &str,
+        direction: Direction,
+        options: &MoveOptions,
+        started: Instant,
+    ) -> Result<(Plan, GroupGuard), Error> {
+        let limit = options.timeout.unwrap_or(Duration::from_millis(
+            self.config().daemon.unbind_timeout_ms,
+        ));
+        let deadline = started + limit;
+        let planner = Planner {
+            kernel: self.kernel.clone(),
+            config: self.config(),
+            ledger: self.ledger.clone(),
+            groups: self.busy_groups.clone(),
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (job_target, job_options) = (target.to_owned(), options.clone());
+        self.workers
+            .run(move || {
+                let planned = planner.plan_locked(&job_target, direction, &job_options, deadline);
+                // Nobody waits any more: the plan and its locks go.
+                let _ = tx.send(planned);
+            })
+            .map_err(|e| {
+                Error::Kernel(format!(
+                    "cannot {direction} {target}: no thread to plan on: {e}"
+                ))
+            })?;
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(planned) => planned,
+            Err(_) => Err(Error::Timeout(format!(
+                "cannot {direction} {target}: nothing was moved: planning did not end within {} ms (a kernel read blocked)",
+                limit.as_millis()
+            ))),
+        }
+    }
+}
+
+impl Planner {
     /// Locks the groups the target touches, then plans under the locks so
     /// nothing moves between the checks and the writes. One listing of the
     /// bus serves both when nobody else is moving these groups; after a
     /// wait, what the other move did is read again. The wait for the locks
     /// ends at `deadline` (the move's `timeout_ms`), with Timeout.
-    pub(super) fn plan_locked(
+    fn plan_locked(
         &self,
         target: &str,
         direction: Direction,
         options: &MoveOptions,
-        deadline: Option<Instant>,
+        deadline: Instant,
     ) -> Result<(Plan, GroupGuard), Error> {
-        let mut devices = plan::listing_for(&*self.kernel, &self.config(), target)?;
+        let mut devices = plan::listing_for(&*self.kernel, &self.config, target)?;
         let mut keys = self.lock_keys_for(&devices, target)?;
         loop {
-            let (held, waited) = self.busy_groups.lock(&keys, deadline).map_err(|t| {
+            let (held, waited) = self.groups.lock(&keys, Some(deadline)).map_err(|t| {
                 Error::Timeout(format!(
                     "cannot {direction} {target}: nothing was moved: another move held its IOMMU group for all of the {} ms allowed",
                     t.waited.as_millis()
                 ))
             })?;
             if waited {
-                devices = plan::listing_for(&*self.kernel, &self.config(), target)?;
+                devices = plan::listing_for(&*self.kernel, &self.config, target)?;
             }
             let plan = {
-                let config = self.config();
-                let ledger = self.ledger_copy();
+                // A copy: the event loop reads owners while this plans.
+                let ledger = self
+                    .ledger
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .copy_in_memory();
                 plan::plan_on(
                     &*self.kernel,
                     &devices,
-                    &config,
+                    &self.config,
                     &ledger,
                     target,
                     direction,
@@ -55,17 +114,13 @@ impl Engine {
             }
             // The set changed while we waited (a device appeared): relock.
             drop(held);
-            devices = plan::listing_for(&*self.kernel, &self.config(), target)?;
+            devices = plan::listing_for(&*self.kernel, &self.config, target)?;
             keys = planned;
         }
     }
 
-    pub(super) fn lock_keys_for(
-        &self,
-        devices: &[PciDevice],
-        target: &str,
-    ) -> Result<Vec<LockKey>, Error> {
-        let targets = plan::resolve_target(&self.config(), devices, target)?;
+    fn lock_keys_for(&self, devices: &[PciDevice], target: &str) -> Result<Vec<LockKey>, Error> {
+        let targets = plan::resolve_target(&self.config, devices, target)?;
         let (set, _) = plan::complete_set(devices, &targets);
         let members: Vec<PciDevice> = devices
             .iter()
