@@ -158,8 +158,50 @@ impl Journal {
     pub fn end(&self, id: MoveId) -> Result<(), JournalError> {
         let mut file = self.lock();
         if file.moves.remove(&id).is_some() {
+            // No open move refers to an id any more: start again, so the
+            // file does not grow with the number of moves ever made.
+            if file.moves.is_empty() {
+                file.next_id = 0;
+            }
             self.save(&file)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file stays the size it was whatever the number of moves: ids
+    /// start again once no move is open, so its numbers never grow.
+    #[test]
+    fn the_journal_does_not_grow_with_the_number_of_moves() {
+        let template = std::env::temp_dir().join("vfiod-journal-XXXXXX");
+        let dir = nix::unistd::mkdtemp(&template).unwrap();
+        let (journal, _) = Journal::open(&dir, "boot").unwrap();
+        let gpu: PciAddress = "0000:01:00.0".parse().unwrap();
+        let one_move = || {
+            let id = journal.begin("rx580", Direction::Bind, vec![gpu]).unwrap();
+            journal.step(id, gpu, "unbind amdgpu").unwrap();
+            journal.end(id).unwrap();
+        };
+        one_move();
+        let size = || std::fs::metadata(dir.join(JOURNAL_FILE)).unwrap().len();
+        let first = size();
+        for _ in 0..1000 {
+            one_move();
+        }
+        assert_eq!(size(), first);
+        // Two moves open at once still get ids of their own.
+        let a = journal.begin("rx580", Direction::Bind, vec![gpu]).unwrap();
+        let b = journal.begin("usb3", Direction::Bind, vec![gpu]).unwrap();
+        assert_ne!(a, b);
+        journal.end(a).unwrap();
+        let c = journal
+            .begin("usb3", Direction::Release, vec![gpu])
+            .unwrap();
+        assert_ne!(b, c, "an open move's id is never given again");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

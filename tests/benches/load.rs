@@ -1,6 +1,7 @@
 //! vfiod under load, on the simulated Z77 (issue 14):
 //!   cargo bench -p vfiod-tests --bench load -- flood
 //!   cargo bench -p vfiod-tests --bench load -- soak [CYCLES]
+//!   cargo bench -p vfiod-tests --bench load -- hung
 //!
 //! flood: an unprivileged user (`nobody`, no polkitd) keeps 64 calls in
 //! flight while root binds and releases rx580 with vfioctl, once with
@@ -12,6 +13,11 @@
 //! soak: CYCLES (10,000) bind/release cycles of rx580 through the bus,
 //! each verified; vfiod's RSS, open fds, threads and state files before
 //! and after, each read after 12 s idle (idle threads end after 10 s).
+//!
+//! hung: the RX 580's audio unbind hangs for good; root's bind of rx580
+//! times out, and while the unbind still hangs every other group moves and
+//! property reads answer (p50/p99/max); then the simulator ends the hang
+//! and the bench waits for the bus to show the device settled.
 //!
 //! The bench runs itself as the flood client (`--flood-client MODE`).
 
@@ -35,6 +41,7 @@ fn main() {
         Some("--flood-client") => flood_client(&args[1]),
         Some("flood") | None => flood(),
         Some("soak") => soak(args.get(1).map_or(10_000, |n| n.parse().expect("cycles"))),
+        Some("hung") => hung(),
         Some(other) => panic!("unknown mode {other}: flood or soak"),
     }
 }
@@ -343,4 +350,82 @@ fn soak(cycles: u32) {
             "CHANGED"
         }
     );
+}
+
+fn percentile(samples: &mut [Duration], p: usize) -> Duration {
+    samples.sort();
+    samples[(samples.len() * p / 100).min(samples.len() - 1)]
+}
+
+fn hung() {
+    let rig = Rig::z77_hung_audio(2000);
+    println!("vfiod binary: {}", bin("vfiod").display());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let connection = zbus::connection::Builder::address(rig.address.as_str())
+            .build()
+            .await
+            .unwrap();
+        let manager = ManagerProxy::new(&connection).await.unwrap();
+        let audio = DeviceProxy::builder(&connection)
+            .path("/org/vfiod1/device/0000_01_00_1")
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let bind = manager.bind("rx580", Default::default()).await;
+        assert!(
+            matches!(bind, Err(vfiod_dbus::Error::Timeout(_))),
+            "{bind:?}"
+        );
+        println!(
+            "bind rx580 with the audio's unbind hung: Timeout after {:.2?}; audio {} on {:?}",
+            started.elapsed(),
+            audio.state().await.unwrap(),
+            audio.driver().await.unwrap()
+        );
+        // The unbind still hangs: other groups move, reads answer.
+        let mut moves = Vec::new();
+        for _ in 0..10 {
+            let t = Instant::now();
+            manager.bind("usb3", Default::default()).await.unwrap();
+            manager.release("usb3", Default::default()).await.unwrap();
+            moves.push(t.elapsed());
+        }
+        let mut reads = Vec::new();
+        for _ in 0..2000 {
+            let t = Instant::now();
+            assert_eq!(audio.state().await.unwrap(), "stuck");
+            reads.push(t.elapsed());
+        }
+        println!(
+            "while it hangs: usb3 bind+release median {:.1?} (10 of 10 done); Device.State read median {:.0?}, p99 {:.0?}, max {:.1?} (2000 reads)",
+            median(&mut moves),
+            percentile(&mut reads, 50),
+            percentile(&mut reads, 99),
+            percentile(&mut reads, 100)
+        );
+        let ended = Instant::now();
+        rig.simulate("EndHang", "s", &["0000:01:00.1"]);
+        loop {
+            let state = audio.state().await.unwrap();
+            let driver = audio.driver().await.unwrap();
+            if state != "stuck" && state != "moving" && !driver.is_empty() {
+                println!(
+                    "the hang ended: the bus showed the audio settled on {driver} ({state}) {:.1?} later",
+                    ended.elapsed()
+                );
+                break;
+            }
+            assert!(
+                ended.elapsed() < Duration::from_secs(10),
+                "never settled: {state} on {driver:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
 }
