@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use vfiod_tests::{Rig, TempDir, assert_exit, bin, is_root, repo, stderr, stdout};
+use vfiod_tests::{Rig, TempDir, assert_exit, bin, repo, root_for, stderr, stdout};
 
 /// The highest `systemd-analyze security` exposure the unit may have.
 const MAX_EXPOSURE: f64 = 2.5;
@@ -348,8 +348,7 @@ fn the_hook_fails_the_start_when_vfiod_cannot_bind() {
 
 #[test]
 fn the_vfio_group_rule_lets_the_group_in_and_no_one_else() {
-    if !is_root() {
-        eprintln!("skipped: polkitd on a private bus needs root (CI runs as root)");
+    if !root_for("polkitd on a private bus") {
         return;
     }
     // `nobody`'s own group stands for `vfio`, which this machine lacks.

@@ -106,6 +106,28 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// The opt-out that lets the tests run as a normal user: what needs root is
+/// then left out, and says so. Without it, a test that needs root fails
+/// when not root, so a run that leaves something out never passes silently.
+pub const UNPRIVILEGED_OPT_OUT: &str = "VFIOD_TESTS_UNPRIVILEGED";
+
+/// Whether to run `what`, which needs root: yes as root; no, with a line
+/// on stderr, when the caller said `VFIOD_TESTS_UNPRIVILEGED=1`; otherwise
+/// the test fails here.
+pub fn root_for(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var_os(UNPRIVILEGED_OPT_OUT).is_some_and(|v| v == "1") {
+        eprintln!("NOT RUN ({UNPRIVILEGED_OPT_OUT}=1): {what} needs root");
+        return false;
+    }
+    panic!(
+        "{what} needs root: run the tests as root (CI does), or set \
+         {UNPRIVILEGED_OPT_OUT}=1 to leave out what needs root"
+    );
+}
+
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
