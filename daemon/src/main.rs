@@ -70,9 +70,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
-    std::fs::create_dir_all(&state_dir)
-        .map_err(|e| format!("cannot create state dir {}: {e}", state_dir.display()))?;
+    let state_dir = match args.state_dir.clone() {
+        Some(dir) => dir,
+        None => default_state_dir().map_err(|e| e.to_string())?,
+    };
+    vfiod::state_dir::prepare(&state_dir).map_err(|e| e.to_string())?;
     let config = Config::load(&args.config).map_err(|e| e.to_string())?;
     let ledger = Ledger::open(&state_dir).map_err(|e| e.to_string())?;
 
