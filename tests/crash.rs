@@ -133,3 +133,103 @@ fn journal_entries_of_an_earlier_boot_are_not_replayed() {
     assert!(!rig.log().contains("settling a move"), "{}", rig.log());
     assert_eq!(rig.driver("01:00.0"), "amdgpu");
 }
+
+// The state dir: what vfiod does after a restart is decided by what is in
+// it, so only vfiod's own user may have written it.
+
+/// Starts vfiod on the Z77 with `state_dir` and waits for it to exit
+/// (refusing) or to take its name (accepting).
+fn start_with_state_dir(rig: &Rig, state_dir: &std::path::Path) -> Result<String, String> {
+    let mut vfiod = std::process::Command::new(vfiod_tests::bin("vfiod"))
+        .arg("--machine")
+        .arg(&rig.machine)
+        .arg("--config")
+        .arg(&rig.config)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &rig.address)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(status) = vfiod.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut vfiod.stderr.take().unwrap(), &mut err).unwrap();
+            assert!(!status.success(), "{err}");
+            return Err(err);
+        }
+        if rig.busctl(&["status", "org.vfiod1"]).status.success() {
+            let _ = vfiod.kill();
+            let _ = vfiod.wait();
+            return Ok("took org.vfiod1".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = vfiod.kill();
+    let _ = vfiod.wait();
+    panic!("vfiod neither refused nor took its name within 10 s");
+}
+
+#[test]
+fn a_state_dir_through_a_link_or_of_another_user_is_refused_at_start() {
+    let rig = Rig::bus_only(
+        &vfiod_tests::machine("z77-rx580.toml"),
+        &vfiod_tests::machine("z77-rx580.vfiod.toml"),
+    );
+    let real = rig.dir.path("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = rig.dir.path("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let refused = start_with_state_dir(&rig, &link).expect_err("a link as the state dir");
+    assert!(
+        refused.contains(&format!("state dir {} is a symbolic link", link.display())),
+        "{refused}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&real).unwrap().count(),
+        0,
+        "nothing written"
+    );
+
+    // Another user's directory: as root one given to nobody, else root's /.
+    let theirs = if vfiod_tests::is_root() {
+        let dir = rig.dir.path("theirs");
+        std::fs::create_dir(&dir).unwrap();
+        nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        dir
+    } else {
+        std::path::PathBuf::from("/")
+    };
+    let refused = start_with_state_dir(&rig, &theirs).expect_err("another user's state dir");
+    assert!(
+        refused.contains(&format!("state dir {} belongs to", theirs.display())),
+        "{refused}"
+    );
+}
+
+#[test]
+fn a_damaged_ledger_is_set_aside_loudly_and_vfiod_starts() {
+    let mut rig = Rig::bus_only(
+        &vfiod_tests::machine("z77-rx580.toml"),
+        &vfiod_tests::machine("z77-rx580.vfiod.toml"),
+    );
+    let state = rig.dir.path("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("ledger.json"), "{\"host_drivers\": {\"0000:01:0").unwrap();
+    rig.start_vfiod();
+    assert_eq!(
+        std::fs::read_to_string(state.join("ledger.json.corrupt")).unwrap(),
+        "{\"host_drivers\": {\"0000:01:0"
+    );
+    let log = rig.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("unreadable ledger")),
+        "{log}"
+    );
+    // And it works: a bind and a release.
+    assert_exit(&rig.vfioctl(&["bind", "rx580"]), 0);
+    assert_exit(&rig.vfioctl(&["release", "rx580"]), 0);
+    assert_eq!(rig.driver("01:00.0"), "amdgpu");
+}

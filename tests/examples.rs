@@ -4,7 +4,7 @@
 
 use std::process::{Command, Output};
 
-use vfiod_tests::{Rig, assert_exit, is_root, repo, stderr, stdout};
+use vfiod_tests::{Rig, assert_exit, repo, root_for, stderr, stdout};
 
 fn example(name: &str) -> String {
     repo().join("examples").join(name).display().to_string()
@@ -74,7 +74,7 @@ fn the_busctl_script_binds_shows_and_releases_a_profile() {
     let text = stdout(&out);
     assert_bound_lines(&text, &["01:00.0", "01:00.1"], "win10");
     assert!(text.ends_with("released: rx580\n"), "{text}");
-    if is_root() {
+    if root_for("busctl monitor on a system bus") {
         // busctl monitor (root only on a system bus) follows the signals.
         assert_signals(&text, "rx580", "bind", &["01:00.0", "01:00.1"]);
         assert_signals(&text, "rx580", "release", &["01:00.0", "01:00.1"]);
@@ -101,7 +101,7 @@ fn the_busctl_script_reports_a_refusal_and_a_bad_command_line() {
         "{}",
         stderr(&out)
     );
-    if is_root() {
+    if root_for("busctl monitor on a system bus") {
         assert!(
             stdout(&out).contains(
                 "finished nosuch bind: org.vfiod1.Error.UnknownTarget: no profile named \"nosuch\""
@@ -154,7 +154,7 @@ fn the_python_script_reports_a_refusal_and_a_bad_command_line() {
         stdout(&out)
     );
     // Not root, no polkitd: AccessDenied, exit 1, nothing moved.
-    if is_root() {
+    if root_for("a client as another user") {
         let out = rig.as_nobody(&example("vfiod-dbus.py"), &["usb3"]);
         assert_exit(&out, 1);
         assert!(stderr(&out).contains("AccessDenied"), "{}", stderr(&out));

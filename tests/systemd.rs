@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use vfiod_tests::{Rig, TempDir, assert_exit, bin, is_root, repo, stderr, stdout};
+use vfiod_tests::{Rig, TempDir, assert_exit, bin, repo, root_for, stderr, stdout};
 
 /// The highest `systemd-analyze security` exposure the unit may have.
 const MAX_EXPOSURE: f64 = 2.5;
@@ -348,8 +348,7 @@ fn the_hook_fails_the_start_when_vfiod_cannot_bind() {
 
 #[test]
 fn the_vfio_group_rule_lets_the_group_in_and_no_one_else() {
-    if !is_root() {
-        eprintln!("skipped: polkitd on a private bus needs root (CI runs as root)");
+    if !root_for("polkitd on a private bus") {
         return;
     }
     // `nobody`'s own group stands for `vfio`, which this machine lacks.
@@ -370,4 +369,164 @@ fn the_vfio_group_rule_lets_the_group_in_and_no_one_else() {
     assert_eq!(rig.driver("03:00.0"), "vfio-pci");
     assert_exit(&rig.as_nobody(vfioctl, &["release", "usb3"]), 0);
     assert_eq!(rig.driver("03:00.0"), "xhci_hcd");
+}
+
+// The journal: vfiod's errors are stored as errors, with their fields.
+
+/// The fields of one datagram of journald's native protocol: `NAME=value`
+/// lines, or `NAME`, a little-endian u64 length and that many bytes.
+fn journal_fields(mut datagram: &[u8]) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
+    while let Some(end) = datagram.iter().position(|&b| b == b'\n') {
+        let line = &datagram[..end];
+        let (name, value, rest) = match line.iter().position(|&b| b == b'=') {
+            Some(eq) => (&line[..eq], &line[eq + 1..], &datagram[end + 1..]),
+            None => {
+                let len = u64::from_le_bytes(datagram[end + 1..end + 9].try_into().unwrap());
+                let start = end + 9;
+                let stop = start + usize::try_from(len).unwrap();
+                assert_eq!(datagram[stop], b'\n', "a field ends with a newline");
+                (line, &datagram[start..stop], &datagram[stop + 1..])
+            }
+        };
+        fields.push((
+            String::from_utf8_lossy(name).into_owned(),
+            String::from_utf8_lossy(value).into_owned(),
+        ));
+        datagram = rest;
+    }
+    assert!(datagram.is_empty(), "a datagram ends with a field");
+    fields
+}
+
+/// vfiod on the Z77 whose audio unbind hangs (vfiod gives up after 200 ms),
+/// in a mount namespace where journald's socket is one listened on here;
+/// `stream` is the JOURNAL_STREAM it is given, `stderr` its stderr. Returns
+/// the datagrams sent to that socket, read as they come (as journald does:
+/// a sender blocks while the socket's queue is full).
+fn vfiod_beside_a_journal(
+    stream: &nix::sys::stat::FileStat,
+    stderr: Stdio,
+) -> (Rig, std::sync::mpsc::Receiver<Vec<(String, String)>>) {
+    let (machine, config) = Rig::z77_hung_audio_files(200);
+    let mut rig = Rig::bus_only_text(&machine, &config);
+    let journal_dir = rig.dir.path("journal");
+    std::fs::create_dir(&journal_dir).unwrap();
+    let journal = std::os::unix::net::UnixDatagram::bind(journal_dir.join("socket")).unwrap();
+    let (tx, datagrams) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0; 1 << 16];
+        while let Ok(len) = journal.recv(&mut buf) {
+            // tracing-journald checks the socket with an empty datagram.
+            if len > 0 && tx.send(journal_fields(&buf[..len])).is_err() {
+                break;
+            }
+        }
+    });
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && \
+             mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
+        )
+        .arg(&journal_dir)
+        .arg(bin("vfiod"))
+        .args(rig.vfiod_args())
+        .env(
+            "JOURNAL_STREAM",
+            format!("{}:{}", stream.st_dev, stream.st_ino),
+        )
+        .stderr(stderr);
+    rig.start_vfiod_as(command);
+    (rig, datagrams)
+}
+
+/// Binds rx580, which fails when the audio function's unbind times out.
+fn bind_into_the_hang(rig: &Rig) {
+    let out = rig.vfioctl(&["bind", "rx580"]);
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("Timeout"), "{}", stderr(&out));
+}
+
+const THE_ERROR: &str = "kernel write did not return";
+
+#[test]
+fn on_the_journal_stream_an_error_is_a_journal_error_with_its_device_step_and_target() {
+    if !root_for("a private mount namespace with a stand-in for journald's socket") {
+        return;
+    }
+    // stderr is a stream socket, as systemd connects it to the journal.
+    let (stderr_end, mut our_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    let stream = nix::sys::stat::fstat(&stderr_end).unwrap();
+    let (rig, journal) =
+        vfiod_beside_a_journal(&stream, Stdio::from(std::os::fd::OwnedFd::from(stderr_end)));
+    bind_into_the_hang(&rig);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let error = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let fields = journal
+            .recv_timeout(left)
+            .expect("vfiod's error within 10 s");
+        let message = fields.iter().find(|(n, _)| n == "MESSAGE");
+        if message.is_some_and(|(_, m)| m.contains(THE_ERROR)) {
+            break fields;
+        }
+    };
+    let field = |name: &str| {
+        error
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("no {name} in {error:?}"))
+    };
+    assert_eq!(field("PRIORITY"), "3", "{error:?}");
+    assert_eq!(field("SYSLOG_IDENTIFIER"), "vfiod");
+    assert_eq!(field("VFIOD_DEVICE"), "0000:01:00.1", "{error:?}");
+    assert!(field("VFIOD_STEP").starts_with("unbind"), "{error:?}");
+    assert_eq!(field("VFIOD_TARGET"), "rx580", "{error:?}");
+    // Nothing went to stderr as text.
+    our_end.set_nonblocking(true).unwrap();
+    let mut text = String::new();
+    let _ = std::io::Read::read_to_string(&mut our_end, &mut text);
+    assert_eq!(text, "");
+}
+
+#[test]
+fn with_another_stream_than_stderr_in_journal_stream_the_log_is_text_on_stderr() {
+    if !root_for("a private mount namespace with a stand-in for journald's socket") {
+        return;
+    }
+    // JOURNAL_STREAM inherited from a parent whose stderr was the journal:
+    // names a socket that is not vfiod's stderr (a file here).
+    let (elsewhere, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let stream = nix::sys::stat::fstat(&elsewhere).unwrap();
+    let log = TempDir::new();
+    let log_path = log.path("vfiod.log");
+    let (rig, journal) = vfiod_beside_a_journal(
+        &stream,
+        Stdio::from(std::fs::File::create(&log_path).unwrap()),
+    );
+    bind_into_the_hang(&rig);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        if text.contains(THE_ERROR) || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let line = text
+        .lines()
+        .find(|l| l.contains(THE_ERROR))
+        .unwrap_or_else(|| panic!("no error line in {text}"));
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("0000:01:00.1"), "{line}");
+    assert!(
+        line.contains("target=rx580") || line.contains("target=\"rx580\""),
+        "{line}"
+    );
+    // And nothing was sent to the journal's socket.
+    let sent = journal.try_recv();
+    assert!(sent.is_err(), "{sent:?}");
 }

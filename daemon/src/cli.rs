@@ -21,8 +21,10 @@ pub struct Args {
     /// Run on the simulated kernel described by this machine file, as a normal user.
     #[arg(long, value_name = "FILE")]
     pub machine: Option<PathBuf>,
-    /// Where vfiod keeps what it must remember across restarts
-    /// [default: /run/vfiod as root, $XDG_RUNTIME_DIR/vfiod otherwise].
+    /// Where vfiod keeps what it must remember across restarts: a directory
+    /// of vfiod's user, not a symbolic link, made 0700
+    /// [default: /run/vfiod as root, $XDG_RUNTIME_DIR/vfiod otherwise; none
+    /// without XDG_RUNTIME_DIR].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 }
@@ -31,13 +33,10 @@ pub fn command() -> clap::Command {
     <Args as clap::CommandFactory>::command()
 }
 
-/// The state dir when none is given.
-pub fn default_state_dir() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/run/vfiod");
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("vfiod"),
-        _ => std::env::temp_dir().join(format!("vfiod-{}", nix::unistd::getuid())),
-    }
+/// The state dir when none is given (see [`crate::state_dir::default_state_dir`]).
+pub fn default_state_dir() -> Result<PathBuf, crate::state_dir::StateDirError> {
+    crate::state_dir::default_state_dir(
+        nix::unistd::geteuid().is_root(),
+        std::env::var_os("XDG_RUNTIME_DIR"),
+    )
 }

@@ -178,6 +178,9 @@ impl Engine {
         progress: ProgressFn,
     ) -> Result<Vec<PciAddress>, Error> {
         let started = Instant::now();
+        // Every line of the move, the worker's error included, names it
+        // (a journal field under systemd).
+        let _move = tracing::error_span!("move", target, %direction).entered();
         let (plan, _held) = self.plan_bounded(target, direction, options, started)?;
         if let Some(busy) = plan
             .devices

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::info;
 use vfiod_dbus::Direction;
 use vfiod_pci::PciAddress;
 
@@ -70,19 +70,14 @@ impl Journal {
             path: path.clone(),
             reason,
         };
-        let mut file = match std::fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<JournalFile>(&bytes) {
-                Ok(file) => file,
-                Err(e) => {
-                    // Written atomically, so this is damage from outside:
-                    // keep it for a human, start empty.
-                    let aside = path.with_extension("json.corrupt");
-                    let _ = std::fs::rename(&path, &aside);
-                    warn!(journal = %path.display(), moved_to = %aside.display(), error = %e, "unreadable journal set aside");
-                    JournalFile::default()
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => JournalFile::default(),
+        let mut file = match crate::state_file::read_json(&path) {
+            Ok(file) => file.unwrap_or_default(),
+            // Written atomically, so this is damage from outside: keep it
+            // for a human, start empty.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                crate::state_file::set_aside(&path, "journal", &e);
+                JournalFile::default()
+            }
             Err(e) => return Err(fail(e.to_string())),
         };
         let interrupted = if file.boot_id == boot_id {

@@ -31,6 +31,15 @@ pub struct Uevent {
     pub driver: Option<String>,
 }
 
+/// What the uevent monitor delivers: a uevent, or word that the kernel
+/// dropped some (its socket buffer overflowed, ENOBUFS), so nothing but a
+/// full read of the bus can tell what changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MonitorEvent {
+    Uevent(Uevent),
+    Overflow,
+}
+
 /// The reads, and what vfiod does to the kernel. Writes may block for as
 /// long as a driver wants (an unbind held by an open file): callers run
 /// them on a worker thread with a timeout, never on the event loop.

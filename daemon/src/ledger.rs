@@ -3,12 +3,15 @@
 //! it. Kept in the state dir so a restart forgets nothing.
 
 use std::collections::BTreeMap;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use vfiod_pci::PciAddress;
 
-use crate::state_file::StateFile;
+use crate::state_file::{self, StateFile};
+
+pub const LEDGER_FILE: &str = "ledger.json";
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Records {
@@ -48,15 +51,17 @@ impl Ledger {
         }
     }
 
-    /// Opens `state_dir/ledger.json`; a missing file is an empty ledger.
+    /// Opens `state_dir/ledger.json`; a missing file is an empty ledger, and
+    /// so is an unreadable one, set aside as the journal's is: refusing to
+    /// start would leave every device where it is with no daemon to move it.
     pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
-        let path = state_dir.join("ledger.json");
-        let records = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| LedgerError {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Records::default(),
+        let path = state_dir.join(LEDGER_FILE);
+        let records = match state_file::read_json(&path) {
+            Ok(records) => records.unwrap_or_default(),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                state_file::set_aside(&path, "ledger (the devices' host drivers and owners)", &e);
+                Records::default()
+            }
             Err(e) => {
                 return Err(LedgerError {
                     path,

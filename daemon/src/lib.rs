@@ -9,5 +9,6 @@ pub mod kernel;
 pub mod ledger;
 pub mod plan;
 pub mod service;
+pub mod state_dir;
 pub mod state_file;
 pub mod workers;

@@ -1,5 +1,6 @@
 // The udev monitor lives in the binary: the library (which vfioctl links
 // too) then needs no libudev, and vfioctl can be linked statically.
+mod logging;
 mod uevents;
 
 use std::process::ExitCode;
@@ -22,30 +23,13 @@ use vfiod::service::simulator::{SIMULATOR_PATH, SimulatorInterface};
 use vfiod_config::{BootState, Config};
 use vfiod_dbus::Direction;
 
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("VFIOD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Under systemd the journal stamps each line itself.
-    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(!journal && nix::unistd::isatty(std::io::stderr()).unwrap_or(false));
-    if journal {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
-}
-
 /// Four moves and two checks at once, a snapshot read, recovery and the
 /// config's reload, with room to spare.
 const BLOCKING_THREADS: usize = 10;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging();
+    logging::init();
     // Blocking work (moves, checks, snapshot reads) is capped by the
     // service's own slots; this caps the threads whatever a caller sends.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -70,9 +54,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
-    std::fs::create_dir_all(&state_dir)
-        .map_err(|e| format!("cannot create state dir {}: {e}", state_dir.display()))?;
+    let state_dir = match args.state_dir.clone() {
+        Some(dir) => dir,
+        None => default_state_dir().map_err(|e| e.to_string())?,
+    };
+    vfiod::state_dir::prepare(&state_dir).map_err(|e| e.to_string())?;
     let config = Config::load(&args.config).map_err(|e| e.to_string())?;
     let ledger = Ledger::open(&state_dir).map_err(|e| e.to_string())?;
 

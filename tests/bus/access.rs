@@ -1,11 +1,10 @@
 //! Who may move devices: unprivileged callers, with and without polkitd.
 
-use vfiod_tests::{Rig, assert_exit, is_root, stderr, value_of};
+use vfiod_tests::{Rig, assert_exit, root_for, stderr, value_of};
 
 #[test]
 fn an_unprivileged_caller_reads_but_may_not_move() {
-    if !is_root() {
-        eprintln!("skipped: needs root to run a client as another user (CI runs as root)");
+    if !root_for("running a client as another user") {
         return;
     }
     let rig = Rig::z77();
@@ -60,8 +59,7 @@ fn an_unprivileged_caller_reads_but_may_not_move() {
 
 #[test]
 fn polkit_decides_for_unprivileged_callers() {
-    if !is_root() {
-        eprintln!("skipped: polkitd on a private bus needs root (CI runs as root)");
+    if !root_for("polkitd on a private bus") {
         return;
     }
     let rig = Rig::z77();

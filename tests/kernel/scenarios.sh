@@ -36,10 +36,6 @@ LANE_DEVICES=("$HOSTVGA" "$GPU" "$AUD" "$XHCI")
 declare -A HOST_DRIVER=(["$HOSTVGA"]=bochs-drm ["$GPU"]=bochs-drm ["$AUD"]=snd_hda_intel ["$XHCI"]=xhci_hcd)
 PASSES=0 FAILS=0 XFAILS=0
 PROBLEMS=()
-# SIGKILL in the middle of a move: finishing or undoing it after a restart
-# needs the crash-recovery journal (issue 5). Until then its failure is an
-# XFAIL; LANE_RECOVERY_PENDING=0 makes it a FAIL.
-LANE_RECOVERY_PENDING=${LANE_RECOVERY_PENDING:-1}
 
 pass() { echo "PASS: [$LANE_KIND] $*"; PASSES=$((PASSES + 1)); }
 fail() { echo "FAIL: [$LANE_KIND] $*"; FAILS=$((FAILS + 1)); }
@@ -336,8 +332,6 @@ scenario_sigkill() {
   local what="vfiod SIGKILLed in the middle of bind gpu --force while a process holds $node, and restarted"
   if [ -n "$ok" ]; then
     pass "$what: the move was finished or undone, nothing driverless: $state"
-  elif [ "$LANE_RECOVERY_PENDING" = 1 ]; then
-    xfail "$what: left as $state; finishing or undoing an interrupted move needs the crash-recovery journal (issue 5, not built yet)"
   else
     fail "$what: left as $state"
   fi

@@ -106,6 +106,28 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// The opt-out that lets the tests run as a normal user: what needs root is
+/// then left out, and says so. Without it, a test that needs root fails
+/// when not root, so a run that leaves something out never passes silently.
+pub const UNPRIVILEGED_OPT_OUT: &str = "VFIOD_TESTS_UNPRIVILEGED";
+
+/// Whether to run `what`, which needs root: yes as root; no, with a line
+/// on stderr, when the caller said `VFIOD_TESTS_UNPRIVILEGED=1`; otherwise
+/// the test fails here.
+pub fn root_for(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var_os(UNPRIVILEGED_OPT_OUT).is_some_and(|v| v == "1") {
+        eprintln!("NOT RUN ({UNPRIVILEGED_OPT_OUT}=1): {what} needs root");
+        return false;
+    }
+    panic!(
+        "{what} needs root: run the tests as root (CI does), or set \
+         {UNPRIVILEGED_OPT_OUT}=1 to leave out what needs root"
+    );
+}
+
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
@@ -174,6 +196,12 @@ impl Rig {
     /// The Z77 machine whose RX 580 audio function never returns from an
     /// unbind, with vfiod giving up on a write after `unbind_timeout_ms`.
     pub fn z77_hung_audio(unbind_timeout_ms: u32) -> Rig {
+        let (machine_text, config) = Rig::z77_hung_audio_files(unbind_timeout_ms);
+        Rig::with_text(&machine_text, &config)
+    }
+
+    /// The machine file and the config of [`Rig::z77_hung_audio`].
+    pub fn z77_hung_audio_files(unbind_timeout_ms: u32) -> (String, String) {
         let machine_text = std::fs::read_to_string(machine("z77-rx580.toml"))
             .expect("z77 machine")
             .replace(
@@ -186,17 +214,22 @@ impl Rig {
                 "unbind_timeout_ms = 10000",
                 &format!("unbind_timeout_ms = {unbind_timeout_ms}"),
             );
-        Rig::with_text(&machine_text, &config)
+        (machine_text, config)
     }
 
     /// A machine given as text, with a config given as text.
     pub fn with_text(machine_text: &str, config_text: &str) -> Rig {
+        let mut rig = Rig::bus_only_text(machine_text, config_text);
+        rig.start_vfiod();
+        rig
+    }
+
+    /// [`Rig::with_text`] without vfiod.
+    pub fn bus_only_text(machine_text: &str, config_text: &str) -> Rig {
         let dir = TempDir::new();
         let machine = dir.write("machine.toml", machine_text);
         let config = dir.write("vfiod.toml", config_text);
-        let mut rig = Rig::bus_in(dir, machine, config);
-        rig.start_vfiod();
-        rig
+        Rig::bus_in(dir, machine, config)
     }
 
     pub fn bus_only(machine: &Path, config: &Path) -> Rig {
@@ -240,18 +273,33 @@ impl Rig {
         }
     }
 
+    /// vfiod's command line on this rig's machine, config, state dir and bus.
+    pub fn vfiod_args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--machine".into(),
+            self.machine.clone().into(),
+            "--config".into(),
+            self.config.clone().into(),
+            "--state-dir".into(),
+            self.dir.path("state").into(),
+        ]
+    }
+
     pub fn start_vfiod(&mut self) {
         let log = std::fs::File::create(self.dir.path("vfiod.log")).unwrap();
-        let child = Command::new(bin("vfiod"))
-            .arg("--machine")
-            .arg(&self.machine)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--state-dir")
-            .arg(self.dir.path("state"))
-            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+        let mut command = Command::new(bin("vfiod"));
+        command
+            .args(self.vfiod_args())
             .env("VFIOD_LOG", "debug")
-            .stderr(log)
+            .stderr(log);
+        self.start_vfiod_as(command);
+    }
+
+    /// Starts `command` (a vfiod, perhaps wrapped) on this rig's bus and
+    /// waits until it has taken its name.
+    pub fn start_vfiod_as(&mut self, mut command: Command) {
+        let child = command
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
             .spawn()
             .expect("vfiod starts");
         self.vfiod = Some(child);

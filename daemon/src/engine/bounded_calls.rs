@@ -102,7 +102,7 @@ impl Engine {
                     if let Some(device) = device {
                         activity.lock().unwrap_or_else(|e| e.into_inner()).remove(&device);
                     }
-                    warn!(device = ?device, step = %step_name, ok = result.is_ok(), "a kernel write that timed out has returned");
+                    warn!(device = device.map(|d| d.to_string()).as_deref(), step = %step_name, ok = result.is_ok(), "a kernel write that timed out has returned");
                 } else {
                     slot.result = Some(result);
                     ready.notify_one();
@@ -128,7 +128,12 @@ impl Engine {
                         )),
                     );
                 }
-                error!(device = ?device, step, timeout_ms = limit.as_millis() as u64, "kernel write did not return; device marked stuck");
+                error!(
+                    device = device.map(|d| d.to_string()).as_deref(),
+                    step,
+                    timeout_ms = limit.as_millis() as u64,
+                    "kernel write did not return; device marked stuck"
+                );
                 Err(StepFailure::Timeout { after: limit })
             }
         }

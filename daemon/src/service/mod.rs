@@ -30,7 +30,7 @@ use crate::bouncer::Bouncer;
 use crate::bouncer::MoveDetails;
 use crate::doctor;
 use crate::engine::{Activity, Engine};
-use crate::kernel::{Uevent, UeventAction};
+use crate::kernel::{MonitorEvent, UeventAction};
 use crate::plan::validate_target;
 pub use interfaces::{DeviceAt, ManagerInterface, ProfileNamed};
 use narrator::{Narration, Narrator};
@@ -74,6 +74,7 @@ impl std::fmt::Display for UeventRereads {
 }
 
 /// What to read again after `events`, given the `published` view:
+/// - uevents lost (the monitor overflowed): the whole bus;
 /// - a function added or removed: the whole bus;
 /// - a device in a move of ours (`moving`): nothing, its move reads it as
 ///   it ends, and reading it at every step would only compete with it;
@@ -83,12 +84,16 @@ impl std::fmt::Display for UeventRereads {
 ///   while its caller is still exiting.
 /// - anything else (`change`): the whole device.
 pub fn rereads_after(
-    events: &[Uevent],
+    events: &[MonitorEvent],
     published: &Snapshot,
     moving: impl Fn(&PciAddress) -> bool,
 ) -> UeventRereads {
     let mut devices: BTreeMap<PciAddress, Reread> = BTreeMap::new();
     for event in events {
+        let event = match event {
+            MonitorEvent::Uevent(event) => event,
+            MonitorEvent::Overflow => return UeventRereads::WholeBus,
+        };
         let what = match event.action {
             UeventAction::Add | UeventAction::Remove => return UeventRereads::WholeBus,
             _ if moving(&event.address) => continue,
@@ -235,7 +240,7 @@ impl Service {
     pub async fn follow_uevents(
         self: &Arc<Self>,
         connection: &Connection,
-        events: &[Uevent],
+        events: &[MonitorEvent],
     ) -> Result<(), Error> {
         let rereads = {
             let published = self.snapshot();

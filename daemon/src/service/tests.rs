@@ -4,12 +4,12 @@ fn address(text: &str) -> PciAddress {
     text.parse().unwrap()
 }
 
-fn event(action: UeventAction, device: &str, driver: Option<&str>) -> Uevent {
-    Uevent {
+fn event(action: UeventAction, device: &str, driver: Option<&str>) -> MonitorEvent {
+    MonitorEvent::Uevent(crate::kernel::Uevent {
         action,
         address: address(device),
         driver: driver.map(str::to_string),
-    }
+    })
 }
 
 /// A view with the GPU on amdgpu and its audio on vfio-pci.
@@ -90,6 +90,28 @@ fn each_device_is_read_as_much_as_its_events_need() {
         assert_eq!(
             rereads_after(&events, &view, |_| true),
             UeventRereads::WholeBus
+        );
+    }
+}
+
+#[test]
+fn lost_uevents_read_the_whole_bus() {
+    let view = published();
+    use UeventAction::*;
+    // Alone, or among events that would read nothing or one device: the
+    // kernel dropped others, which may have added or removed functions.
+    for events in [
+        vec![MonitorEvent::Overflow],
+        vec![
+            event(Bind, GPU, Some("amdgpu")),
+            MonitorEvent::Overflow,
+            event(Unbind, AUDIO, None),
+        ],
+    ] {
+        assert_eq!(
+            rereads_after(&events, &view, |_| true),
+            UeventRereads::WholeBus,
+            "{events:?}"
         );
     }
 }

@@ -5,9 +5,13 @@ use super::*;
 
 /// Reads the running state, or boots fresh when there is none that fits.
 pub(super) fn load_state(path: &Path, board: &Board) -> Result<RunningState, SimError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(board.boot_state()),
+    let bytes = match crate::state_file::read(path) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Ok(board.boot_state()),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            crate::state_file::set_aside(path, "simulated kernel state", &e);
+            return Ok(board.boot_state());
+        }
         Err(source) => {
             return Err(SimError::State {
                 op: "read",
@@ -33,14 +37,10 @@ pub(super) fn load_state(path: &Path, board: &Board) -> Result<RunningState, Sim
         ),
         Err(e) => e.to_string(),
     };
-    let aside = path.with_extension("json.corrupt");
-    let kept = match std::fs::rename(path, &aside) {
-        Ok(()) => format!("kept as {}", aside.display()),
-        Err(e) => format!("could not keep it as {}: {e}", aside.display()),
-    };
-    tracing::warn!(
-        state = %path.display(),
-        "unreadable simulated kernel state ({problem}); booting the machine afresh, {kept}"
+    crate::state_file::set_aside(
+        path,
+        "simulated kernel state (the machine boots afresh)",
+        &problem,
     );
     Ok(board.boot_state())
 }
@@ -51,9 +51,7 @@ pub(super) fn load_state(path: &Path, board: &Board) -> Result<RunningState, Sim
 /// power cut (a real kernel's state would not survive one either).
 pub(super) fn write_state(path: &Path, state: &RunningState) -> io::Result<()> {
     let bytes = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
-    let partial = path.with_extension("json.partial");
-    std::fs::write(&partial, bytes)?;
-    std::fs::rename(&partial, path)
+    crate::state_file::write_atomically(path, &bytes)
 }
 
 /// A fresh boot id: random when the kernel offers one, else from the clock.
