@@ -71,11 +71,22 @@ fn sixty_four_clients_bind_and_release_at_once() {
         let manager = ManagerProxy::new(&watcher).await.unwrap();
         let mut stream = manager.receive_transition_progress().await.unwrap();
         let seen = progress.clone();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        // Collects until told to stop, then takes what is queued and ends.
         let collector = tokio::spawn(async move {
+            use std::future::Future;
             use std::pin::Pin;
+            use std::task::Poll;
             use zbus::export::futures_core::Stream;
             while let Some(signal) =
-                std::future::poll_fn(|cx| Pin::new(&mut stream).poll_next(cx)).await
+                std::future::poll_fn(|cx| match Pin::new(&mut stream).poll_next(cx) {
+                    Poll::Pending => match Pin::new(&mut stopped).poll(cx) {
+                        Poll::Ready(_) => Poll::Ready(None),
+                        Poll::Pending => Poll::Pending,
+                    },
+                    ready => ready,
+                })
+                .await
             {
                 let args = signal.args().unwrap();
                 seen.lock()
@@ -128,8 +139,12 @@ fn sixty_four_clients_bind_and_release_at_once() {
             CLIENTS * MOVES_PER_CLIENT,
             started.elapsed()
         );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        collector.abort();
+        // Every move's steps were announced before its answer, and the bus
+        // keeps vfiod's messages in order: once vfiod has answered the
+        // watcher's Ping, every step is in the watcher's queue.
+        vfiod_tests::round_trip_to_vfiod(&watcher).await;
+        let _ = stop.send(());
+        collector.await.unwrap();
     });
 
     let outcomes = outcomes.lock().unwrap().clone();

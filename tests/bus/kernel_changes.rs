@@ -1,43 +1,52 @@
 //! The kernel changing under vfiod (behind its back, hung, after a kill) and reloads.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use vfiod_tests::{Rig, assert_exit, stderr, stdout, value_of};
+use vfiod_tests::{Rig, Signals, assert_exit, stderr, stdout, value_of, wait_until};
+use zbus::{MatchRule, OwnedVariant};
+
+/// The changed properties of a PropertiesChanged signal.
+fn changed_in(signal: &zbus::Message) -> HashMap<String, OwnedVariant> {
+    let (_, changed, _): (String, HashMap<String, OwnedVariant>, Vec<String>) = signal
+        .body()
+        .deserialize()
+        .expect("a PropertiesChanged body");
+    changed
+}
 
 #[test]
 fn a_driver_changed_behind_our_back_shows_up_within_100ms() {
     let rig = Rig::z77();
-    let mut monitor = std::process::Command::new("busctl")
-        .args(["--system", "monitor", "--json=short", "org.vfiod1"])
-        .env("DBUS_SYSTEM_BUS_ADDRESS", &rig.address)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
+    let path = "/org/vfiod1/device/0000_03_00_0";
+    let rule = MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.freedesktop.DBus.Properties")
+        .member("PropertiesChanged")
+        .path(path)
+        .build()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let changed_at = Instant::now();
+    let mut signals = Signals::subscribe(&rig, rule);
     rig.simulate("SetDriver", "ss", &["0000:03:00.0", ""]);
-    let mut seen = None;
-    while changed_at.elapsed() < Duration::from_secs(2) {
-        if rig.driver("03:00.0").is_empty() {
-            seen = Some(changed_at.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let seen = seen.expect("Driver never became empty");
+    let seen = wait_until(
+        "Driver of 03:00.0 becoming empty",
+        Duration::from_secs(2),
+        || rig.driver("03:00.0").is_empty(),
+    );
     assert!(seen < Duration::from_millis(100), "seen after {seen:?}");
     assert_eq!(rig.device_property("03:00.0", "State"), "unbound");
-    std::thread::sleep(Duration::from_millis(100));
-    let _ = monitor.kill();
-    let output = monitor.wait_with_output().unwrap();
-    let text = stdout(&output);
-    let signal = text
-        .lines()
-        .find(|l| l.contains("PropertiesChanged") && l.contains("/org/vfiod1/device/0000_03_00_0"))
-        .unwrap_or_else(|| panic!("no PropertiesChanged for 03:00.0 in:\n{text}"));
+    signals.wait_for(
+        "a PropertiesChanged for 03:00.0",
+        Duration::from_secs(5),
+        |received| !received.is_empty(),
+    );
+    let changed = changed_in(&signals.received[0]);
     assert!(
-        signal.contains("Driver") && signal.contains("unbound"),
-        "{signal}"
+        changed.contains_key("Driver")
+            && changed
+                .get("State")
+                .is_some_and(|s| String::try_from(s.try_clone().unwrap()).unwrap() == "unbound"),
+        "{changed:?}"
     );
 }
 
@@ -53,14 +62,11 @@ fn devices_that_vanish_and_return_lose_and_gain_their_objects() {
     assert!(exists(&rig));
     rig.simulate("RemoveDevice", "s", &["0000:00:1c.4"]);
     let wait = |want: bool| {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(2) {
-            if exists(&rig) == want {
-                return start.elapsed();
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        panic!("object present = {want} never happened");
+        wait_until(
+            &format!("object of 03:00.0 present = {want}"),
+            Duration::from_secs(10),
+            || exists(&rig) == want,
+        )
     };
     wait(false);
     let devices = rig.busctl(&[
@@ -81,9 +87,27 @@ fn devices_that_vanish_and_return_lose_and_gain_their_objects() {
 #[test]
 fn a_status_read_answers_while_a_move_hangs() {
     let rig = Rig::z77_hung_audio(1500);
+    let progress = MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.vfiod1.Manager")
+        .member("TransitionProgress")
+        .build()
+        .unwrap();
+    let mut signals = Signals::subscribe(&rig, progress);
     std::thread::scope(|s| {
         let mover = s.spawn(|| rig.vfioctl(&["bind", "rx580"]));
-        std::thread::sleep(Duration::from_millis(400));
+        // Steps are announced as they start: this one never returns.
+        signals.wait_for(
+            "the audio's unbind announced",
+            Duration::from_secs(10),
+            |received| {
+                received.iter().any(|m| {
+                    let (_, device, step): (String, String, String) =
+                        m.body().deserialize().unwrap();
+                    device == "0000:01:00.1" && step.starts_with("unbind ")
+                })
+            },
+        );
         let start = Instant::now();
         let out = rig.busctl(&[
             "get-property",
@@ -160,16 +184,13 @@ fn sighup_reloads_the_config_and_a_bad_one_is_refused() {
         )
         .unwrap()
     };
-    let wait_for = |rig: &Rig, want: &dyn Fn(&str) -> bool| {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(3) {
-            let now = profiles(rig);
-            if want(&now) {
-                return now;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("profiles never changed: {}", profiles(rig));
+    let wait_for = |rig: &Rig, what: &str, want: &dyn Fn(&str) -> bool| {
+        let mut now = String::new();
+        wait_until(what, Duration::from_secs(10), || {
+            now = profiles(rig);
+            want(&now)
+        });
+        now
     };
     assert!(profiles(&rig).contains("rx580"));
 
@@ -180,7 +201,7 @@ fn sighup_reloads_the_config_and_a_bad_one_is_refused() {
     )
     .unwrap();
     hup(&rig);
-    let now = wait_for(&rig, &|p| p.contains("gpu_2d2"));
+    let now = wait_for(&rig, "profile gpu-2 on the bus", &|p| p.contains("gpu_2d2"));
     assert!(!now.contains("rx580"), "{now}");
     let out = rig.busctl(&[
         "get-property",
@@ -204,12 +225,11 @@ fn sighup_reloads_the_config_and_a_bad_one_is_refused() {
     )
     .unwrap();
     hup(&rig);
-    let start = Instant::now();
-    while !rig.log().contains("new configuration refused")
-        && start.elapsed() < Duration::from_secs(3)
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "vfiod logging the refused configuration",
+        Duration::from_secs(10),
+        || rig.log().contains("new configuration refused"),
+    );
     let log = rig.log();
     assert!(
         log.contains("new configuration refused")

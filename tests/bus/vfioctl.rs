@@ -273,8 +273,11 @@ fn a_mover_alone_is_told_every_property_of_its_devices_before_the_answer() {
             assert_eq!(text("Driver"), "vfio-pci");
             assert_eq!(text("State"), "vfio");
         }
-        // The bystander sees the changes, never the caller's copy.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The bystander sees the changes, never the caller's copy. vfiod
+        // sends the changes before its answer to the move, and the bus keeps
+        // one sender's messages in order: once vfiod has answered the
+        // bystander's Ping, every change is in the bystander's queue.
+        vfiod_tests::round_trip_to_vfiod(&bystander).await;
         let seen = told_in(&queued(&mut seen));
         assert!(!seen.is_empty(), "the bystander saw no change at all");
         assert!(seen.iter().all(|(_, to, _, _)| to.is_none()), "{seen:?}");
