@@ -3,7 +3,7 @@
 //! must end on vfio-pci or on its host driver, never driverless, and what
 //! vfiod shows on the bus must match the (simulated) sysfs.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vfiod_tests::{Rig, assert_exit, stdout, wait_until};
 
