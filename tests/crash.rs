@@ -133,3 +133,27 @@ fn journal_entries_of_an_earlier_boot_are_not_replayed() {
     assert!(!rig.log().contains("settling a move"), "{}", rig.log());
     assert_eq!(rig.driver("01:00.0"), "amdgpu");
 }
+
+#[test]
+fn a_kill_during_a_hung_unbind_is_settled_after_restart_once_the_hang_ends() {
+    let mut rig = Rig::z77_hung_audio(300);
+    let out = rig.vfioctl(&["bind", "rx580"]);
+    assert_exit(&out, 1);
+    // The unbind has not returned: its move is still in the journal.
+    rig.kill_vfiod();
+    rig.start_vfiod();
+    // Recovery could not settle the audio (its device lock is held).
+    assert_eq!(rig.device_property("01:00.1", "State"), "stuck");
+    assert!(
+        rig.log()
+            .contains("settling a move that vfiod did not finish")
+    );
+
+    rig.simulate("EndHang", "s", &["0000:01:00.1"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rig.device_property("01:00.1", "State") == "stuck" {
+        assert!(Instant::now() < deadline, "still stuck: {}", rig.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check_settled(&rig, "after the hang ended");
+}

@@ -359,6 +359,12 @@ fn a_hung_unbind_times_out_marks_the_device_stuck_and_blocks_nothing_else() {
     assert_eq!(rig.driver("01:00.1"), None);
     // A stuck device refuses further moves rather than piling on.
     assert!(matches!(rig.bind("rx580"), Err(Error::DeviceBusy(_))));
+    // Once the kernel answers, it is settled back on its host driver.
+    assert!(rig.sim.end_hang(&addr("01:00.1")).unwrap());
+    common::wait_until("the audio is settled", Duration::from_secs(5), || {
+        rig.engine.activity(&addr("01:00.1")).is_none()
+    });
+    assert_eq!(rig.driver("01:00.1").as_deref(), Some("snd_hda_intel"));
 }
 
 #[test]
