@@ -240,3 +240,27 @@ fn a_damaged_ledger_is_set_aside_loudly_and_vfiod_starts() {
     assert_exit(&rig.vfioctl(&["release", "rx580"]), 0);
     assert_eq!(rig.driver("01:00.0"), "amdgpu");
 }
+
+#[test]
+fn a_kill_during_a_hung_unbind_is_settled_after_restart_once_the_hang_ends() {
+    let mut rig = Rig::z77_hung_audio(300);
+    let out = rig.vfioctl(&["bind", "rx580"]);
+    assert_exit(&out, 1);
+    // The unbind has not returned: its move is still in the journal.
+    rig.kill_vfiod();
+    rig.start_vfiod();
+    // Recovery could not settle the audio (its device lock is held).
+    assert_eq!(rig.device_property("01:00.1", "State"), "stuck");
+    assert!(
+        rig.log()
+            .contains("settling a move that vfiod did not finish")
+    );
+
+    rig.simulate("EndHang", "s", &["0000:01:00.1"]);
+    wait_until(
+        "the audio settled after the hang ended",
+        Duration::from_secs(5),
+        || rig.device_property("01:00.1", "State") != "stuck",
+    );
+    check_settled(&rig, "after the hang ended");
+}

@@ -3,7 +3,7 @@
 //! rolls back what it did when a step fails.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
@@ -47,6 +47,10 @@ pub enum Activity {
 
 type ActivityMap = Arc<Mutex<BTreeMap<PciAddress, Activity>>>;
 
+/// Told of a device that a late kernel answer changed (see
+/// [`Engine::on_settled`]).
+type SettledListener = Box<dyn Fn(PciAddress) + Send + Sync>;
+
 pub struct Engine {
     kernel: Arc<dyn Kernel>,
     config: RwLock<Arc<Config>>,
@@ -58,6 +62,12 @@ pub struct Engine {
     busy_groups: Arc<GroupTable>,
     /// The threads kernel calls run on.
     workers: Workers,
+    /// Kernel calls that timed out and have not returned yet.
+    late: Mutex<LateCalls>,
+    on_settled: Mutex<Option<SettledListener>>,
+    /// This engine, for the worker of a late call to settle its device
+    /// (set by [`Engine::shared`]).
+    me: Weak<Engine>,
 }
 
 impl Engine {
@@ -70,7 +80,26 @@ impl Engine {
             activity: Arc::default(),
             busy_groups: Arc::default(),
             workers: Workers::default(),
+            late: Mutex::default(),
+            on_settled: Mutex::default(),
+            me: Weak::new(),
         }
+    }
+
+    /// The engine, shared. Only a shared engine settles a device whose
+    /// kernel call timed out and returned later.
+    pub fn shared(self) -> Arc<Engine> {
+        Arc::new_cyclic(|me| Engine {
+            me: me.clone(),
+            ..self
+        })
+    }
+
+    /// Calls `listener` (from a worker thread) with each device settled
+    /// after a kernel call that had timed out returned: its driver and
+    /// state changed outside any move, so whoever shows them re-reads it.
+    pub fn on_settled(&self, listener: impl Fn(PciAddress) + Send + Sync + 'static) {
+        *self.on_settled.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(listener));
     }
 
     /// Records every move in `journal` from now on (see [`Engine::recover`]).
@@ -220,9 +249,7 @@ impl Engine {
             journal: Some(journal),
         };
         let outcome = self.execute_plan(&plan, &run);
-        if let Err(e) = self.journal.end(journal) {
-            error!(error = %e, "cannot close the journal entry; the next start will re-check these devices");
-        }
+        self.close_move(journal);
         self.clear_moving(&plan.addresses());
         match &outcome {
             Ok(()) => info!(
@@ -263,8 +290,7 @@ impl Engine {
             cause,
         };
         info!(step = %step, "step");
-        let limit = self.write_limit(run).map_err(fail)?;
-        self.kernel_call(None, &step, limit, |k| k.load_module(VFIO_MODULE))
+        self.kernel_call(None, &step, run, |k| k.load_module(VFIO_MODULE))
             .map_err(fail)?;
         if !self.kernel.driver_registered(VFIO_DRIVER) {
             return Err(fail(StepFailure::Unexpected(format!(
@@ -431,7 +457,9 @@ impl Engine {
         self.override_step(address, None, run)
     }
 
-    /// Writes `driver_override` (`None` clears it) and reads it back.
+    /// Writes `driver_override` (`None` clears it) and reads it back, the
+    /// read bounded as the write is (the device lock may have been taken
+    /// in between).
     fn override_step(
         &self,
         address: PciAddress,
@@ -448,8 +476,14 @@ impl Engine {
             &step,
             run,
             move |k| k.set_driver_override(&address, written.as_deref()),
-            |k| expect_override(k, &address, driver),
-        )
+            |_| Ok(()),
+        )?;
+        let got = self.read_override(address, run)?;
+        expect_override(got.as_deref(), driver).map_err(|cause| Failure {
+            device: Some(address),
+            step,
+            cause,
+        })
     }
 
     /// The driver bound now; a device gone from the bus is a failure.
@@ -472,8 +506,7 @@ impl Engine {
             step: step.into(),
             cause,
         };
-        let limit = self.write_limit(run).map_err(fail)?;
-        self.kernel_call(Some(address), step, limit, move |k| {
+        self.kernel_call(Some(address), step, run, move |k| {
             k.driver_override(&address)
         })
         .map_err(fail)
@@ -536,10 +569,19 @@ impl Engine {
                 aftermath.push(format!("{address} left as it is (stuck in the kernel)"));
                 continue;
             }
-            if self.kernel.device(&address).ok().flatten().is_none() {
-                error!(device = %address, "device vanished from the bus during the move");
-                aftermath.push(format!("{address} is gone from the bus"));
-                continue;
+            match self.read_device(address, &run) {
+                Ok(None) => {
+                    error!(device = %address, "device vanished from the bus during the move");
+                    aftermath.push(format!("{address} is gone from the bus"));
+                    continue;
+                }
+                // Stuck now: settled when the read returns.
+                Err(f) if matches!(f.cause, StepFailure::Timeout { .. }) => {
+                    aftermath.push(format!("{address} left as it is ({})", f.describe()));
+                    continue;
+                }
+                // Any other answer: undoing is still the way back.
+                _ => {}
             }
             let undo = match direction {
                 Direction::Bind => self.to_host(address, self.return_driver(&address), &run),

@@ -87,7 +87,15 @@ async fn run(args: Args) -> Result<(), String> {
         .boot_id()
         .map_err(|e| format!("cannot read the kernel's boot id: {e}"))?;
     let (journal, interrupted) = Journal::open(&state_dir, &boot_id).map_err(|e| e.to_string())?;
-    let engine = Arc::new(Engine::new(kernel, config, ledger).with_journal(journal));
+    let engine = Engine::new(kernel, config, ledger)
+        .with_journal(journal)
+        .shared();
+    // A device settled after a late kernel answer changed outside any move:
+    // the main loop has the service read it again.
+    let (settled_tx, mut settled) = tokio::sync::mpsc::unbounded_channel();
+    engine.on_settled(move |address| {
+        let _ = settled_tx.send(address);
+    });
     if !interrupted.is_empty() {
         // Before serving: no request may see a half-moved set.
         let recovering = engine.clone();
@@ -146,6 +154,15 @@ async fn run(args: Args) -> Result<(), String> {
                 }
                 if let Err(e) = service.follow_uevents(&connection, &batch).await {
                     warn!(error = %e, "refresh after a uevent failed");
+                }
+            }
+            Some(address) = settled.recv() => {
+                let mut devices = vec![address];
+                while let Ok(more) = settled.try_recv() {
+                    devices.push(more);
+                }
+                if let Err(e) = service.reread_devices(&connection, devices).await {
+                    warn!(error = %e, "refresh after a device was settled failed");
                 }
             }
             _ = hangup.recv() => reload(&args, &engine, &service, &connection).await,

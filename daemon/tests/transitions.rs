@@ -372,11 +372,18 @@ fn a_hung_unbind_times_out_marks_the_device_stuck_and_blocks_nothing_else() {
         .find(|d| d.address == addr("01:00.1"))
         .unwrap();
     assert_eq!(rig.engine.device_state(&stuck), DeviceState::Stuck);
-    // The GPU went back to amdgpu; nothing is driverless.
+    // The GPU went back to amdgpu. The audio's link went as the unbind
+    // began (the real kernel's order): driverless, and said to be stuck.
     assert_eq!(rig.driver("01:00.0").as_deref(), Some("amdgpu"));
-    assert_eq!(rig.driver("01:00.1").as_deref(), Some("snd_hda_intel"));
+    assert_eq!(rig.driver("01:00.1"), None);
     // A stuck device refuses further moves rather than piling on.
     assert!(matches!(rig.bind("rx580"), Err(Error::DeviceBusy(_))));
+    // Once the kernel answers, it is settled back on its host driver.
+    assert!(rig.sim.end_hang(&addr("01:00.1")).unwrap());
+    common::wait_until("the audio is settled", Duration::from_secs(5), || {
+        rig.engine.activity(&addr("01:00.1")).is_none()
+    });
+    assert_eq!(rig.driver("01:00.1").as_deref(), Some("snd_hda_intel"));
 }
 
 #[test]

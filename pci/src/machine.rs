@@ -134,7 +134,9 @@ pub struct Faults {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UnbindFault {
-    /// The write to `unbind` never returns.
+    /// The driver's remove() hangs: the `driver` link goes at once, the
+    /// device lock stays held and the write to `unbind` does not return
+    /// (in the simulator, until `SimKernel::end_hang`).
     Hang,
     /// The write to `unbind` fails with EBUSY.
     Busy,

@@ -148,6 +148,32 @@ fn a_status_read_answers_while_a_move_hangs() {
 }
 
 #[test]
+fn after_a_hang_ends_the_device_is_settled_and_the_bus_says_so() {
+    let rig = Rig::z77_hung_audio(300);
+    let out = rig.vfioctl(&["bind", "rx580"]);
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("Timeout"), "{}", stderr(&out));
+    assert_eq!(rig.device_property("01:00.1", "State"), "stuck");
+
+    rig.simulate("EndHang", "s", &["0000:01:00.1"]);
+    // Settled in the background once the unbind returns; published by
+    // vfiod itself, with no other event to prompt it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rig.device_property("01:00.1", "State") == "stuck" {
+        assert!(Instant::now() < deadline, "still stuck: {}", rig.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(rig.device_property("01:00.1", "State"), "host");
+    assert_eq!(rig.driver("01:00.1"), "snd_hda_intel");
+    assert!(
+        rig.log()
+            .contains("a kernel call that timed out has returned"),
+        "{}",
+        rig.log()
+    );
+}
+
+#[test]
 fn state_survives_a_kill_and_restart_of_vfiod() {
     let mut rig = Rig::z77();
     assert_exit(&rig.vfioctl(&["bind", "rx580", "--vm", "win10"]), 0);

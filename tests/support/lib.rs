@@ -196,8 +196,8 @@ impl Rig {
         Rig::start(&machine("z77-rx580.toml"), &machine("z77-rx580.vfiod.toml"))
     }
 
-    /// The Z77 machine whose RX 580 audio function never returns from an
-    /// unbind, with vfiod giving up on a write after `unbind_timeout_ms`.
+    /// The Z77 machine whose RX 580 audio function hangs in an unbind
+    /// (until Simulator.EndHang), with vfiod giving up on a write after `unbind_timeout_ms`.
     pub fn z77_hung_audio(unbind_timeout_ms: u32) -> Rig {
         let (machine_text, config) = Rig::z77_hung_audio_files(unbind_timeout_ms);
         Rig::with_text(&machine_text, &config)

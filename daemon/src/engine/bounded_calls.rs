@@ -54,6 +54,73 @@ impl Failure {
     }
 }
 
+/// Kernel calls that timed out and have not returned, by device and by
+/// move (journal entry).
+#[derive(Default)]
+pub(super) struct LateCalls {
+    devices: BTreeMap<PciAddress, usize>,
+    moves: BTreeMap<MoveId, LateMove>,
+}
+
+#[derive(Default)]
+struct LateMove {
+    unanswered: usize,
+    /// The move itself has ended; the last late call closes its entry.
+    over: bool,
+}
+
+impl LateCalls {
+    fn unanswered(&mut self, device: Option<PciAddress>, journal: Option<MoveId>) {
+        if let Some(device) = device {
+            *self.devices.entry(device).or_default() += 1;
+        }
+        if let Some(id) = journal {
+            self.moves.entry(id).or_default().unanswered += 1;
+        }
+    }
+
+    /// One came back: whether its device still waits on another, and the
+    /// journal entry to close now, if any.
+    fn answered(
+        &mut self,
+        device: Option<PciAddress>,
+        journal: Option<MoveId>,
+    ) -> (bool, Option<MoveId>) {
+        let still_stuck = device.is_some_and(|device| {
+            let left = self.devices.get_mut(&device).map(|n| {
+                *n = n.saturating_sub(1);
+                *n
+            });
+            if left == Some(0) {
+                self.devices.remove(&device);
+            }
+            left.unwrap_or(0) > 0
+        });
+        let close = journal.and_then(|id| {
+            let entry = self.moves.get_mut(&id)?;
+            entry.unanswered = entry.unanswered.saturating_sub(1);
+            if entry.unanswered > 0 {
+                return None;
+            }
+            let over = entry.over;
+            self.moves.remove(&id);
+            over.then_some(id)
+        });
+        (still_stuck, close)
+    }
+
+    /// The move ended: whether its entry can close now.
+    fn move_over(&mut self, id: MoveId) -> bool {
+        match self.moves.get_mut(&id) {
+            Some(entry) => {
+                entry.over = true;
+                false
+            }
+            None => true,
+        }
+    }
+}
+
 /// The result slot a kernel-write worker shares with its waiter.
 pub(super) struct WriteSlot<T> {
     pub(super) result: Option<KernelResult<T>>,
@@ -73,15 +140,18 @@ impl Engine {
     }
 
     /// Runs one kernel call (a write, or a read that takes the device lock)
-    /// on a worker thread and waits at most `limit`. A call that does not
-    /// come back leaves its device marked stuck until the kernel answers.
+    /// on a worker thread and waits at most what the move allows. A call
+    /// that does not come back leaves its device marked stuck and its
+    /// move's journal entry open until the kernel answers; then the device
+    /// is settled ([`Engine::settle_late_return`]).
     pub(super) fn kernel_call<T: Send + 'static>(
         &self,
         device: Option<PciAddress>,
         step: &str,
-        limit: Duration,
-        write: impl FnOnce(&dyn Kernel) -> KernelResult<T> + Send + 'static,
+        run: &Run,
+        call: impl FnOnce(&dyn Kernel) -> KernelResult<T> + Send + 'static,
     ) -> Result<T, StepFailure> {
+        let limit = self.write_limit(run)?;
         let slot = Arc::new((
             Mutex::new(WriteSlot {
                 result: None,
@@ -90,22 +160,32 @@ impl Engine {
             Condvar::new(),
         ));
         let kernel = self.kernel.clone();
-        let activity = self.activity.clone();
+        let engine = self.me.clone();
+        let journal = run.journal;
         let worker_slot = slot.clone();
         let step_name = step.to_string();
         self.workers
             .run(move || {
-                let result = write(&*kernel);
+                let result = call(&*kernel);
+                let answer = match &result {
+                    Ok(_) => "ok".to_string(),
+                    Err(e) => e.to_string(),
+                };
                 let (lock, ready) = &*worker_slot;
                 let mut slot = lock.lock().unwrap_or_else(|e| e.into_inner());
-                if slot.abandoned {
-                    if let Some(device) = device {
-                        activity.lock().unwrap_or_else(|e| e.into_inner()).remove(&device);
-                    }
-                    warn!(device = device.map(|d| d.to_string()).as_deref(), step = %step_name, ok = result.is_ok(), "a kernel write that timed out has returned");
-                } else {
+                if !slot.abandoned {
                     slot.result = Some(result);
                     ready.notify_one();
+                    return;
+                }
+                drop(slot);
+                match engine.upgrade() {
+                    Some(engine) => {
+                        engine.settle_late_return(device, &step_name, &answer, journal)
+                    }
+                    None => {
+                        error!(device = device.map(|d| d.to_string()).as_deref(), step = %step_name, answer = %answer, "a kernel call that timed out has returned after the engine ended; nothing settles the device")
+                    }
                 }
             })
             .map_err(|e| StepFailure::Kernel(KernelError::io("spawn worker for", step, e)))?;
@@ -119,6 +199,9 @@ impl Engine {
             Some(result) => result.map_err(StepFailure::Kernel),
             None => {
                 guard.abandoned = true;
+                // Under the slot's lock: the worker, when it returns, finds
+                // the call counted.
+                self.late_calls().unanswered(device, journal);
                 if let Some(device) = device {
                     self.activities().insert(
                         device,
@@ -132,11 +215,103 @@ impl Engine {
                     device = device.map(|d| d.to_string()).as_deref(),
                     step,
                     timeout_ms = limit.as_millis() as u64,
-                    "kernel write did not return; device marked stuck"
+                    "kernel call did not return; device marked stuck"
                 );
                 Err(StepFailure::Timeout { after: limit })
             }
         }
+    }
+
+    /// A kernel call that timed out has returned at last: the move it was
+    /// part of is over, and on a real kernel the device may be half-moved
+    /// (an unbind drops the `driver` link before remove() runs, so it can
+    /// end without a driver, `driver_override` naming vfio-pci). It is
+    /// settled as recovery settles an interrupted move: to its host
+    /// driver, or vfio-pci when that will not come back; then the move's
+    /// journal entry closes and listeners hear of it.
+    pub(super) fn settle_late_return(
+        &self,
+        device: Option<PciAddress>,
+        step: &str,
+        answer: &str,
+        journal: Option<MoveId>,
+    ) {
+        let settled = device.map(|address| {
+            let options = MoveOptions::default();
+            let run = Run {
+                options: &options,
+                started: Instant::now(),
+                progress: &|_, _| {},
+                journal,
+            };
+            let outcome = self.settle(address, &run);
+            let on_vfio = matches!(self.kernel.driver(&address), Ok(Some(d)) if d == VFIO_DRIVER);
+            if !on_vfio && let Err(e) = self.ledger().set_owner(address, None) {
+                error!(device = %address, error = %e, "cannot clear the owner");
+            }
+            (address, outcome)
+        });
+        let outcome = settled.as_ref().map(|(_, o)| o.as_str()).unwrap_or("");
+        error!(device = ?device, step, answer, outcome, "a kernel call that timed out has returned; device settled");
+        let (still_stuck, close) = self.late_calls().answered(device, journal);
+        if let Some(address) = device
+            && !still_stuck
+        {
+            let mut activities = self.activities();
+            if matches!(activities.get(&address), Some(Activity::Stuck(_))) {
+                activities.remove(&address);
+            }
+        }
+        if let Some(id) = close
+            && let Err(e) = self.journal.end(id)
+        {
+            error!(error = %e, "cannot close the journal entry; the next start will re-check these devices");
+        }
+        if let Some((address, _)) = settled {
+            self.tell_settled(address);
+        }
+    }
+
+    /// Closes a move's journal entry, unless a kernel call of it has not
+    /// returned yet: then the last one to return closes it.
+    pub(super) fn close_move(&self, id: MoveId) {
+        if !self.late_calls().move_over(id) {
+            warn!(
+                journal_id = id,
+                "a kernel call of this move has not returned; its journal entry stays open until it does"
+            );
+            return;
+        }
+        if let Err(e) = self.journal.end(id) {
+            error!(error = %e, "cannot close the journal entry; the next start will re-check these devices");
+        }
+    }
+
+    fn late_calls(&self) -> MutexGuard<'_, LateCalls> {
+        self.late.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tell_settled(&self, address: PciAddress) {
+        let listener = self.on_settled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(listener) = listener.as_ref() {
+            listener(address);
+        }
+    }
+
+    /// The device as the kernel shows it now, read with the move's time
+    /// limit: a sysfs read can wait behind a hung driver.
+    pub(super) fn read_device(
+        &self,
+        address: PciAddress,
+        run: &Run,
+    ) -> Result<Option<PciDevice>, Failure> {
+        let step = "read device";
+        self.kernel_call(Some(address), step, run, move |k| k.device(&address))
+            .map_err(|cause| Failure {
+                device: Some(address),
+                step: step.into(),
+                cause,
+            })
     }
 
     /// One verified step: announce, write, re-read.
@@ -160,8 +335,7 @@ impl Engine {
                 .step(id, device, step)
                 .map_err(|e| fail(StepFailure::Unexpected(format!("not written: {e}"))))?;
         }
-        let limit = self.write_limit(run).map_err(fail)?;
-        self.kernel_call(Some(device), step, limit, write)
+        self.kernel_call(Some(device), step, run, write)
             .map_err(fail)?;
         verify(&*self.kernel).map_err(fail)
     }
@@ -224,20 +398,14 @@ pub(super) fn expect_host_driver(
     )))
 }
 
-pub(super) fn expect_override(
-    kernel: &dyn Kernel,
-    address: &PciAddress,
-    want: Option<&str>,
-) -> Result<(), StepFailure> {
-    let got = kernel
-        .driver_override(address)
-        .map_err(StepFailure::Kernel)?;
-    if got.as_deref() == want {
+/// `driver_override` as read back after writing `want`.
+pub(super) fn expect_override(got: Option<&str>, want: Option<&str>) -> Result<(), StepFailure> {
+    if got == want {
         return Ok(());
     }
     Err(StepFailure::Unexpected(format!(
         "driver_override reads {} after writing {}",
-        got.as_deref().unwrap_or("(null)"),
+        got.unwrap_or("(null)"),
         want.unwrap_or("(null)")
     )))
 }

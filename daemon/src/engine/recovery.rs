@@ -30,22 +30,16 @@ impl Engine {
                     error!(device = %address, error = %e, "cannot clear the owner");
                 }
             }
-            if let Err(e) = self.journal.end(id) {
-                error!(error = %e, "cannot close a recovered journal entry");
-            }
+            self.close_move(id);
         }
         report
     }
 
     pub(super) fn settle(&self, address: PciAddress, run: &Run) -> String {
-        let outcome = match self.kernel.device(&address) {
+        let outcome = match self.read_device(address, run) {
             Ok(Some(_)) => self.settle_present(address, run),
             Ok(None) => return format!("{address} is gone from the bus"),
-            Err(e) => Err(Failure {
-                device: Some(address),
-                step: "read device".into(),
-                cause: StepFailure::Kernel(e),
-            }),
+            Err(failure) => Err(failure),
         };
         let now = self.kernel.driver(&address).ok().flatten();
         match (outcome, now) {

@@ -15,12 +15,14 @@
 //! behind vfiod's back (an admin's shell script, a desktop opening a node, a
 //! hot-unplug): [`SimKernel::set_driver`], [`SimKernel::add_holder`],
 //! [`SimKernel::remove_holder`], [`SimKernel::remove_device`],
-//! [`SimKernel::restore_device`]. They are persisted and announced with
-//! uevents like any other change.
+//! [`SimKernel::restore_device`], [`SimKernel::end_hang`]. They are
+//! persisted and announced with uevents like any other change.
 //!
 //! Where the real kernel blocks, so does the simulator, without holding its
-//! lock: `unbind = "hang"` never returns, and an unbind whose driver waits
-//! for the device's users (a "waiting unbind") blocks until they let go.
+//! lock: an unbind with `unbind = "hang"` (a driver whose remove() never
+//! ends) and an unbind whose driver waits for the device's users (a
+//! "waiting unbind") block, the first until [`SimKernel::end_hang`], the
+//! second until the users let go. Both are removals in progress, below.
 //! Which drivers wait follows the real 6.1 kernel, as the real-kernel lane
 //! sees it: vfio-pci while a process holds the group's `/dev/vfio/N` (it
 //! relays a device request and waits), a sound driver (`snd_*`) while a
@@ -32,7 +34,8 @@
 //! `drivers_probe` and another unbind of that device block meanwhile; the
 //! `unbind` uevent comes when the removal ends. The pending removal is part
 //! of the running state: it survives the writer being killed, and ends when
-//! [`SimKernel::remove_holder`] takes the last hold away, whoever calls it.
+//! [`SimKernel::remove_holder`] takes the last hold away (a hung one: at
+//! [`SimKernel::end_hang`]), whoever calls it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -270,6 +273,20 @@ impl SimKernel {
         })
     }
 
+    /// The hung removal of `address` (`unbind = "hang"`) ends, as a stuck
+    /// driver's remove() finally would: the device is left without a
+    /// driver, its unbind uevent sent, its writer released, its device
+    /// lock free. Whether a hang was pending. The next unbind hangs again.
+    pub fn end_hang(&self, address: &PciAddress) -> KernelResult<bool> {
+        self.transact(|board, state, _| {
+            board.entry(address)?;
+            let dev = state
+                .present_mut(address)
+                .ok_or(KernelError::NoDevice(*address))?;
+            Ok(std::mem::take(&mut dev.hung))
+        })
+    }
+
     /// Hot-unplug (`echo 1 > remove`): the device and everything behind it
     /// leave the bus, each unbound first.
     pub fn remove_device(&self, address: &PciAddress) -> KernelResult<()> {
@@ -423,12 +440,6 @@ fn is_sound_driver(driver: &str) -> bool {
 /// PCI-to-PCI and CardBus bridges: no normal header, so vfio-pci refuses them.
 fn is_pci_bridge(class: PciClass) -> bool {
     matches!(class.0 >> 8, 0x0604 | 0x0607)
-}
-
-fn hang_forever() -> ! {
-    loop {
-        std::thread::park();
-    }
 }
 
 fn uevent(action: UeventAction, address: &PciAddress, driver: Option<&str>) -> Uevent {

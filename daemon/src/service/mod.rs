@@ -268,6 +268,18 @@ impl Service {
         }
     }
 
+    /// Reads these devices' drivers again and publishes them with their
+    /// states: for changes the engine made outside a move (a device settled
+    /// after a late kernel answer), which uevents alone may show too early.
+    pub async fn reread_devices(
+        self: &Arc<Self>,
+        connection: &Connection,
+        addresses: Vec<PciAddress>,
+    ) -> Result<(), Error> {
+        self.refresh_with(connection, Scope::Devices(addresses, Reread::Driver))
+            .await
+    }
+
     /// Publishes what the engine says of these devices (moving, stuck,
     /// owner) without reading the kernel.
     pub async fn refresh_states(

@@ -135,6 +135,22 @@ impl SimulatorInterface {
         self.kernel.reads()
     }
 
+    /// The hung unbind of the device (`unbind = "hang"`) ends, as a stuck
+    /// driver's remove() finally would; false when none was pending.
+    async fn end_hang(
+        &self,
+        address: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<bool, Error> {
+        let address = parse_address(&address)?;
+        self.run(connection, &header, move |k| {
+            k.end_hang(&address)
+                .map_err(|e| Error::Kernel(e.to_string()))
+        })
+        .await
+    }
+
     /// Crash-point testing: vfiod dies by SIGKILL right after `writes` more
     /// kernel writes have taken effect (0 disarms).
     async fn crash_after_writes(

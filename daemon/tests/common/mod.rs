@@ -2,12 +2,16 @@
 
 #![allow(dead_code)]
 
+pub mod interposed;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vfiod::engine::Engine;
-use vfiod::kernel::Inspect;
+use vfiod::journal::{JOURNAL_FILE, Journal};
 use vfiod::kernel::sim::SimKernel;
+use vfiod::kernel::{Inspect, Kernel};
 use vfiod::ledger::Ledger;
 use vfiod::plan::MoveOptions;
 use vfiod_config::Config;
@@ -36,7 +40,7 @@ impl Drop for TempDir {
 
 pub struct Rig {
     pub sim: Arc<SimKernel>,
-    pub engine: Engine,
+    pub engine: Arc<Engine>,
     pub dir: TempDir,
     pub machine_path: PathBuf,
     pub config: Config,
@@ -72,9 +76,39 @@ impl Rig {
     }
 
     pub fn at(machine_path: PathBuf, config: Config, dir: TempDir) -> Rig {
+        Rig::interposed(machine_path, config, dir, |sim| sim)
+    }
+
+    /// The z77 machine edited by `edit`, its engine driving the kernel
+    /// that `wrap` makes of the simulated one.
+    pub fn z77_interposed(
+        edit: impl FnOnce(String) -> String,
+        wrap: impl FnOnce(Arc<SimKernel>) -> Arc<dyn Kernel>,
+    ) -> Rig {
+        let text = std::fs::read_to_string(machines_dir().join("z77-rx580.toml")).unwrap();
+        let dir = TempDir::new();
+        let path = dir.0.join("machine.toml");
+        std::fs::write(&path, edit(text)).unwrap();
+        Rig::interposed(path, z77_config(), dir, wrap)
+    }
+
+    fn interposed(
+        machine_path: PathBuf,
+        config: Config,
+        dir: TempDir,
+        wrap: impl FnOnce(Arc<SimKernel>) -> Arc<dyn Kernel>,
+    ) -> Rig {
         let state = dir.0.join("state");
         let sim = Arc::new(SimKernel::open(&machine_path, &state).expect("machine loads"));
-        let engine = Engine::new(sim.clone(), config.clone(), Ledger::open(&state).unwrap());
+        let boot_id = sim.boot_id().unwrap();
+        let (journal, _) = Journal::open(&state, &boot_id).unwrap();
+        let engine = Engine::new(
+            wrap(sim.clone()),
+            config.clone(),
+            Ledger::open(&state).unwrap(),
+        )
+        .with_journal(journal)
+        .shared();
         Rig {
             sim,
             engine,
@@ -149,6 +183,22 @@ impl Rig {
 
     pub fn machine(&self) -> MachineFile {
         self.sim.machine().clone()
+    }
+
+    /// How many moves the journal holds open.
+    pub fn open_moves(&self) -> usize {
+        let text = std::fs::read(self.dir.0.join("state").join(JOURNAL_FILE)).unwrap();
+        let file: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        file["moves"].as_object().expect("a moves map").len()
+    }
+}
+
+/// Waits for `condition`, polling; fails after `within`.
+pub fn wait_until(what: &str, within: Duration, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !condition() {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

@@ -122,6 +122,7 @@ impl Board {
                     driver: entry.driver.clone(),
                     driver_override: None,
                     unbinding: None,
+                    hung: false,
                 };
                 (entry.address, state)
             })

@@ -220,21 +220,18 @@ impl Kernel for SimKernel {
             };
             return Err(os_error("write", unbind_path(driver), errno));
         }
-        match faults(self.board.entry(address)?).unbind {
-            Some(UnbindFault::Hang) => {
-                drop(inner);
-                hang_forever();
-            }
+        let hangs = match faults(self.board.entry(address)?).unbind {
+            Some(UnbindFault::Hang) => true,
             Some(UnbindFault::Busy) => {
                 return Err(os_error("write", unbind_path(driver), libc::EBUSY));
             }
-            None => {}
-        }
+            None => false,
+        };
         // The link goes at once; the removal ends in this same change when
         // the driver waits for nobody, else when the last holder lets go
-        // (DESIGN §2), and this writer waits for it.
+        // (DESIGN §2) or the hang ends, and this writer waits for it.
         let result = self.commit(&mut inner, |_, state, _| {
-            state.start_removal(address, driver);
+            state.start_removal(address, driver, hangs);
             Ok(())
         });
         if result.is_ok() {

@@ -33,6 +33,14 @@ pub(super) struct DeviceState {
     /// still loads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) unbinding: Option<String>,
+    /// The pending removal hangs (`unbind = "hang"`): it waits for nobody
+    /// and ends only by [`SimKernel::end_hang`].
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub(super) hung: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 impl RunningState {
@@ -117,11 +125,13 @@ impl RunningState {
     }
 
     /// An unbind starts: the `driver` link goes at once, the removal ends
-    /// in [`RunningState::finish_removals`].
-    pub(super) fn start_removal(&mut self, address: &PciAddress, driver: &str) {
+    /// in [`RunningState::finish_removals`] (a `hung` one not before
+    /// [`SimKernel::end_hang`]).
+    pub(super) fn start_removal(&mut self, address: &PciAddress, driver: &str, hung: bool) {
         if let Some(dev) = self.present_mut(address) {
             dev.driver = None;
             dev.unbinding = Some(driver.to_owned());
+            dev.hung = hung;
         }
     }
 
@@ -131,7 +141,7 @@ impl RunningState {
         let done: Vec<(PciAddress, String)> = self
             .devices
             .iter()
-            .filter(|(_, dev)| dev.present)
+            .filter(|(_, dev)| dev.present && !dev.hung)
             .filter_map(|(address, dev)| Some((*address, dev.unbinding.clone()?)))
             .filter(|(address, driver)| {
                 board
@@ -249,6 +259,7 @@ impl RunningState {
         if let Some(dev) = self.present_mut(address)
             && let Some(old) = dev.driver.take().or_else(|| dev.unbinding.take())
         {
+            dev.hung = false;
             events.push(uevent(UeventAction::Unbind, address, Some(&old)));
         }
     }
@@ -289,6 +300,7 @@ impl RunningState {
             driver: None,
             driver_override: None,
             unbinding: None,
+            hung: false,
         };
         events.push(uevent(UeventAction::Add, address, None));
         self.probe_device(board, address, events);

@@ -132,6 +132,19 @@ fn errno(err: &KernelError) -> Option<i32> {
     }
 }
 
+/// Waits for `condition`, polling; fails after 5 s, which is long enough
+/// for anything that is going to happen to have happened.
+fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn event(action: UeventAction, address: &str, driver: Option<&str>) -> Uevent {
     uevent(action, &addr(address), driver)
 }

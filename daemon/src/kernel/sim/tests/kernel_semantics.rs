@@ -257,31 +257,110 @@ fn reprobe_fail_lets_vfio_pci_in_but_the_host_driver_never_back() {
 }
 
 #[test]
-fn a_hanging_unbind_never_returns_and_blocks_nothing_else() {
+fn a_hanging_unbind_takes_the_link_and_holds_the_device_lock_until_it_ends() {
     let dir = TempDir::new();
     let kernel = Arc::new(sim(
         &dir,
         gpu_machine(WITH_VFIO, "fault = { unbind = \"hang\" }"),
     ));
+    let events = kernel.subscribe();
     let gpu = addr(GPU);
+    kernel.set_driver_override(&gpu, Some(VFIO_DRIVER)).unwrap();
     let writer = {
         let kernel = Arc::clone(&kernel);
         thread::spawn(move || kernel.unbind(&gpu, "amdgpu"))
     };
+    // As on the real kernel: the link goes at once, before remove() runs.
+    wait_until("the driver link goes", || driver_of(&kernel, GPU).is_none());
+    let blocked: Vec<thread::JoinHandle<String>> = vec![
+        {
+            let kernel = Arc::clone(&kernel);
+            thread::spawn(move || format!("{:?}", kernel.driver_override(&gpu)))
+        },
+        {
+            let kernel = Arc::clone(&kernel);
+            thread::spawn(move || {
+                format!("{:?}", kernel.set_driver_override(&gpu, Some(VFIO_DRIVER)))
+            })
+        },
+        {
+            let kernel = Arc::clone(&kernel);
+            thread::spawn(move || format!("{:?}", kernel.probe(&gpu)))
+        },
+        {
+            let kernel = Arc::clone(&kernel);
+            thread::spawn(move || format!("{:?}", kernel.unbind(&gpu, "amdgpu")))
+        },
+    ];
     thread::sleep(BLOCKED);
     assert!(
         !writer.is_finished(),
         "unbind returned despite unbind = \"hang\""
     );
-
-    // Reads and other writes still answer meanwhile.
+    for (what, thread) in [
+        "read driver_override",
+        "write driver_override",
+        "drivers_probe",
+        "another unbind",
+    ]
+    .iter()
+    .zip(&blocked)
+    {
+        assert!(
+            !thread.is_finished(),
+            "{what} did not wait for the device lock"
+        );
+    }
+    // Reads without the device lock, and other devices, still answer.
     assert_eq!(kernel.devices().unwrap().len(), 3);
-    assert_eq!(driver_of(&kernel, GPU).as_deref(), Some("amdgpu"));
-    kernel.set_driver_override(&gpu, Some(VFIO_DRIVER)).unwrap();
     bind_vfio(&kernel, &addr(AUDIO)).unwrap();
     assert_eq!(driver_of(&kernel, AUDIO).as_deref(), Some(VFIO_DRIVER));
+    while let Ok(event) = events.try_recv() {
+        assert_ne!(
+            event,
+            self::event(UeventAction::Unbind, GPU, Some("amdgpu")),
+            "the unbind uevent comes when the removal ends"
+        );
+    }
     assert!(!writer.is_finished());
-    // The writer thread stays parked; the test binary exits past it.
+
+    // The hang ends: the writer and everything behind the lock return, the
+    // device is left without a driver, its override still set.
+    assert!(kernel.end_hang(&gpu).unwrap());
+    writer.join().unwrap().unwrap();
+    let answers: Vec<String> = blocked.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(answers[0], "Ok(Some(\"vfio-pci\"))", "{answers:?}");
+    // The second unbind finds the device unbound once it has the lock.
+    assert!(answers[1..].iter().all(|a| a == "Ok(())"), "{answers:?}");
+    assert_eq!(
+        events.recv().unwrap(),
+        event(UeventAction::Unbind, GPU, Some("amdgpu"))
+    );
+    assert!(!kernel.end_hang(&gpu).unwrap(), "nothing hangs any more");
+}
+
+#[test]
+fn a_hang_outlives_its_writer_and_ends_after_a_restart() {
+    let dir = TempDir::new();
+    let machine = gpu_machine(WITH_VFIO, "fault = { unbind = \"hang\" }");
+    let gpu = addr(GPU);
+    {
+        let kernel = Arc::new(sim(&dir, machine.clone()));
+        let writer = Arc::clone(&kernel);
+        thread::spawn(move || writer.unbind(&gpu, "amdgpu"));
+        wait_until("the driver link goes", || driver_of(&kernel, GPU).is_none());
+    }
+    // vfiod killed mid-hang: the removal is still pending on the machine.
+    let kernel = Arc::new(sim(&dir, machine));
+    let reader = {
+        let kernel = Arc::clone(&kernel);
+        thread::spawn(move || kernel.driver_override(&gpu))
+    };
+    thread::sleep(BLOCKED);
+    assert!(!reader.is_finished(), "the device lock is still held");
+    assert!(kernel.end_hang(&gpu).unwrap());
+    assert_eq!(reader.join().unwrap().unwrap(), None);
+    assert_eq!(driver_of(&kernel, GPU), None);
 }
 
 #[test]
