@@ -343,7 +343,14 @@ fn a_hung_unbind_times_out_marks_the_device_stuck_and_blocks_nothing_else() {
             (rig.bind("rx580"), started.elapsed())
         });
         // While the unbind hangs, reads answer and an unrelated group moves.
-        std::thread::sleep(Duration::from_millis(100));
+        let since = Instant::now();
+        while rig.engine.activity(&addr("01:00.1")) != Some(vfiod::engine::Activity::Moving) {
+            assert!(
+                since.elapsed() < Duration::from_secs(10),
+                "the bind never started"
+            );
+            std::thread::yield_now();
+        }
         let read = Instant::now();
         let devices = rig.devices();
         let _ = rig.engine.device_state(&devices[0]);

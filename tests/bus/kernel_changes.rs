@@ -158,11 +158,11 @@ fn after_a_hang_ends_the_device_is_settled_and_the_bus_says_so() {
     rig.simulate("EndHang", "s", &["0000:01:00.1"]);
     // Settled in the background once the unbind returns; published by
     // vfiod itself, with no other event to prompt it.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while rig.device_property("01:00.1", "State") == "stuck" {
-        assert!(Instant::now() < deadline, "still stuck: {}", rig.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "the audio settled after the hang ended",
+        Duration::from_secs(5),
+        || rig.device_property("01:00.1", "State") != "stuck",
+    );
     assert_eq!(rig.device_property("01:00.1", "State"), "host");
     assert_eq!(rig.driver("01:00.1"), "snd_hda_intel");
     assert!(
