@@ -449,7 +449,7 @@ fn bind_into_the_hang(rig: &Rig) {
     assert!(stderr(&out).contains("Timeout"), "{}", stderr(&out));
 }
 
-const THE_ERROR: &str = "kernel write did not return";
+const THE_ERROR: &str = "kernel call did not return";
 
 #[test]
 fn on_the_journal_stream_an_error_is_a_journal_error_with_its_device_step_and_target() {
