@@ -68,7 +68,12 @@ fn main() {
 
     let engine_dir = temp_state(&base);
     let sim = Arc::new(SimKernel::open(&machine, &engine_dir).unwrap());
-    let engine = Engine::new(sim.clone(), config, Ledger::open(&engine_dir).unwrap());
+    let engine = Engine::new(
+        sim.clone(),
+        config,
+        Ledger::open(&engine_dir).unwrap(),
+        vfiod::journal::Journal::disabled(),
+    );
     let raw_dir = temp_state(&base);
     let raw = SimKernel::open(&machine, &raw_dir).unwrap();
 

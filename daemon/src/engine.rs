@@ -71,27 +71,25 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(kernel: Arc<dyn Kernel>, config: Config, ledger: Ledger) -> Engine {
-        Engine {
+    /// The engine, shared: a kernel call that times out keeps a weak
+    /// handle on it, to settle its device when it returns at last.
+    pub fn new(
+        kernel: Arc<dyn Kernel>,
+        config: Config,
+        ledger: Ledger,
+        journal: Journal,
+    ) -> Arc<Engine> {
+        Arc::new_cyclic(|me| Engine {
             kernel,
             config: RwLock::new(Arc::new(config)),
             ledger: Arc::new(Mutex::new(ledger)),
-            journal: Journal::disabled(),
+            journal,
             activity: Arc::default(),
             busy_groups: Arc::default(),
             workers: Workers::default(),
             late: Mutex::default(),
             on_settled: Mutex::default(),
-            me: Weak::new(),
-        }
-    }
-
-    /// The engine, shared. Only a shared engine settles a device whose
-    /// kernel call timed out and returned later.
-    pub fn shared(self) -> Arc<Engine> {
-        Arc::new_cyclic(|me| Engine {
             me: me.clone(),
-            ..self
         })
     }
 
@@ -100,12 +98,6 @@ impl Engine {
     /// state changed outside any move, so whoever shows them re-reads it.
     pub fn on_settled(&self, listener: impl Fn(PciAddress) + Send + Sync + 'static) {
         *self.on_settled.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(listener));
-    }
-
-    /// Records every move in `journal` from now on (see [`Engine::recover`]).
-    pub fn with_journal(mut self, journal: Journal) -> Engine {
-        self.journal = journal;
-        self
     }
 
     pub fn kernel(&self) -> &Arc<dyn Kernel> {
@@ -130,7 +122,7 @@ impl Engine {
     /// What a plan reads of the ledger, copied out: a plan reads the kernel
     /// for as long as it must, and the event loop reads owners meanwhile.
     fn ledger_copy(&self) -> Ledger {
-        self.ledger().copy_in_memory()
+        ledger_copy(&self.ledger)
     }
 
     fn activities(&self) -> MutexGuard<'_, BTreeMap<PciAddress, Activity>> {
@@ -615,4 +607,12 @@ impl Engine {
         }
         aftermath
     }
+}
+
+/// See [`Engine::ledger_copy`]; planners on worker threads take it too.
+fn ledger_copy(ledger: &Mutex<Ledger>) -> Ledger {
+    ledger
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .copy_in_memory()
 }

@@ -101,9 +101,7 @@ async fn run(args: Args) -> Result<(), String> {
         .boot_id()
         .map_err(|e| format!("cannot read the kernel's boot id: {e}"))?;
     let (journal, interrupted) = Journal::open(&state_dir, &boot_id).map_err(|e| e.to_string())?;
-    let engine = Engine::new(kernel, config, ledger)
-        .with_journal(journal)
-        .shared();
+    let engine = Engine::new(kernel, config, ledger, journal);
     // A device settled after a late kernel answer changed outside any move:
     // the main loop has the service read it again.
     let (settled_tx, mut settled) = tokio::sync::mpsc::unbounded_channel();

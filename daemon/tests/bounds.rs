@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Rig, addr, with_fault};
+use common::{Rig, addr, udev_worker_holds_the_audio, with_fault};
 use vfiod::engine::Activity;
 use vfiod::plan::MoveOptions;
 use vfiod_dbus::Error;
@@ -51,15 +51,7 @@ fn the_wait_for_a_group_another_move_holds_ends_at_the_moves_timeout() {
 #[test]
 fn planning_that_waits_on_the_kernel_ends_at_the_moves_timeout() {
     let rig = Rig::shipped("z77-rx580");
-    // A udev worker that never lets go: the plan reads the holders again
-    // and again for a second before it refuses.
-    rig.sim
-        .add_holder(vfiod_pci::Holder {
-            pid: 330,
-            comm: "(udev-worker)".into(),
-            node: "/dev/snd/controlC1".into(),
-        })
-        .unwrap();
+    udev_worker_holds_the_audio(&rig);
     let asked = Instant::now();
     let planned = rig.bind_with(
         "rx580",

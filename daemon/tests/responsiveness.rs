@@ -9,10 +9,9 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Rig, addr};
+use common::{Rig, addr, udev_worker_holds_the_audio};
 use vfiod::plan::MoveOptions;
 use vfiod_dbus::Direction;
-use vfiod_pci::Holder;
 
 /// The slowest of `read`'s answers while `busy` runs.
 fn slowest_answer_while(busy: impl FnOnce() + Send, read: impl Fn()) -> Duration {
@@ -35,15 +34,7 @@ fn slowest_answer_while(busy: impl FnOnce() + Send, read: impl Fn()) -> Duration
 #[test]
 fn owners_answer_at_once_while_a_plan_waits_on_the_kernel() {
     let rig = Rig::shipped("z77-rx580");
-    // A udev worker that never lets go of the audio's node: the plan waits
-    // a second for it to, reading the holders again and again.
-    rig.sim
-        .add_holder(Holder {
-            pid: 330,
-            comm: "(udev-worker)".into(),
-            node: "/dev/snd/controlC1".into(),
-        })
-        .unwrap();
+    udev_worker_holds_the_audio(&rig);
     let gpu = addr("01:00.0");
     let planning = Instant::now();
     let slowest = slowest_answer_while(
@@ -72,13 +63,7 @@ fn owners_answer_at_once_while_a_plan_waits_on_the_kernel() {
 #[test]
 fn owners_answer_at_once_while_a_move_plans_under_its_locks() {
     let rig = Rig::shipped("z77-rx580");
-    rig.sim
-        .add_holder(Holder {
-            pid: 330,
-            comm: "(udev-worker)".into(),
-            node: "/dev/snd/controlC1".into(),
-        })
-        .unwrap();
+    udev_worker_holds_the_audio(&rig);
     let gpu = addr("01:00.0");
     let slowest = slowest_answer_while(
         || assert!(rig.bind("rx580").is_err()),

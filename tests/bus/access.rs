@@ -21,20 +21,7 @@ fn an_unprivileged_caller_reads_but_may_not_move() {
     );
     assert_exit(&out, 0);
     assert_eq!(value_of(&out), "amdgpu");
-    let out = rig.as_nobody(
-        "busctl",
-        &[
-            "--system",
-            "call",
-            "org.vfiod1",
-            "/org/vfiod1",
-            "org.vfiod1.Manager",
-            "Bind",
-            "sa{sv}",
-            "rx580",
-            "0",
-        ],
-    );
+    let out = rig.manager_call_as_nobody("Bind", "rx580");
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("Access denied") || stderr(&out).contains("polkitd is not running"),

@@ -31,20 +31,7 @@ fn a_denied_bind_or_release_reads_nothing_of_the_kernel() {
     );
     let before = kernel_reads(&rig);
     for method in ["Bind", "Release", "Release", "Bind"] {
-        let out = rig.as_nobody(
-            "busctl",
-            &[
-                "--system",
-                "call",
-                "org.vfiod1",
-                "/org/vfiod1",
-                "org.vfiod1.Manager",
-                method,
-                "sa{sv}",
-                "rx580",
-                "0",
-            ],
-        );
+        let out = rig.manager_call_as_nobody(method, "rx580");
         assert!(!out.status.success(), "{method} was allowed");
         assert!(
             stderr(&out).contains("Access denied")

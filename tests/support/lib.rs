@@ -405,6 +405,25 @@ impl Rig {
         self.as_user("nobody", "nogroup", program, args)
     }
 
+    /// `busctl call` of a Manager method taking (target, no options), as
+    /// `nobody`.
+    pub fn manager_call_as_nobody(&self, method: &str, target: &str) -> Output {
+        self.as_nobody(
+            "busctl",
+            &[
+                "--system",
+                "call",
+                "org.vfiod1",
+                "/org/vfiod1",
+                "org.vfiod1.Manager",
+                method,
+                "sa{sv}",
+                target,
+                "0",
+            ],
+        )
+    }
+
     /// A command run as another user, with only that user's group.
     pub fn as_user(&self, user: &str, group: &str, program: &str, args: &[&str]) -> Output {
         let reuid = format!("--reuid={user}");

@@ -92,12 +92,7 @@ impl Planner {
                 devices = plan::listing_for(&*self.kernel, &self.config, target)?;
             }
             let plan = {
-                // A copy: the event loop reads owners while this plans.
-                let ledger = self
-                    .ledger
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .copy_in_memory();
+                let ledger = ledger_copy(&self.ledger);
                 plan::plan_on(
                     &*self.kernel,
                     &devices,

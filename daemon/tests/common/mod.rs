@@ -106,9 +106,8 @@ impl Rig {
             wrap(sim.clone()),
             config.clone(),
             Ledger::open(&state).unwrap(),
-        )
-        .with_journal(journal)
-        .shared();
+            journal,
+        );
         Rig {
             sim,
             engine,
@@ -223,4 +222,16 @@ pub fn with_fault(text: String, address: &str, fault: &str) -> String {
     let line = format!("address = \"{address}\"\n");
     assert!(text.contains(&line), "no device {address}");
     text.replace(&line, &format!("{line}fault = {{ {fault} }}\n"))
+}
+
+/// A udev worker that never lets go of the audio's node: a plan waits a
+/// second for it to, reading the holders again and again.
+pub fn udev_worker_holds_the_audio(rig: &Rig) {
+    rig.sim
+        .add_holder(vfiod_pci::Holder {
+            pid: 330,
+            comm: "(udev-worker)".into(),
+            node: "/dev/snd/controlC1".into(),
+        })
+        .unwrap();
 }
