@@ -67,7 +67,14 @@ fn sixty_four_clients_bind_and_release_at_once() {
     let outcomes: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
 
     rig.block_on(async {
-        let watcher = rig.connect().await;
+        // zbus keeps 64 unread messages and drops older ones silently: a
+        // collector that falls behind 64 movers (a loaded machine) would
+        // see steps missing and call it interleaving.
+        let watcher = zbus::connection::Builder::address(rig.address.as_str())
+            .max_queued(std::num::NonZeroUsize::new(1 << 16).unwrap())
+            .build()
+            .await
+            .unwrap();
         let manager = ManagerProxy::new(&watcher).await.unwrap();
         let mut stream = manager.receive_transition_progress().await.unwrap();
         let seen = progress.clone();
