@@ -103,10 +103,14 @@ mkdir -p /run/udev
 udevadm trigger --subsystem-match=pci --action=add
 udevadm settle -t 60
 for m in bochs snd_hda_intel xhci_pci; do [ -d "/sys/module/$m" ] || modprobe "$m"; done
-# The USB disk on the xHCI card is scanned asynchronously: wait for its
-# nodes, so that the snapshot is the same every time.
+# The USB disk on the xHCI card is scanned asynchronously, and so is the
+# HDA codec behind the GPU's audio function (its card's nodes come after
+# the driver binds): wait for their nodes, so that the snapshot is the
+# same every time.
 for i in $(seq 250); do
-  [ -e /sys/class/block/sda ] && [ -e /sys/class/scsi_generic/sg0 ] && break
+  [ -e /sys/class/block/sda ] && [ -e /sys/class/scsi_generic/sg0 ] \
+    && [ -e /sys/class/sound/controlC0 ] && [ -e /sys/class/sound/hwC0D0 ] \
+    && [ -e /sys/class/sound/pcmC0D0p ] && [ -e /sys/class/sound/pcmC0D0c ] && break
   nap 0.02
 done
 udevadm settle -t 60
