@@ -20,9 +20,11 @@ use vfiod_config::Config;
 mod bounded_calls;
 mod group_locks;
 mod recovery;
+mod rollback;
 
 use self::bounded_calls::*;
 use self::group_locks::*;
+use self::rollback::*;
 
 /// Called before each step of a move: (device, step) with the step in
 /// plain words, e.g. "unbind amdgpu".
@@ -202,7 +204,7 @@ impl Engine {
         // Every line of the move, the worker's error included, names it
         // (a journal field under systemd).
         let _move = tracing::error_span!("move", target, %direction).entered();
-        let (plan, _held) = self.plan_bounded(target, direction, options, started)?;
+        let (plan, held) = self.plan_bounded(target, direction, options, started)?;
         if let Some(busy) = plan
             .devices
             .iter()
@@ -240,9 +242,37 @@ impl Engine {
             progress,
             journal: Some(journal),
         };
-        let outcome = self.execute_plan(&plan, &run);
+        let mut held = Some(held);
+        let outcome = match self.execute_plan(&plan, &run) {
+            Ok(()) => Ok(()),
+            Err(Halt::Refused(e)) => Err(e),
+            Err(Halt::Failed { touched, failure }) => {
+                let undo = Undo {
+                    touched,
+                    failure,
+                    plan: &plan,
+                    held: held
+                        .take()
+                        .expect("the groups are held until the move ends"),
+                };
+                match self.undo_within(undo, &run) {
+                    Undone::InTime(e, groups) => {
+                        held = Some(groups);
+                        Err(e)
+                    }
+                    // The undoing goes on with the groups, the journal
+                    // entry and the devices' `moving`; it ends them.
+                    Undone::Later(e) => {
+                        warn!(target, %direction, error = %e, "move failed; still undoing it");
+                        return Err(e);
+                    }
+                }
+            }
+        };
         self.close_move(journal);
         self.clear_moving(&plan.addresses());
+        // Only now may a move waiting for these groups plan.
+        drop(held);
         match &outcome {
             Ok(()) => info!(
                 target,
@@ -309,12 +339,14 @@ impl Engine {
     }
 
     /// Moves each device of the plan that is not already where the move
-    /// goes; on the first failure, rolls back what this move did.
-    fn execute_plan(&self, plan: &Plan, run: &Run) -> Result<(), Error> {
+    /// goes; stops at the first failure, for what this move did to be
+    /// undone.
+    fn execute_plan(&self, plan: &Plan, run: &Run) -> Result<(), Halt> {
         let context = format!("{} {}", plan.direction, plan.target);
         if plan.load_vfio {
-            self.ensure_vfio_loaded(run)
-                .map_err(|f| f.into_error(&context, &["nothing was moved".into()]))?;
+            self.ensure_vfio_loaded(run).map_err(|f| {
+                Halt::Refused(f.into_error(&context, &["nothing was moved".into()]))
+            })?;
         }
         let binding = plan.direction == Direction::Bind;
         let mut touched: Vec<PciAddress> = Vec::new();
@@ -329,14 +361,7 @@ impl Engine {
                 self.to_host(device.address, self.return_driver(&device.address), run)
             };
             if let Err(failure) = moved {
-                let aftermath = self.roll_back(
-                    &touched,
-                    &failure,
-                    plan.direction,
-                    run.progress,
-                    run.journal,
-                );
-                return Err(failure.into_error(&context, &aftermath));
+                return Err(Halt::Failed { touched, failure });
             }
         }
         // A bind owns only what it moved (DESIGN §8): a device already on
@@ -352,7 +377,7 @@ impl Engine {
         for address in owned {
             ledger
                 .set_owner(address, owner)
-                .map_err(|e| Error::Kernel(format!("{context}: done, but {e}")))?;
+                .map_err(|e| Halt::Refused(Error::Kernel(format!("{context}: done, but {e}"))))?;
         }
         Ok(())
     }
@@ -534,78 +559,6 @@ impl Engine {
             move |k| k.probe(&address),
             |k| expect_driver(k, &address, Some(VFIO_DRIVER)),
         )
-    }
-
-    /// Undoes a failed move, newest device first. A device whose write hung
-    /// is left alone (touching it would hang too). Returns what happened,
-    /// in words, for the error message.
-    fn roll_back(
-        &self,
-        touched: &[PciAddress],
-        failure: &Failure,
-        direction: Direction,
-        progress: ProgressFn,
-        journal_id: Option<MoveId>,
-    ) -> Vec<String> {
-        // Undoing gets its own clock: the move's deadline may be what failed.
-        let options = MoveOptions::default();
-        let run = Run {
-            options: &options,
-            started: Instant::now(),
-            progress,
-            journal: journal_id,
-        };
-        let mut aftermath = Vec::new();
-        for &address in touched.iter().rev() {
-            if matches!(self.activity(&address), Some(Activity::Stuck(_))) {
-                aftermath.push(format!("{address} left as it is (stuck in the kernel)"));
-                continue;
-            }
-            match self.read_device(address, &run) {
-                Ok(None) => {
-                    error!(device = %address, "device vanished from the bus during the move");
-                    aftermath.push(format!("{address} is gone from the bus"));
-                    continue;
-                }
-                // Stuck now: settled when the read returns.
-                Err(f) if matches!(f.cause, StepFailure::Timeout { .. }) => {
-                    aftermath.push(format!("{address} left as it is ({})", f.describe()));
-                    continue;
-                }
-                // Any other answer: undoing is still the way back.
-                _ => {}
-            }
-            let undo = match direction {
-                Direction::Bind => self.to_host(address, self.return_driver(&address), &run),
-                Direction::Release => self.to_vfio(address, &run),
-            };
-            let now = self.kernel.driver(&address).ok().flatten();
-            match (undo, now) {
-                (Ok(()), Some(driver)) => {
-                    info!(device = %address, driver = %driver, "rolled back");
-                    aftermath.push(format!("{address} rolled back to {driver}"));
-                }
-                (result, now) => {
-                    let why = result.err().map(|f| f.describe()).unwrap_or_default();
-                    match now {
-                        Some(driver) => {
-                            warn!(device = %address, driver = %driver, why = %why, "rollback incomplete");
-                            aftermath.push(format!(
-                                "{address} could not be rolled back ({why}); it is on {driver}"
-                            ));
-                        }
-                        None => {
-                            error!(device = %address, why = %why, cause = %failure.describe(), "DEVICE LEFT WITHOUT A DRIVER");
-                            aftermath.push(format!("{address} IS LEFT WITHOUT A DRIVER ({why})"));
-                        }
-                    }
-                }
-            }
-        }
-        if aftermath.is_empty() {
-            aftermath.push("nothing was moved".into());
-        }
-        aftermath
     }
 }
 

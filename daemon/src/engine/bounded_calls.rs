@@ -291,7 +291,7 @@ impl Engine {
         self.late.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn tell_settled(&self, address: PciAddress) {
+    pub(super) fn tell_settled(&self, address: PciAddress) {
         let listener = self.on_settled.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(listener) = listener.as_ref() {
             listener(address);
