@@ -17,6 +17,7 @@ use vfiod::kernel::Kernel;
 use vfiod::kernel::Sysfs;
 use vfiod::kernel::sim::SimKernel;
 use vfiod::ledger::Ledger;
+use vfiod::notify;
 use vfiod::plan::MoveOptions;
 use vfiod::service::Service;
 use vfiod::service::simulator::{SIMULATOR_PATH, SimulatorInterface};
@@ -43,6 +44,9 @@ const BLOCKING_THREADS: usize = 10;
 fn main() -> ExitCode {
     one_malloc_arena();
     let args = Args::parse();
+    if let Some(pid) = args.reload {
+        return ask_for_reload(pid, &args);
+    }
     logging::init();
     // Blocking work (moves, checks, snapshot reads) is capped by the
     // service's own slots; this caps the threads whatever a caller sends.
@@ -177,7 +181,7 @@ async fn run(args: Args) -> Result<(), String> {
                     warn!(error = %e, "refresh after a device was settled failed");
                 }
             }
-            _ = hangup.recv() => reload(&args, &engine, &service, &connection).await,
+            _ = hangup.recv() => reload(&args, &state_dir, &engine, &service, &connection).await,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
@@ -186,23 +190,84 @@ async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
+/// `vfiod --reload PID`: the unit's ExecReload. Its exit status and
+/// stderr are the reload's verdict, given by the vfiod of PID itself.
+fn ask_for_reload(pid: u32, args: &Args) -> ExitCode {
+    let state_dir = match args.state_dir.clone().map_or_else(default_state_dir, Ok) {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("vfiod: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match vfiod::reload::request(pid, &state_dir, vfiod::reload::VERDICT_TIMEOUT) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vfiod: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A reload (SIGHUP): announced to systemd as it begins and ends, and its
+/// verdict recorded in the state dir for `vfiod --reload`, which waits for it.
 async fn reload(
     args: &Args,
+    state_dir: &std::path::Path,
     engine: &Engine,
     service: &Arc<Service>,
     connection: &zbus::Connection,
 ) {
+    let began_usec = vfiod::reload::monotonic_usec();
+    tell_systemd(&notify::reloading(began_usec));
+    let refused = reload_config(args, engine, service, connection).await.err();
+    let status = match &refused {
+        None => "configuration reloaded".to_owned(),
+        Some(reason) => format!("new configuration refused; keeping the old one: {reason}"),
+    };
+    let verdict = vfiod::reload::Verdict {
+        pid: std::process::id(),
+        began_usec,
+        refused,
+    };
+    if let Err(e) = vfiod::reload::record(state_dir, &verdict) {
+        error!(error = %e, file = vfiod::reload::VERDICT_FILE, "cannot record the reload's verdict");
+    }
+    tell_systemd(&notify::ready(&status));
+}
+
+/// Reads the config again and puts it in force; `Err` is the refusal.
+async fn reload_config(
+    args: &Args,
+    engine: &Engine,
+    service: &Arc<Service>,
+    connection: &zbus::Connection,
+) -> Result<(), String> {
     let path = args.config.clone();
-    match tokio::task::spawn_blocking(move || Config::load(&path)).await {
-        Ok(Ok(config)) => {
-            info!(config = %args.config.display(), profiles = config.profiles.len(), "configuration reloaded");
-            engine.set_config(config);
-            if let Err(e) = service.refresh(connection).await {
-                warn!(error = %e, "refresh after reload failed");
-            }
+    let config = match tokio::task::spawn_blocking(move || Config::load(&path)).await {
+        Ok(Ok(config)) => config,
+        Ok(Err(e)) => {
+            error!(error = %e, "new configuration refused; keeping the old one");
+            return Err(e.to_string());
         }
-        Ok(Err(e)) => error!(error = %e, "new configuration refused; keeping the old one"),
-        Err(e) => error!(error = %e, "reloading failed"),
+        Err(e) => {
+            error!(error = %e, "reloading failed");
+            return Err(format!("reloading failed: {e}"));
+        }
+    };
+    info!(config = %args.config.display(), profiles = config.profiles.len(), "configuration reloaded");
+    engine.set_config(config);
+    // The new config is in force either way; the bus catches up at the
+    // next change.
+    if let Err(e) = service.refresh(connection).await {
+        warn!(error = %e, "refresh after reload failed");
+    }
+    Ok(())
+}
+
+fn tell_systemd(state: &str) {
+    if let Err(e) = notify::notify(state) {
+        warn!(error = %e, "cannot notify systemd");
     }
 }
 
