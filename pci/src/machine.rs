@@ -45,6 +45,10 @@ pub struct MachineInfo {
     /// Whether vfiod may load any module at all.
     #[serde(default, skip_serializing_if = "ModuleLoading::is_allowed")]
     pub module_loading: ModuleLoading,
+    /// udev's coldplug is still running for this long after the machine
+    /// boots (`/run/udev/queue` exists meanwhile); absent: over at boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coldplug_ms: Option<u64>,
 }
 
 /// Whether the process (and the `modprobe` it runs) may load kernel
@@ -115,6 +119,13 @@ pub struct DeviceEntry {
     pub mounts: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Faults>,
+    /// Its `driver` binds late, as udev's coldplug reaches it (a module
+    /// loaded by a udev rule, a slow probe): no driver at boot; bound when
+    /// the coldplug ends (`coldplug_ms`) or, if someone writes to the
+    /// device before that, just before that write takes effect, as a probe
+    /// holding the device lock finishes first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late_driver: bool,
 }
 
 /// Injected faults; each applies every time its operation runs.
@@ -341,6 +352,18 @@ impl MachineFile {
                         "a driver name is 1-64 characters of [A-Za-z0-9_-]".into(),
                     ));
                 }
+            }
+            if d.late_driver
+                && d.driver
+                    .as_deref()
+                    .is_none_or(|driver| driver == "vfio-pci")
+            {
+                return Err(fail(
+                    d,
+                    "late_driver",
+                    "true".into(),
+                    "only a device with a host driver (driver = ...) can have it bind late".into(),
+                ));
             }
             if d.host_driver.is_some() && d.driver.as_deref() != Some("vfio-pci") {
                 return Err(fail(
