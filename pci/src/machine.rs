@@ -504,5 +504,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("listed twice"), "{err}");
+
+        // A late driver needs a driver to come; the bridge 00:00.0 has none.
+        let bad = z77().replace(
+            "address = \"0000:00:00.0\"\n",
+            "address = \"0000:00:00.0\"\nlate_driver = true\n",
+        );
+        let err = MachineFile::parse(&bad, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("0000:00:00.0") && err.contains("late_driver"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_coldplug_keys_round_trip() {
+        let text = z77()
+            .replacen("[machine]\n", "[machine]\ncoldplug_ms = 1500\n", 1)
+            .replace(
+                "address = \"0000:01:00.0\"\n",
+                "address = \"0000:01:00.0\"\nlate_driver = true\n",
+            );
+        let machine = MachineFile::parse(&text, Path::new("m.toml")).unwrap();
+        assert_eq!(machine.machine.coldplug_ms, Some(1500));
+        let gpu = machine.device(&"0000:01:00.0".parse().unwrap()).unwrap();
+        assert!(gpu.late_driver);
+        let again = MachineFile::parse(&machine.to_toml(), Path::new("again")).unwrap();
+        assert_eq!(again, machine);
     }
 }
