@@ -1,5 +1,6 @@
 //! vfiod: the kernel access, the transition engine and the D-Bus service.
 
+pub mod boot;
 pub mod bouncer;
 pub mod cli;
 pub mod doctor;

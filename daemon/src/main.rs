@@ -18,11 +18,9 @@ use vfiod::kernel::Sysfs;
 use vfiod::kernel::sim::SimKernel;
 use vfiod::ledger::Ledger;
 use vfiod::notify;
-use vfiod::plan::MoveOptions;
 use vfiod::service::Service;
 use vfiod::service::simulator::{SIMULATOR_PATH, SimulatorInterface};
-use vfiod_config::{BootState, Config};
-use vfiod_dbus::Direction;
+use vfiod_config::Config;
 
 /// glibc gives each thread that allocates an arena of its own (up to eight
 /// per core) and keeps what each one freed: with a dozen short-lived
@@ -88,6 +86,7 @@ async fn run(args: Args) -> Result<(), String> {
         Some(machine) => {
             let sim = Arc::new(SimKernel::open(machine, &state_dir).map_err(|e| e.to_string())?);
             let events = uevents::from_simulation(sim.subscribe());
+            sim.run_coldplug();
             info!(machine = %machine.display(), state_dir = %state_dir.display(), "running on a simulated kernel");
             (sim.clone(), Some(sim), events)
         }
@@ -143,9 +142,8 @@ async fn run(args: Args) -> Result<(), String> {
         .start(&connection)
         .await
         .map_err(|e| format!("cannot serve org.vfiod1: {e}"))?;
-    // Profiles with boot = "vfio" are bound before the name is taken, so a
-    // display manager ordered after vfiod.service finds them gone.
-    bind_boot_profiles(&service, &connection).await;
+    // Profiles with boot = "vfio" are bound before the name is taken.
+    vfiod::boot::bind_boot_profiles(&service, &connection).await;
     service
         .take_name(&connection)
         .await
@@ -268,22 +266,5 @@ async fn reload_config(
 fn tell_systemd(state: &str) {
     if let Err(e) = notify::notify(state) {
         warn!(error = %e, "cannot notify systemd");
-    }
-}
-
-/// Profiles with `boot = "vfio"` go to vfio-pci as vfiod starts.
-async fn bind_boot_profiles(service: &Arc<Service>, connection: &zbus::Connection) {
-    let config = service.engine().config();
-    for (name, profile) in &config.profiles {
-        if profile.boot != BootState::Vfio {
-            continue;
-        }
-        match service
-            .transition(connection, name, Direction::Bind, MoveOptions::default())
-            .await
-        {
-            Ok(devices) => info!(profile = %name, devices = devices.len(), "bound at start"),
-            Err(e) => error!(profile = %name, error = %e, "could not bind at start"),
-        }
     }
 }

@@ -2,6 +2,7 @@
 //! binaries, with busctl and gdbus as outside clients (DESIGN §4, §5).
 
 mod access;
+mod boot;
 mod denied;
 mod kernel_changes;
 mod outside_clients;
