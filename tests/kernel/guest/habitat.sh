@@ -60,6 +60,7 @@ readme_commands() {
     if [ -z "$in" ]; then [ "$line" = '```sh' ] && in=1; continue; fi
     [ "$line" = '```' ] && break
     line=${line%%  #*}
+    [ -n "$cmd" ] && line=${line#"${line%%[![:space:]]*}"}
     cmd+="${line%\\}"
     [[ $line == *\\ ]] && continue
     cmd=${cmd#sudo }
@@ -395,12 +396,14 @@ boot_vfio_with_slow_bochs() {
   elif [ "$bound" -le "$bochs" ]; then
     problem "vfiod planned the boot bind of gpu at $((bound / 1000)) ms, before bochs-drm took 01:00.0 at $((bochs / 1000)) ms"
   fi
+  local bochs_at=${bochs:+$((bochs / 1000)) ms} bound_at=${bound:+$((bound / 1000)) ms}
+  bochs_at=${bochs_at:-no time} bound_at=${bound_at:-no time}
   ctl status 01:00.0
   field host_driver "$(< "$WORK/ctl.out")"; host=$REPLY
   [ "$host" = bochs-drm ] || problem "vfiod names 01:00.0's host driver '$host', not bochs-drm"
   journal_json -u vfiod -b -p warning
   [[ $(< "$WORK/journal.json") == *'{'* ]] && problem "vfiod warned at boot: $(head -c 400 "$WORK/journal.json")"
-  verdict "boot = \"vfio\" across systemctl reboot with bochs held back until 5 s after vfiod started: bochs-drm took 01:00.0 at $((${bochs:-0} / 1000)) ms, vfiod bound gpu at $((${bound:-0} / 1000)) ms, after it (the pair on vfio-pci, host driver $host), its start without a warning or a restart ($unit)"
+  verdict "boot = \"vfio\" across systemctl reboot with bochs held back until 5 s after vfiod started: bochs-drm took 01:00.0 at $bochs_at, vfiod bound gpu at $bound_at, after it (the pair on vfio-pci, host driver $host), its start without a warning or a restart ($unit)"
   begin
   ctl release gpu
   want_rc 0 - "release gpu" && home_ok "$GPU" "$AUD"
