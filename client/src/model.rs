@@ -142,6 +142,7 @@ pub mod tests {
                 state,
                 owner: owner.into(),
                 boot_vga: false,
+                reset_method: "bus".into(),
             }
             .all(),
         )

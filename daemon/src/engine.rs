@@ -20,6 +20,7 @@ use vfiod_config::Config;
 mod bounded_calls;
 mod group_locks;
 mod recovery;
+mod reset_methods;
 mod rollback;
 
 use self::bounded_calls::*;
@@ -37,6 +38,19 @@ struct Run<'a> {
     progress: ProgressFn<'a>,
     /// Where each step is recorded before it is written.
     journal: Option<MoveId>,
+}
+
+impl<'a> Run<'a> {
+    /// Work outside a caller's move (recovery, settling, start-up): no one
+    /// listens to its steps, and it starts its clock now.
+    fn unnarrated(options: &'a MoveOptions, journal: Option<MoveId>) -> Run<'a> {
+        Run {
+            options,
+            started: Instant::now(),
+            progress: &|_, _| {},
+            journal,
+        }
+    }
 }
 
 /// What a device is doing besides sitting on its driver.
@@ -343,12 +357,17 @@ impl Engine {
     /// undone.
     fn execute_plan(&self, plan: &Plan, run: &Run) -> Result<(), Halt> {
         let context = format!("{} {}", plan.direction, plan.target);
+        let binding = plan.direction == Direction::Bind;
+        if binding {
+            self.set_reset_methods(plan, run).map_err(|f| {
+                Halt::Refused(f.into_error(&context, &["nothing was moved".into()]))
+            })?;
+        }
         if plan.load_vfio {
             self.ensure_vfio_loaded(run).map_err(|f| {
                 Halt::Refused(f.into_error(&context, &["nothing was moved".into()]))
             })?;
         }
-        let binding = plan.direction == Direction::Bind;
         let mut touched: Vec<PciAddress> = Vec::new();
         for device in &plan.devices {
             if !self.needs_move(plan, device) {

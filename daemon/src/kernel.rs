@@ -56,4 +56,8 @@ pub trait Kernel: Inspect {
     /// Writes the address to `/sys/bus/pci/drivers_probe`. Succeeds even
     /// when no driver binds: re-read [`Inspect::driver`]. May block.
     fn probe(&self, address: &PciAddress) -> KernelResult<()>;
+    /// Writes `reset_method` (kernel >= 5.15): method names one space apart,
+    /// `default`, or nothing. The kernel refuses (EINVAL) a method the
+    /// device does not support, and changes nothing then.
+    fn set_reset_method(&self, address: &PciAddress, methods: &str) -> KernelResult<()>;
 }

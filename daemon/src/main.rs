@@ -116,6 +116,9 @@ async fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("recovery failed: {e}"))?;
         info!(devices = %report.join("; "), "recovered the moves a crash interrupted");
     }
+    // While the cards are still clean, before any move (vendor-reset's
+    // device_specific must be chosen before a card's first use).
+    set_reset_methods(&engine).await;
     let service = Service::new(engine.clone(), bouncer.clone());
 
     let connection = zbus::connection::Builder::system()
@@ -188,7 +191,7 @@ async fn run(args: Args) -> Result<(), String> {
 
 async fn reload(
     args: &Args,
-    engine: &Engine,
+    engine: &Arc<Engine>,
     service: &Arc<Service>,
     connection: &zbus::Connection,
 ) {
@@ -197,12 +200,28 @@ async fn reload(
         Ok(Ok(config)) => {
             info!(config = %args.config.display(), profiles = config.profiles.len(), "configuration reloaded");
             engine.set_config(config);
+            set_reset_methods(engine).await;
             if let Err(e) = service.refresh(connection).await {
                 warn!(error = %e, "refresh after reload failed");
             }
         }
         Ok(Err(e)) => error!(error = %e, "new configuration refused; keeping the old one"),
         Err(e) => error!(error = %e, "reloading failed"),
+    }
+}
+
+/// Each profile's `reset_method`, on its functions (off the event loop:
+/// the writes are bounded kernel calls).
+async fn set_reset_methods(engine: &Arc<Engine>) {
+    let engine = engine.clone();
+    let failed = tokio::task::spawn_blocking(move || engine.set_configured_reset_methods()).await;
+    match failed {
+        Ok(failed) if failed.is_empty() => {}
+        Ok(failed) => warn!(
+            failures = failed.len(),
+            "some reset methods could not be set"
+        ),
+        Err(e) => error!(error = %e, "setting reset methods failed"),
     }
 }
 

@@ -223,6 +223,9 @@ bus_object! {
     /// The `vm` given at bind; empty otherwise.
     owner: String = String::new() => "Owner" ("true");
     boot_vga: bool = false => "BootVga" ("const");
+    /// The kernel's `reset_method` (e.g. `flr bus`); empty when it has none
+    /// or shows none (kernels before 5.15).
+    reset_method: String = String::new() => "ResetMethod" ("true");
 }
 
 bus_object! {
@@ -286,6 +289,7 @@ mod tests {
             state: DeviceState::Vfio,
             owner: "win10".into(),
             boot_vga: false,
+            reset_method: "device_specific".into(),
         }
     }
 
@@ -375,6 +379,7 @@ mod tests {
             ("IommuGroup", "i"),
             ("State", "s"),
             ("BootVga", "b"),
+            ("ResetMethod", "s"),
         ] {
             let line = properties
                 .iter()

@@ -54,6 +54,11 @@ impl KernelError {
     pub fn is_busy(&self) -> bool {
         matches!(self, KernelError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::EBUSY))
     }
+
+    /// EINVAL from a write: the kernel does not take that value.
+    pub fn is_invalid_value(&self) -> bool {
+        matches!(self, KernelError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::EINVAL))
+    }
 }
 
 pub type KernelResult<T> = Result<T, KernelError>;

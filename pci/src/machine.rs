@@ -103,8 +103,15 @@ pub struct DeviceEntry {
     pub boot_vga: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub console: bool,
+    /// `reset_method` as the kernel shows it at boot (kernel >= 5.15), or
+    /// `["unknown"]` before 5.15 (a `reset` file, no `reset_method`); empty:
+    /// no reset at all (neither file).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reset: Vec<String>,
+    /// vendor-reset's device table lists it: with the `vendor_reset`
+    /// module loaded, the kernel accepts `device_specific` for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vendor_reset: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<PathBuf>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

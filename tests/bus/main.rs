@@ -5,4 +5,5 @@ mod access;
 mod denied;
 mod kernel_changes;
 mod outside_clients;
+mod resets;
 mod vfioctl;

@@ -236,6 +236,9 @@ fn device_detail_human(d: &DeviceView, objects: &Objects) -> String {
     if d.boot_vga {
         field("boot vga", "yes".into());
     }
+    if !d.reset_method.is_empty() {
+        field("reset method", d.reset_method.clone());
+    }
     if let Some(e) = last_error(d, objects) {
         field("last error", e.to_owned());
     }

@@ -238,12 +238,7 @@ impl Engine {
     ) {
         let settled = device.map(|address| {
             let options = MoveOptions::default();
-            let run = Run {
-                options: &options,
-                started: Instant::now(),
-                progress: &|_, _| {},
-                journal,
-            };
+            let run = Run::unnarrated(&options, journal);
             let outcome = self.settle(address, &run);
             let on_vfio = matches!(self.kernel.driver(&address), Ok(Some(d)) if d == VFIO_DRIVER);
             if !on_vfio && let Err(e) = self.ledger().set_owner(address, None) {

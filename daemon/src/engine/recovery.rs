@@ -18,12 +18,7 @@ impl Engine {
                 "settling a move that vfiod did not finish"
             );
             let options = MoveOptions::default();
-            let run = Run {
-                options: &options,
-                started: Instant::now(),
-                progress: &|_, _| {},
-                journal: Some(id),
-            };
+            let run = Run::unnarrated(&options, Some(id));
             for address in entry.devices.iter().rev().copied() {
                 report.push(self.settle(address, &run));
                 if let Err(e) = self.ledger().set_owner(address, None) {

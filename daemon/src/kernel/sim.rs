@@ -62,6 +62,7 @@ mod board;
 mod facts;
 mod kernel;
 mod persist;
+mod resets;
 mod running;
 
 use self::board::Board;

@@ -57,16 +57,7 @@ impl Kernel for Sysfs {
             // A lone newline clears it; the kernel then shows "(null)".
             None => "\n",
         };
-        // NoDevice rather than an I/O error for a function that is gone.
-        if !self.tree().exists(&Sysfs::bus_entry(address)) {
-            return Err(KernelError::NoDevice(*address));
-        }
-        write_once(
-            self.tree(),
-            OP,
-            &Sysfs::bus_entry(address).join("driver_override"),
-            contents,
-        )
+        write_device_file(self, address, OP, "driver_override", contents)
     }
 
     fn unbind(&self, address: &PciAddress, driver: &str) -> KernelResult<()> {
@@ -86,6 +77,26 @@ impl Kernel for Sysfs {
             &address.to_string(),
         )
     }
+
+    fn set_reset_method(&self, address: &PciAddress, methods: &str) -> KernelResult<()> {
+        write_device_file(self, address, "write reset_method", "reset_method", methods)
+    }
+}
+
+/// Writes one of the device's own files; NoDevice rather than an I/O
+/// error for a function that is gone.
+fn write_device_file(
+    sysfs: &Sysfs,
+    address: &PciAddress,
+    op: &'static str,
+    file: &str,
+    contents: &str,
+) -> KernelResult<()> {
+    let entry = Sysfs::bus_entry(address);
+    if !sysfs.tree().exists(&entry) {
+        return Err(KernelError::NoDevice(*address));
+    }
+    write_once(sysfs.tree(), op, &entry.join(file), contents)
 }
 
 /// Writes `contents` with a single write(2) to an existing file.

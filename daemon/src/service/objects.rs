@@ -10,6 +10,7 @@ use vfiod_pci::{PciAddress, PciDevice, PciId};
 use crate::engine::Engine;
 use crate::kernel::{KernelError, VFIO_DRIVER};
 use vfiod_config::Config;
+use vfiod_host::sysfs::RESET_METHOD_UNKNOWN;
 
 /// How much of a device a refresh reads again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +49,7 @@ impl FromEngine for DeviceProperties {
             state: DeviceState::Unbound,
             owner: String::new(),
             boot_vga: device.boot_vga,
+            reset_method: reset_method_shown(device),
         };
         props.set_driver(engine, &device.address, device.driver.clone());
         props
@@ -64,6 +66,18 @@ impl FromEngine for DeviceProperties {
         self.owner = engine.owner(address).unwrap_or_default();
         self.driver = driver.unwrap_or_default();
     }
+}
+
+/// `reset_method` as the bus shows it: empty when the kernel shows none.
+fn reset_method_shown(device: &PciDevice) -> String {
+    if device
+        .reset_methods
+        .iter()
+        .any(|m| m == RESET_METHOD_UNKNOWN)
+    {
+        return String::new();
+    }
+    device.reset_methods.join(" ")
 }
 
 /// One device read whole into `devices`, or dropped when it is gone.

@@ -107,4 +107,7 @@ impl Kernel for UnbindAfterOverride {
     fn probe(&self, address: &PciAddress) -> KernelResult<()> {
         self.sim.probe(address)
     }
+    fn set_reset_method(&self, address: &PciAddress, methods: &str) -> KernelResult<()> {
+        self.sim.set_reset_method(address, methods)
+    }
 }

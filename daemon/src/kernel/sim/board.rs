@@ -123,6 +123,7 @@ impl Board {
                     driver_override: None,
                     unbinding: None,
                     hung: false,
+                    reset_method: None,
                 };
                 (entry.address, state)
             })

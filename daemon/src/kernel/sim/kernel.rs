@@ -256,4 +256,11 @@ impl Kernel for SimKernel {
         self.count_write();
         result
     }
+
+    fn set_reset_method(&self, address: &PciAddress, methods: &str) -> KernelResult<()> {
+        let result =
+            self.transact(|board, state, _| state.set_reset_method(board, address, methods));
+        self.count_write();
+        result
+    }
 }

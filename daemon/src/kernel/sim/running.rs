@@ -37,6 +37,10 @@ pub(super) struct DeviceState {
     /// and ends only by [`SimKernel::end_hang`].
     #[serde(default, skip_serializing_if = "is_false")]
     pub(super) hung: bool,
+    /// `reset_method` as written since boot; absent: the boot's (the
+    /// machine file's `reset`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) reset_method: Option<Vec<String>>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -64,7 +68,10 @@ impl RunningState {
             iommu_group: entry.group,
             parent: entry.parent,
             boot_vga: entry.boot_vga,
-            reset_methods: entry.reset.clone(),
+            reset_methods: dev
+                .reset_method
+                .clone()
+                .unwrap_or_else(|| entry.reset.clone()),
         })
     }
 
@@ -301,6 +308,7 @@ impl RunningState {
             driver_override: None,
             unbinding: None,
             hung: false,
+            reset_method: None,
         };
         events.push(uevent(UeventAction::Add, address, None));
         self.probe_device(board, address, events);

@@ -158,6 +158,7 @@ fn holder(pid: u32, comm: &str, node: &str) -> Holder {
 }
 
 mod kernel_semantics;
+mod resets;
 mod running_state;
 mod snapshot;
 mod waiting_unbinds;

@@ -1,0 +1,57 @@
+//! A profile's `reset_method` on the bus (DESIGN §10): set when vfiod
+//! starts and on reload, shown as `Device.ResetMethod`.
+
+use std::time::Duration;
+
+use vfiod_tests::{Rig, TempDir, machine, wait_until};
+
+/// The Z77 machine with vendor-reset loaded and its RX 580 in
+/// vendor-reset's table; its config with `reset_method` for rx580.
+fn z77_with_vendor_reset(dir: &TempDir, methods: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let text = std::fs::read_to_string(machine("z77-rx580.toml")).unwrap();
+    let gpu = "address = \"0000:01:00.0\"\n";
+    let text = text
+        .replacen(gpu, &format!("{gpu}vendor_reset = true\n"), 1)
+        .replacen("modules = [", "modules = [\"vendor_reset\", ", 1);
+    let machine_file = dir.write("machine.toml", &text);
+    let config = dir.write("vfiod.toml", &config_text(methods));
+    (machine_file, config)
+}
+
+fn config_text(methods: &str) -> String {
+    std::fs::read_to_string(machine("z77-rx580.vfiod.toml"))
+        .unwrap()
+        .replacen(
+            "[profiles.rx580]\n",
+            &format!("[profiles.rx580]\nreset_method = \"{methods}\"\n"),
+            1,
+        )
+}
+
+#[test]
+fn reset_method_is_set_at_start_and_on_reload_and_shown_on_the_bus() {
+    let dir = TempDir::new();
+    let (machine_file, config) = z77_with_vendor_reset(&dir, "device_specific");
+    let rig = Rig::start(&machine_file, &config);
+    assert_eq!(
+        rig.device_property("01:00.0", "ResetMethod"),
+        "device_specific"
+    );
+    assert_eq!(
+        rig.device_property("01:00.1", "ResetMethod"),
+        "bus",
+        "the audio function keeps its own"
+    );
+
+    std::fs::write(&config, config_text("bus")).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(rig.vfiod_pid().unwrap() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_until(
+        "ResetMethod bus after the reload",
+        Duration::from_secs(10),
+        || rig.device_property("01:00.0", "ResetMethod") == "bus",
+    );
+}
