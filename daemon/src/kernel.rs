@@ -60,4 +60,16 @@ pub trait Kernel: Inspect {
     /// `default`, or nothing. The kernel refuses (EINVAL) a method the
     /// device does not support, and changes nothing then.
     fn set_reset_method(&self, address: &PciAddress, methods: &str) -> KernelResult<()>;
+    /// Writes `1` to the function's `reset`: a reset by its methods, the
+    /// device lock taken. May block.
+    fn reset(&self, address: &PciAddress) -> KernelResult<()>;
+    /// Writes `1` to the function's `remove`: it and all behind it leave
+    /// the bus, each unbound first. May block.
+    fn remove(&self, address: &PciAddress) -> KernelResult<()>;
+    /// Writes `1` to `rescan` of the bridge `parent` (its buses), or of
+    /// the whole PCI bus (`None`): what is found is added, and probed when
+    /// [`Kernel::set_autoprobe`] allows.
+    fn rescan(&self, parent: Option<&PciAddress>) -> KernelResult<()>;
+    /// Writes `drivers_autoprobe`.
+    fn set_autoprobe(&self, on: bool) -> KernelResult<()>;
 }

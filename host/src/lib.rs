@@ -107,6 +107,13 @@ pub trait Inspect: Send + Sync + 'static {
     fn console_on(&self, address: &PciAddress) -> KernelResult<bool>;
     /// `/dev/vfio/N` when it exists.
     fn vfio_group_node(&self, group: u32) -> Option<PathBuf>;
+    /// The vendor and device id the function's config space answers with
+    /// now (its `config` file, not the ids cached at enumeration): `ffff`
+    /// from a function that did not survive its VM. `None` when it can't
+    /// be read.
+    fn live_id(&self, address: &PciAddress) -> KernelResult<Option<PciId>>;
+    /// `drivers_autoprobe`: whether a device that appears is probed.
+    fn autoprobe(&self) -> KernelResult<bool>;
     /// The function's own vfio device files (`/dev/vfio/devices/vfioX`,
     /// named by its `vfio-dev/vfioX` in sysfs): kernels with iommufd's
     /// device interface (6.6+) make one for each function on vfio-pci, and

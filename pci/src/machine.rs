@@ -136,6 +136,33 @@ pub struct Faults {
     pub reprobe: Option<ProbeFault>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vanish: Option<VanishFault>,
+    /// Left dead by its VM: from the moment vfio-pci has it, its config
+    /// space reads `ffff` until what this says brings it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead: Option<DeadFault>,
+    /// A write to its `reset` fails (EIO).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset: Option<ResetFault>,
+}
+
+/// What brings a dead function back (see [`Faults::dead`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeadFault {
+    /// A reset (`echo 1 > reset`).
+    UntilReset,
+    /// A PCI `remove` and a `rescan`: it comes back alive.
+    UntilRescan,
+    /// Nothing: a rescan finds it again, still dead.
+    Forever,
+    /// Nothing: a rescan does not find it any more.
+    GoneOnRescan,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResetFault {
+    Fail,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

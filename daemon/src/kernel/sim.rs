@@ -60,12 +60,14 @@ use vfiod_host::facts::HostView;
 
 mod board;
 mod facts;
+mod health;
 mod kernel;
 mod persist;
 mod resets;
 mod running;
 
 use self::board::Board;
+use self::health::found_by_rescan;
 use self::persist::{fingerprint, load_state, new_boot_id, write_state};
 use self::running::{DeviceState, RunningState};
 

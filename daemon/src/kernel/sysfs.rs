@@ -10,7 +10,10 @@ use std::process::{Command, Stdio};
 
 use vfiod_host::sysfs::modules::is_module_name;
 use vfiod_host::sysfs::rooted::Rooted;
-use vfiod_host::sysfs::{DRIVERS_PROBE, PCI_DRIVERS, VFIO_GROUPS, invalid_driver, is_driver_name};
+use vfiod_host::sysfs::{
+    BUS_RESCAN, DRIVERS_AUTOPROBE, DRIVERS_PROBE, PCI_DRIVERS, VFIO_GROUPS, invalid_driver,
+    is_driver_name,
+};
 use vfiod_pci::PciAddress;
 
 use super::{Kernel, KernelError, KernelResult, Sysfs};
@@ -80,6 +83,31 @@ impl Kernel for Sysfs {
 
     fn set_reset_method(&self, address: &PciAddress, methods: &str) -> KernelResult<()> {
         write_device_file(self, address, "write reset_method", "reset_method", methods)
+    }
+
+    fn reset(&self, address: &PciAddress) -> KernelResult<()> {
+        write_device_file(self, address, "reset", "reset", "1")
+    }
+
+    fn remove(&self, address: &PciAddress) -> KernelResult<()> {
+        write_device_file(self, address, "remove", "remove", "1")
+    }
+
+    fn rescan(&self, parent: Option<&PciAddress>) -> KernelResult<()> {
+        match parent {
+            Some(bridge) => write_device_file(self, bridge, "rescan", "rescan", "1"),
+            None => write_once(self.tree(), "rescan", Path::new(BUS_RESCAN), "1"),
+        }
+    }
+
+    fn set_autoprobe(&self, on: bool) -> KernelResult<()> {
+        let value = if on { "1" } else { "0" };
+        write_once(
+            self.tree(),
+            "write drivers_autoprobe",
+            Path::new(DRIVERS_AUTOPROBE),
+            value,
+        )
     }
 }
 

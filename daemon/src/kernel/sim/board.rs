@@ -117,14 +117,7 @@ impl Board {
         let devices = self
             .entries()
             .map(|entry| {
-                let state = DeviceState {
-                    present: true,
-                    driver: entry.driver.clone(),
-                    driver_override: None,
-                    unbinding: None,
-                    hung: false,
-                    reset_method: None,
-                };
+                let state = DeviceState::fresh(entry.driver.clone());
                 (entry.address, state)
             })
             .collect();
@@ -156,6 +149,8 @@ impl Board {
                 .entries()
                 .flat_map(|entry| entry.holders.iter().cloned())
                 .collect(),
+            autoprobe: true,
+            dead_probed: Vec::new(),
         }
     }
 }

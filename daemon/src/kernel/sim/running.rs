@@ -17,6 +17,13 @@ pub(super) struct RunningState {
     pub(super) extra_drivers: BTreeSet<String>,
     /// Processes holding device nodes open.
     pub(super) holders: Vec<Holder>,
+    /// `drivers_autoprobe`.
+    #[serde(default = "on", skip_serializing_if = "is_true")]
+    pub(super) autoprobe: bool,
+    /// Dead functions a host driver was asked to probe: each one would
+    /// have risked the host (amdgpu on a dead card can hang it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) dead_probed: Vec<PciAddress>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,10 +48,36 @@ pub(super) struct DeviceState {
     /// machine file's `reset`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) reset_method: Option<Vec<String>>,
+    /// Its config space reads `ffff` (a `dead` fault: its VM left it so).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub(super) dead: bool,
+}
+
+impl DeviceState {
+    /// On the bus as at boot (or as found by a rescan).
+    pub(super) fn fresh(driver: Option<String>) -> DeviceState {
+        DeviceState {
+            present: true,
+            driver,
+            driver_override: None,
+            unbinding: None,
+            hung: false,
+            reset_method: None,
+            dead: false,
+        }
+    }
 }
 
 fn is_false(value: &bool) -> bool {
     !*value
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
+}
+
+fn on() -> bool {
+    true
 }
 
 impl RunningState {
@@ -244,8 +277,20 @@ impl RunningState {
         if dev.driver.is_some() {
             return;
         }
-        if let Some(driver) = self.driver_that_binds(board, entry, dev.driver_override.as_deref()) {
-            self.bind_device(address, &driver, events);
+        let dead = dev.dead;
+        let Some(driver) = self.driver_that_binds(board, entry, dev.driver_override.as_deref())
+        else {
+            return;
+        };
+        if dead && driver != VFIO_DRIVER {
+            // The host driver's probe fails on a dead function, if it does
+            // not hang the host first: recorded, for tests to find.
+            self.dead_probed.push(*address);
+            return;
+        }
+        self.bind_device(address, &driver, events);
+        if driver == VFIO_DRIVER && faults(entry).dead.is_some() {
+            self.killed_by_its_vm(address);
         }
     }
 
@@ -302,16 +347,20 @@ impl RunningState {
         if dev.present {
             return;
         }
+        let Ok(entry) = board.entry(address) else {
+            return;
+        };
+        let Some(dead) = found_by_rescan(entry, dev.dead) else {
+            return;
+        };
         *dev = DeviceState {
-            present: true,
-            driver: None,
-            driver_override: None,
-            unbinding: None,
-            hung: false,
-            reset_method: None,
+            dead,
+            ..DeviceState::fresh(None)
         };
         events.push(uevent(UeventAction::Add, address, None));
-        self.probe_device(board, address, events);
+        if self.autoprobe {
+            self.probe_device(board, address, events);
+        }
     }
 
     /// Adopts a state read from disk for `board`: devices the machine file

@@ -157,6 +157,7 @@ fn holder(pid: u32, comm: &str, node: &str) -> Holder {
     }
 }
 
+mod health;
 mod kernel_semantics;
 mod resets;
 mod running_state;
