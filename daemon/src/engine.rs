@@ -19,12 +19,14 @@ use vfiod_config::Config;
 
 mod bounded_calls;
 mod group_locks;
+mod health;
 mod recovery;
 mod reset_methods;
 mod rollback;
 
 use self::bounded_calls::*;
 use self::group_locks::*;
+pub use self::health::Health;
 use self::rollback::*;
 
 /// Called before each step of a move: (device, step) with the step in
@@ -81,6 +83,8 @@ pub struct Engine {
     /// Kernel calls that timed out and have not returned yet.
     late: Mutex<LateCalls>,
     on_settled: Mutex<Option<SettledListener>>,
+    /// What the last health check found of each function it looked at.
+    health: Mutex<BTreeMap<PciAddress, Health>>,
     /// This engine, for the worker of a late call to settle its device
     /// (set by [`Engine::shared`]).
     me: Weak<Engine>,
@@ -105,6 +109,7 @@ impl Engine {
             workers: Workers::default(),
             late: Mutex::default(),
             on_settled: Mutex::default(),
+            health: Mutex::default(),
             me: me.clone(),
         })
     }
@@ -369,6 +374,7 @@ impl Engine {
             })?;
         }
         let mut touched: Vec<PciAddress> = Vec::new();
+        let mut dead: Vec<Failure> = Vec::new();
         for device in &plan.devices {
             if !self.needs_move(plan, device) {
                 continue;
@@ -379,8 +385,13 @@ impl Engine {
             } else {
                 self.to_host(device.address, self.return_driver(&device.address), run)
             };
-            if let Err(failure) = moved {
-                return Err(Halt::Failed { touched, failure });
+            match moved {
+                Ok(()) => {}
+                // The rest of the set still goes back (DESIGN §10).
+                Err(failure) if matches!(failure.cause, StepFailure::Dead(_)) => {
+                    dead.push(failure);
+                }
+                Err(failure) => return Err(Halt::Failed { touched, failure }),
             }
         }
         // A bind owns only what it moved (DESIGN §8): a device already on
@@ -398,7 +409,35 @@ impl Engine {
                 .set_owner(address, owner)
                 .map_err(|e| Halt::Refused(Error::Kernel(format!("{context}: done, but {e}"))))?;
         }
-        Ok(())
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let released: Vec<String> = plan
+            .devices
+            .iter()
+            .filter(|d| !plan.keeps(&d.address) && dead.iter().all(|f| f.device != Some(d.address)))
+            .filter_map(|d| {
+                let driver = self.kernel.driver(&d.address).ok().flatten()?;
+                Some(format!("{} is back on {driver}", d.address))
+            })
+            .collect();
+        let mut message: Vec<String> = dead
+            .iter()
+            .map(|f| {
+                let now = f.device.and_then(|a| self.kernel.driver(&a).ok());
+                let place = match now {
+                    Some(Some(driver)) => format!("it stays on {driver}"),
+                    Some(None) => "IT IS LEFT WITHOUT A DRIVER".into(),
+                    None => "it is off the bus".into(),
+                };
+                format!("{}; {place}", f.describe())
+            })
+            .collect();
+        message.extend(released);
+        Err(Halt::Refused(Error::Kernel(format!(
+            "{context}: {}",
+            message.join("; ")
+        ))))
     }
 
     /// Remembers the device's host driver for the way back, then moves it
@@ -430,6 +469,11 @@ impl Engine {
     /// it is not (vfio-pci by `ids=`, another driver of the same device),
     /// the override names the host driver and the device moves again.
     fn to_host(&self, address: PciAddress, host: Option<String>, run: &Run) -> Result<(), Failure> {
+        // Never a dead function to a host driver (DESIGN §10).
+        match self.current_driver(address)?.as_deref() {
+            Some(driver) if driver != VFIO_DRIVER => {}
+            _ => self.ensure_alive(address, run)?,
+        }
         if self.read_override(address, run)?.is_some() {
             self.clear_override(address, run)?;
         }

@@ -10,6 +10,11 @@ impl Engine {
     /// Returns what was done, in words, one line per device. Blocking.
     pub fn recover(&self, interrupted: Vec<(MoveId, MoveEntry)>) -> Vec<String> {
         let mut report = Vec::new();
+        // A health check stopped between its remove and rescan (DESIGN
+        // §10): autoprobe back on, the function found again, unprobed.
+        if !interrupted.is_empty() {
+            report.extend(self.finish_rescans(&interrupted));
+        }
         for (id, entry) in interrupted {
             warn!(
                 target = %entry.target,
@@ -26,6 +31,37 @@ impl Engine {
                 }
             }
             self.close_move(id);
+        }
+        report
+    }
+
+    /// Functions of interrupted moves that are off the bus are looked for
+    /// again with autoprobe off (one may come back dead); autoprobe is left
+    /// on. vfiod turns it off only around such a rescan.
+    fn finish_rescans(&self, interrupted: &[(MoveId, MoveEntry)]) -> Vec<String> {
+        let mut report = Vec::new();
+        let gone: Vec<PciAddress> = interrupted
+            .iter()
+            .flat_map(|(_, entry)| entry.devices.iter().copied())
+            .filter(|address| matches!(self.kernel.device(address), Ok(None)))
+            .collect();
+        if !gone.is_empty() {
+            warn!(devices = ?gone, "functions of an interrupted move are off the bus; rescanning");
+            let rescanned = self
+                .kernel
+                .set_autoprobe(false)
+                .and_then(|()| self.kernel.rescan(None));
+            if let Err(e) = rescanned {
+                error!(error = %e, "the rescan failed");
+                report.push(format!("the rescan for {gone:?} failed: {e}"));
+            }
+        }
+        if matches!(self.kernel.autoprobe(), Ok(false)) {
+            warn!("drivers_autoprobe was off (a health check's rescan was interrupted): on again");
+            if let Err(e) = self.kernel.set_autoprobe(true) {
+                error!(error = %e, "cannot turn drivers_autoprobe on again");
+                report.push(format!("drivers_autoprobe is still off: {e}"));
+            }
         }
         report
     }

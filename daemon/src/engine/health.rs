@@ -1,0 +1,250 @@
+//! A function's health before its host driver gets it back (DESIGN §10):
+//! its config space must answer with its own ids. One that did not survive
+//! its VM (`ffff`) is never handed to a host driver: a reset by the kernel,
+//! then a PCI remove and a rescan of its bus, each verified, and otherwise
+//! it stays on vfio-pci and the host needs a reboot for it.
+
+use vfiod_pci::PciId;
+
+use super::*;
+
+/// What a function's config space says of it.
+enum Life {
+    Alive,
+    Dead(PciId),
+    /// Its config space can't be read (a fixture, a kernel without it).
+    Unknown,
+}
+
+/// The engine's verdict on a function, as `Device.Health` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    Unknown,
+    /// Its host driver let go of it, or failed, right after vfiod gave it
+    /// back: it did not come back healthy from its VM.
+    ResetFailed,
+    /// Dead, and nothing brought it back.
+    Dead,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Unknown => "unknown",
+            Health::ResetFailed => "reset-failed",
+            Health::Dead => "dead",
+        }
+    }
+}
+
+impl Engine {
+    /// The verdict on `address`: the last one vfiod reached, else `ok` on
+    /// a host driver and `unknown` elsewhere (vfio-pci: a VM may have had it).
+    pub fn health(&self, address: &PciAddress, driver: Option<&str>) -> Health {
+        if let Some(verdict) = self.verdicts().get(address) {
+            return *verdict;
+        }
+        match driver {
+            Some(d) if d != VFIO_DRIVER => Health::Ok,
+            _ => Health::Unknown,
+        }
+    }
+
+    pub(super) fn set_verdict(&self, address: PciAddress, verdict: Option<Health>) {
+        let mut verdicts = self.verdicts();
+        match verdict {
+            Some(v) => verdicts.insert(address, v),
+            None => verdicts.remove(&address),
+        };
+    }
+
+    fn verdicts(&self) -> MutexGuard<'_, BTreeMap<PciAddress, Health>> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Before a function goes from vfio-pci to its host driver: alive, or
+    /// brought back (then it may be on no driver: a rescan adds it
+    /// unprobed). Fails with [`StepFailure::Dead`] when nothing worked; it
+    /// is then on vfio-pci again, or off the bus.
+    pub(super) fn ensure_alive(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
+        let Some(device) = self.read_device(address, run)? else {
+            return Ok(());
+        };
+        let dead = match self.life(&device, run)? {
+            Life::Alive => {
+                self.set_verdict(address, Some(Health::Ok));
+                return Ok(());
+            }
+            Life::Unknown => return Ok(()),
+            Life::Dead(id) => id,
+        };
+        error!(device = %address, reads = %dead, "the function did not survive its VM: its config space reads {dead}");
+        let mut tried = Vec::new();
+        if self.revived_by_reset(&device, run, &mut tried)?
+            || self.revived_by_rescan(&device, run, &mut tried)?
+        {
+            info!(device = %address, tried = %tried.join("; "), "the function is back");
+            self.set_verdict(address, Some(Health::Ok));
+            return Ok(());
+        }
+        self.set_verdict(address, Some(Health::Dead));
+        Err(Failure {
+            device: Some(address),
+            step: "check health".into(),
+            cause: StepFailure::Dead(format!(
+                "it did not survive its VM (its config space reads {dead}, not {}); tried: {}; it needs a reboot of the host",
+                device.id,
+                tried.join("; ")
+            )),
+        })
+    }
+
+    fn life(&self, device: &PciDevice, run: &Run) -> Result<Life, Failure> {
+        let address = device.address;
+        let step = "read config space";
+        let live = self
+            .kernel_call(Some(address), step, run, move |k| k.live_id(&address))
+            .map_err(|cause| Failure {
+                device: Some(address),
+                step: step.into(),
+                cause,
+            })?;
+        Ok(match live {
+            None => Life::Unknown,
+            Some(id) if id == device.id => Life::Alive,
+            Some(id) => Life::Dead(id),
+        })
+    }
+
+    /// `reset`, on vfio-pci still, then the config space read again.
+    fn revived_by_reset(
+        &self,
+        device: &PciDevice,
+        run: &Run,
+        tried: &mut Vec<String>,
+    ) -> Result<bool, Failure> {
+        let address = device.address;
+        if device.reset_methods.is_empty() {
+            tried.push("no reset (the kernel has no reset method for it)".into());
+            return Ok(false);
+        }
+        match self.step(
+            address,
+            "reset",
+            run,
+            move |k| k.reset(&address),
+            |_| Ok(()),
+        ) {
+            Ok(()) => {}
+            Err(failure) if matches!(failure.cause, StepFailure::Timeout { .. }) => {
+                return Err(failure);
+            }
+            Err(failure) => {
+                tried.push(format!("a reset, which failed ({})", failure.describe()));
+                return Ok(false);
+            }
+        }
+        if matches!(self.life(device, run)?, Life::Alive) {
+            tried.push("a reset, which brought it back".into());
+            return Ok(true);
+        }
+        tried.push("a reset, after which it still read dead".into());
+        Ok(false)
+    }
+
+    /// `remove`, then `rescan` of its bus with autoprobe off, so that what
+    /// comes back is checked before any driver sees it; autoprobe is
+    /// turned on again whatever happened. A function found again dead is
+    /// put back on vfio-pci.
+    fn revived_by_rescan(
+        &self,
+        device: &PciDevice,
+        run: &Run,
+        tried: &mut Vec<String>,
+    ) -> Result<bool, Failure> {
+        let address = device.address;
+        let bus = match device.parent {
+            Some(bridge) => format!("the bus behind {bridge}"),
+            None => "every PCI bus".into(),
+        };
+        self.step(
+            address,
+            "drivers_autoprobe off",
+            run,
+            |k| k.set_autoprobe(false),
+            |_| Ok(()),
+        )?;
+        let found = self.remove_and_rescan(device, run);
+        let restored = self.step(
+            address,
+            "drivers_autoprobe on",
+            run,
+            |k| k.set_autoprobe(true),
+            |_| Ok(()),
+        );
+        if let Err(failure) = &restored {
+            error!(device = %address, error = %failure.describe(), "PCI devices that appear are not probed until drivers_autoprobe is 1 again");
+        }
+        let found = found?;
+        restored?;
+        match found {
+            None => {
+                tried.push(format!(
+                    "a remove and a rescan of {bus}, which did not find it again (it is off the bus)"
+                ));
+                Ok(false)
+            }
+            Some(again) if again.id != device.id => {
+                tried.push(format!(
+                    "a remove and a rescan of {bus}, which found {} at its address instead",
+                    again.id
+                ));
+                Ok(false)
+            }
+            Some(again) => {
+                if matches!(self.life(&again, run)?, Life::Alive) {
+                    tried.push(format!(
+                        "a remove and a rescan of {bus}, which brought it back"
+                    ));
+                    return Ok(true);
+                }
+                tried.push(format!(
+                    "a remove and a rescan of {bus}, which found it still dead"
+                ));
+                // Found again unprobed: vfio-pci keeps it from any host driver.
+                self.to_vfio(address, run)?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn remove_and_rescan(
+        &self,
+        device: &PciDevice,
+        run: &Run,
+    ) -> Result<Option<PciDevice>, Failure> {
+        let address = device.address;
+        let parent = device.parent;
+        self.step(
+            address,
+            "remove",
+            run,
+            move |k| k.remove(&address),
+            |_| Ok(()),
+        )?;
+        let step = match parent {
+            Some(bridge) => format!("rescan {bridge}"),
+            None => "rescan every bus".into(),
+        };
+        self.step(
+            address,
+            &step,
+            run,
+            move |k| k.rescan(parent.as_ref()),
+            |_| Ok(()),
+        )?;
+        self.read_device(address, run)
+    }
+}
