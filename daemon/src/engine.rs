@@ -85,6 +85,8 @@ pub struct Engine {
     on_settled: Mutex<Option<SettledListener>>,
     /// What the last health check found of each function it looked at.
     health: Mutex<BTreeMap<PciAddress, Health>>,
+    /// When each function was last given back to its host driver.
+    handed_back: Mutex<BTreeMap<PciAddress, Instant>>,
     /// This engine, for the worker of a late call to settle its device
     /// (set by [`Engine::shared`]).
     me: Weak<Engine>,
@@ -110,6 +112,7 @@ impl Engine {
             late: Mutex::default(),
             on_settled: Mutex::default(),
             health: Mutex::default(),
+            handed_back: Mutex::default(),
             me: me.clone(),
         })
     }
@@ -386,12 +389,20 @@ impl Engine {
                 self.to_host(device.address, self.return_driver(&device.address), run)
             };
             match moved {
-                Ok(()) => {}
+                Ok(()) if binding => self.taken_again(device.address),
+                Ok(()) => self.handed_back(device.address),
                 // The rest of the set still goes back (DESIGN §10).
                 Err(failure) if matches!(failure.cause, StepFailure::Dead(_)) => {
                     dead.push(failure);
                 }
-                Err(failure) => return Err(Halt::Failed { touched, failure }),
+                Err(failure) => {
+                    // A host driver that would not take it back: the
+                    // function did not come back healthy.
+                    if !binding && failure.step.starts_with("probe") {
+                        self.set_verdict(device.address, Some(Health::ResetFailed));
+                    }
+                    return Err(Halt::Failed { touched, failure });
+                }
             }
         }
         // A bind owns only what it moved (DESIGN §8): a device already on

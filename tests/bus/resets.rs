@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use vfiod_tests::{Rig, TempDir, machine, wait_until};
+use vfiod_tests::{Rig, TempDir, assert_exit, machine, stderr, stdout, wait_until};
 
 /// The Z77 machine with vendor-reset loaded and its RX 580 in
 /// vendor-reset's table; its config with `reset_method` for rx580.
@@ -53,5 +53,54 @@ fn reset_method_is_set_at_start_and_on_reload_and_shown_on_the_bus() {
         "ResetMethod bus after the reload",
         Duration::from_secs(10),
         || rig.device_property("01:00.0", "ResetMethod") == "bus",
+    );
+}
+
+#[test]
+fn a_gpu_dead_for_good_stays_on_vfio_and_the_bus_and_status_say_dead() {
+    let text = std::fs::read_to_string(machine("z77-rx580.toml"))
+        .unwrap()
+        .replacen(
+            "address = \"0000:01:00.0\"\n",
+            "address = \"0000:01:00.0\"\nfault = { dead = \"forever\" }\n",
+            1,
+        );
+    let config = std::fs::read_to_string(machine("z77-rx580.vfiod.toml")).unwrap();
+    let rig = Rig::with_text(&text, &config);
+    assert_eq!(rig.device_property("01:00.0", "Health"), "ok");
+    assert_exit(&rig.vfioctl(&["bind", "rx580"]), 0);
+    assert_eq!(rig.device_property("01:00.0", "Health"), "unknown");
+    let out = rig.vfioctl(&["release", "rx580"]);
+    assert_exit(&out, 1);
+    let err = stderr(&out);
+    assert!(err.contains("Kernel: release rx580: 0000:01:00.0"), "{err}");
+    assert!(err.contains("needs a reboot"), "{err}");
+    assert_eq!(rig.driver("01:00.0"), "vfio-pci");
+    assert_eq!(rig.driver("01:00.1"), "snd_hda_intel");
+    assert_eq!(rig.device_property("01:00.0", "Health"), "dead");
+    let status = stdout(&rig.vfioctl(&["status", "01:00.0"]));
+    assert!(
+        status.contains("health:") && status.contains("dead"),
+        "{status}"
+    );
+    let status = stdout(&rig.vfioctl(&["status", "rx580"]));
+    assert!(status.contains("vfio (dead)"), "{status}");
+}
+
+#[test]
+fn a_host_driver_that_lets_go_right_after_the_hand_back_is_reported() {
+    let rig = Rig::z77();
+    assert_exit(&rig.vfioctl(&["bind", "rx580"]), 0);
+    assert_exit(&rig.vfioctl(&["release", "rx580"]), 0);
+    assert_eq!(rig.device_property("01:00.0", "Health"), "ok");
+    // amdgpu gives up on the card a moment later (its late init failing).
+    rig.simulate("SetDriver", "ss", &["0000:01:00.0", ""]);
+    wait_until("Health reset-failed", Duration::from_secs(10), || {
+        rig.device_property("01:00.0", "Health") == "reset-failed"
+    });
+    assert!(
+        rig.log().contains("did not come back healthy"),
+        "{}",
+        rig.log()
     );
 }

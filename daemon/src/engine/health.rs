@@ -16,28 +16,11 @@ enum Life {
     Unknown,
 }
 
-/// The engine's verdict on a function, as `Device.Health` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    Ok,
-    Unknown,
-    /// Its host driver let go of it, or failed, right after vfiod gave it
-    /// back: it did not come back healthy from its VM.
-    ResetFailed,
-    /// Dead, and nothing brought it back.
-    Dead,
-}
+pub use vfiod_dbus::DeviceHealth as Health;
 
-impl Health {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Ok => "ok",
-            Health::Unknown => "unknown",
-            Health::ResetFailed => "reset-failed",
-            Health::Dead => "dead",
-        }
-    }
-}
+/// How long after a hand-back a host driver letting go is taken as the
+/// function failing it (snd_hda_intel's probe, for one, runs late).
+const HAND_BACK_WATCH: Duration = Duration::from_secs(10);
 
 impl Engine {
     /// The verdict on `address`: the last one vfiod reached, else `ok` on
@@ -50,6 +33,49 @@ impl Engine {
             Some(d) if d != VFIO_DRIVER => Health::Ok,
             _ => Health::Unknown,
         }
+    }
+
+    /// A driver left `address` outside any move: when it is the host
+    /// driver vfiod gave the function back to moments ago, the function
+    /// did not come back healthy (a probe that failed late, a driver that
+    /// gave up on it), and that is said, not left as done.
+    pub fn host_driver_let_go(&self, address: &PciAddress, driver: Option<&str>) {
+        let released = self.released_at().get(address).copied();
+        let Some(released) = released else {
+            return;
+        };
+        if released.elapsed() > HAND_BACK_WATCH {
+            self.released_at().remove(address);
+            return;
+        }
+        // vfio-pci's own unbind (the release's, its uevent late), or an
+        // event that does not say: nothing to tell.
+        if driver.is_none_or(|d| d == VFIO_DRIVER) {
+            return;
+        }
+        self.released_at().remove(address);
+        self.set_verdict(*address, Some(Health::ResetFailed));
+        error!(
+            device = %address,
+            driver = driver.unwrap_or("its host driver"),
+            after_ms = released.elapsed().as_millis() as u64,
+            "the host driver let go of the function right after vfiod gave it back: it did not come back healthy from its VM"
+        );
+    }
+
+    /// The function went to vfio-pci: a VM may use it, nothing is known.
+    pub(super) fn taken_again(&self, address: PciAddress) {
+        self.released_at().remove(&address);
+        self.set_verdict(address, None);
+    }
+
+    /// The function went back to its host driver just now.
+    pub(super) fn handed_back(&self, address: PciAddress) {
+        self.released_at().insert(address, Instant::now());
+    }
+
+    fn released_at(&self) -> MutexGuard<'_, BTreeMap<PciAddress, Instant>> {
+        self.handed_back.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(super) fn set_verdict(&self, address: PciAddress, verdict: Option<Health>) {

@@ -242,6 +242,15 @@ impl Service {
         connection: &Connection,
         events: &[MonitorEvent],
     ) -> Result<(), Error> {
+        for event in events {
+            if let MonitorEvent::Uevent(event) = event
+                && event.action == UeventAction::Unbind
+                && self.engine.activity(&event.address).is_none()
+            {
+                self.engine
+                    .host_driver_let_go(&event.address, event.driver.as_deref());
+            }
+        }
         let rereads = {
             let published = self.snapshot();
             rereads_after(events, &published, |address| {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use vfiod_dbus::objects::{DeviceProperties, ProfileProperties};
-use vfiod_dbus::{DeviceState, ProfileState};
+use vfiod_dbus::{DeviceHealth, DeviceState, ProfileState};
 use vfiod_pci::{PciAddress, PciDevice, PciId};
 
 use crate::engine::Engine;
@@ -50,6 +50,7 @@ impl FromEngine for DeviceProperties {
             owner: String::new(),
             boot_vga: device.boot_vga,
             reset_method: reset_method_shown(device),
+            health: DeviceHealth::Unknown,
         };
         props.set_driver(engine, &device.address, device.driver.clone());
         props
@@ -63,6 +64,7 @@ impl FromEngine for DeviceProperties {
             _ => engine.host_driver(address).unwrap_or_default(),
         };
         self.state = engine.state_of(address, driver.as_deref());
+        self.health = engine.health(address, driver.as_deref());
         self.owner = engine.owner(address).unwrap_or_default();
         self.driver = driver.unwrap_or_default();
     }
