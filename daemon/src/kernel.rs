@@ -7,9 +7,10 @@
 
 use vfiod_pci::PciAddress;
 
-pub use vfiod_host::sysfs::Sysfs;
+pub use vfiod_host::sysfs::{RESET_METHOD_UNKNOWN, Sysfs};
 pub use vfiod_host::{Inspect, KernelError, KernelResult, VFIO_DRIVER, VFIO_MODULE};
 
+pub mod probe_ops;
 pub mod sim;
 pub mod sysfs;
 
@@ -66,10 +67,9 @@ pub trait Kernel: Inspect {
     /// Writes `1` to the function's `remove`: it and all behind it leave
     /// the bus, each unbound first. May block.
     fn remove(&self, address: &PciAddress) -> KernelResult<()>;
-    /// Writes `1` to `rescan` of the bridge `parent` (its buses), or of
-    /// the whole PCI bus (`None`): what is found is added, and probed when
-    /// [`Kernel::set_autoprobe`] allows.
+    /// Writes `1` to `rescan` of the buses behind the bridge `parent`, or
+    /// of every PCI bus (`None`). What is found is added and probed at
+    /// once by the kernel (`pci_bus_add_device` attaches a driver whatever
+    /// `drivers_autoprobe` says, as the real-kernel lane saw).
     fn rescan(&self, parent: Option<&PciAddress>) -> KernelResult<()>;
-    /// Writes `drivers_autoprobe`.
-    fn set_autoprobe(&self, on: bool) -> KernelResult<()>;
 }

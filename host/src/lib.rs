@@ -112,8 +112,6 @@ pub trait Inspect: Send + Sync + 'static {
     /// from a function that did not survive its VM. `None` when it can't
     /// be read.
     fn live_id(&self, address: &PciAddress) -> KernelResult<Option<PciId>>;
-    /// `drivers_autoprobe`: whether a device that appears is probed.
-    fn autoprobe(&self) -> KernelResult<bool>;
     /// The function's own vfio device files (`/dev/vfio/devices/vfioX`,
     /// named by its `vfio-dev/vfioX` in sysfs): kernels with iommufd's
     /// device interface (6.6+) make one for each function on vfio-pci, and

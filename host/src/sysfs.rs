@@ -38,7 +38,6 @@ use crate::{Inspect, KernelError, KernelResult};
 pub const PCI_DEVICES: &str = "sys/bus/pci/devices";
 pub const PCI_DRIVERS: &str = "sys/bus/pci/drivers";
 pub const DRIVERS_PROBE: &str = "sys/bus/pci/drivers_probe";
-pub const DRIVERS_AUTOPROBE: &str = "sys/bus/pci/drivers_autoprobe";
 /// Rescans every PCI bus; a bridge's own `rescan` does its buses only.
 pub const BUS_RESCAN: &str = "sys/bus/pci/rescan";
 const IOMMU_GROUPS: &str = "sys/kernel/iommu_groups";
@@ -230,18 +229,6 @@ impl Inspect for Sysfs {
 
     fn live_id(&self, address: &PciAddress) -> KernelResult<Option<PciId>> {
         device::live_id(&self.tree, &self.existing_function_dir(address)?)
-    }
-
-    fn autoprobe(&self) -> KernelResult<bool> {
-        let text = self.tree.read(Path::new(DRIVERS_AUTOPROBE))?;
-        match text.trim() {
-            "1" => Ok(true),
-            "0" => Ok(false),
-            other => Err(self.tree.malformed(
-                Path::new(DRIVERS_AUTOPROBE),
-                format!("{other:?} is neither 0 nor 1"),
-            )),
-        }
     }
 
     fn iommu_enabled(&self) -> KernelResult<bool> {

@@ -153,10 +153,8 @@ pub enum DeadFault {
     UntilReset,
     /// A PCI `remove` and a `rescan`: it comes back alive.
     UntilRescan,
-    /// Nothing: a rescan finds it again, still dead.
+    /// Nothing: a reset leaves it dead, a rescan does not find it.
     Forever,
-    /// Nothing: a rescan does not find it any more.
-    GoneOnRescan,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

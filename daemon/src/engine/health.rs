@@ -1,8 +1,9 @@
 //! A function's health before its host driver gets it back (DESIGN §10):
 //! its config space must answer with its own ids. One that did not survive
 //! its VM (`ffff`) is never handed to a host driver: a reset by the kernel,
-//! then a PCI remove and a rescan of its bus, each verified, and otherwise
-//! it stays on vfio-pci and the host needs a reboot for it.
+//! then a PCI remove and a rescan of its bus, each verified; when the reset
+//! cannot bring it back and the rescan does not find it, it is off the bus
+//! and the host needs a reboot for it.
 
 use vfiod_pci::PciId;
 
@@ -180,67 +181,40 @@ impl Engine {
         Ok(false)
     }
 
-    /// `remove`, then `rescan` of its bus with autoprobe off, so that what
-    /// comes back is checked before any driver sees it; autoprobe is
-    /// turned on again whatever happened. A function found again dead is
-    /// put back on vfio-pci.
+    /// `remove`, then `rescan` of its bus. A rescan finds only a function
+    /// whose config space answers, and the kernel then gives it its driver
+    /// at once, as at boot (whatever `drivers_autoprobe` says: the
+    /// real-kernel lane saw it): found again with its ids and alive, it is
+    /// back; not found, it is off the bus until a reboot.
     fn revived_by_rescan(
         &self,
         device: &PciDevice,
         run: &Run,
         tried: &mut Vec<String>,
     ) -> Result<bool, Failure> {
-        let address = device.address;
         let bus = match device.parent {
             Some(bridge) => format!("the bus behind {bridge}"),
             None => "every PCI bus".into(),
         };
-        self.step(
-            address,
-            "drivers_autoprobe off",
-            run,
-            |k| k.set_autoprobe(false),
-            |_| Ok(()),
-        )?;
-        let found = self.remove_and_rescan(device, run);
-        let restored = self.step(
-            address,
-            "drivers_autoprobe on",
-            run,
-            |k| k.set_autoprobe(true),
-            |_| Ok(()),
-        );
-        if let Err(failure) = &restored {
-            error!(device = %address, error = %failure.describe(), "PCI devices that appear are not probed until drivers_autoprobe is 1 again");
-        }
-        let found = found?;
-        restored?;
-        match found {
+        let done = format!("a remove and a rescan of {bus}");
+        match self.remove_and_rescan(device, run)? {
             None => {
-                tried.push(format!(
-                    "a remove and a rescan of {bus}, which did not find it again (it is off the bus)"
-                ));
+                tried.push(format!("{done}, which did not find it again"));
                 Ok(false)
             }
             Some(again) if again.id != device.id => {
                 tried.push(format!(
-                    "a remove and a rescan of {bus}, which found {} at its address instead",
+                    "{done}, which found {} at its address instead",
                     again.id
                 ));
                 Ok(false)
             }
             Some(again) => {
                 if matches!(self.life(&again, run)?, Life::Alive) {
-                    tried.push(format!(
-                        "a remove and a rescan of {bus}, which brought it back"
-                    ));
+                    tried.push(format!("{done}, which brought it back"));
                     return Ok(true);
                 }
-                tried.push(format!(
-                    "a remove and a rescan of {bus}, which found it still dead"
-                ));
-                // Found again unprobed: vfio-pci keeps it from any host driver.
-                self.to_vfio(address, run)?;
+                tried.push(format!("{done}, which found it again, still dead"));
                 Ok(false)
             }
         }

@@ -10,8 +10,7 @@ impl Engine {
     /// Returns what was done, in words, one line per device. Blocking.
     pub fn recover(&self, interrupted: Vec<(MoveId, MoveEntry)>) -> Vec<String> {
         let mut report = Vec::new();
-        // A health check stopped between its remove and rescan (DESIGN
-        // §10): autoprobe back on, the function found again, unprobed.
+        // A health check stopped between its remove and rescan (DESIGN §10).
         if !interrupted.is_empty() {
             report.extend(self.finish_rescans(&interrupted));
         }
@@ -35,35 +34,26 @@ impl Engine {
         report
     }
 
-    /// Functions of interrupted moves that are off the bus are looked for
-    /// again with autoprobe off (one may come back dead); autoprobe is left
-    /// on. vfiod turns it off only around such a rescan.
+    /// Functions of interrupted moves that are off the bus (a health
+    /// check killed between its remove and its rescan) are looked for
+    /// again; one found is settled like the others.
     fn finish_rescans(&self, interrupted: &[(MoveId, MoveEntry)]) -> Vec<String> {
-        let mut report = Vec::new();
         let gone: Vec<PciAddress> = interrupted
             .iter()
             .flat_map(|(_, entry)| entry.devices.iter().copied())
             .filter(|address| matches!(self.kernel.device(address), Ok(None)))
             .collect();
-        if !gone.is_empty() {
-            warn!(devices = ?gone, "functions of an interrupted move are off the bus; rescanning");
-            let rescanned = self
-                .kernel
-                .set_autoprobe(false)
-                .and_then(|()| self.kernel.rescan(None));
-            if let Err(e) = rescanned {
+        if gone.is_empty() {
+            return Vec::new();
+        }
+        warn!(devices = ?gone, "functions of an interrupted move are off the bus; rescanning");
+        match self.kernel.rescan(None) {
+            Ok(()) => Vec::new(),
+            Err(e) => {
                 error!(error = %e, "the rescan failed");
-                report.push(format!("the rescan for {gone:?} failed: {e}"));
+                vec![format!("the rescan for {gone:?} failed: {e}")]
             }
         }
-        if matches!(self.kernel.autoprobe(), Ok(false)) {
-            warn!("drivers_autoprobe was off (a health check's rescan was interrupted): on again");
-            if let Err(e) = self.kernel.set_autoprobe(true) {
-                error!(error = %e, "cannot turn drivers_autoprobe on again");
-                report.push(format!("drivers_autoprobe is still off: {e}"));
-            }
-        }
-        report
     }
 
     pub(super) fn settle(&self, address: PciAddress, run: &Run) -> String {

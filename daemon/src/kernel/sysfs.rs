@@ -11,8 +11,7 @@ use std::process::{Command, Stdio};
 use vfiod_host::sysfs::modules::is_module_name;
 use vfiod_host::sysfs::rooted::Rooted;
 use vfiod_host::sysfs::{
-    BUS_RESCAN, DRIVERS_AUTOPROBE, DRIVERS_PROBE, PCI_DRIVERS, VFIO_GROUPS, invalid_driver,
-    is_driver_name,
+    BUS_RESCAN, DRIVERS_PROBE, PCI_DRIVERS, VFIO_GROUPS, invalid_driver, is_driver_name,
 };
 use vfiod_pci::PciAddress;
 
@@ -94,20 +93,23 @@ impl Kernel for Sysfs {
     }
 
     fn rescan(&self, parent: Option<&PciAddress>) -> KernelResult<()> {
-        match parent {
-            Some(bridge) => write_device_file(self, bridge, "rescan", "rescan", "1"),
-            None => write_once(self.tree(), "rescan", Path::new(BUS_RESCAN), "1"),
+        // A device's own `rescan` rescans the bus it sits on; the buses
+        // behind a bridge are its `pci_bus/DDDD:BB`, each with a `rescan`.
+        let Some(bridge) = parent else {
+            return write_once(self.tree(), "rescan", Path::new(BUS_RESCAN), "1");
+        };
+        let dir = Sysfs::bus_entry(bridge).join("pci_bus");
+        let buses = self.tree().list_optional(&dir)?;
+        if buses.is_empty() {
+            return Err(KernelError::Malformed {
+                path: dir.display().to_string(),
+                reason: format!("{bridge} has no bus behind it to rescan"),
+            });
         }
-    }
-
-    fn set_autoprobe(&self, on: bool) -> KernelResult<()> {
-        let value = if on { "1" } else { "0" };
-        write_once(
-            self.tree(),
-            "write drivers_autoprobe",
-            Path::new(DRIVERS_AUTOPROBE),
-            value,
-        )
+        for bus in buses {
+            write_once(self.tree(), "rescan", &dir.join(bus).join("rescan"), "1")?;
+        }
+        Ok(())
     }
 }
 

@@ -83,9 +83,6 @@ impl Inspect for UnbindAfterOverride {
     fn live_id(&self, address: &PciAddress) -> KernelResult<Option<PciId>> {
         self.sim.live_id(address)
     }
-    fn autoprobe(&self) -> KernelResult<bool> {
-        self.sim.autoprobe()
-    }
 }
 
 impl Kernel for UnbindAfterOverride {
@@ -124,8 +121,5 @@ impl Kernel for UnbindAfterOverride {
     }
     fn rescan(&self, parent: Option<&PciAddress>) -> KernelResult<()> {
         self.sim.rescan(parent)
-    }
-    fn set_autoprobe(&self, on: bool) -> KernelResult<()> {
-        self.sim.set_autoprobe(on)
     }
 }

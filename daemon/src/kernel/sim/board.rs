@@ -149,7 +149,6 @@ impl Board {
                 .entries()
                 .flat_map(|entry| entry.holders.iter().cloned())
                 .collect(),
-            autoprobe: true,
             dead_probed: Vec::new(),
         }
     }

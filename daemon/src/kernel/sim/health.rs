@@ -1,6 +1,6 @@
 //! Functions a VM leaves dead (a `dead` fault), and the ways back the real
-//! kernel offers: `reset`, `remove` and `rescan`, with `drivers_autoprobe`
-//! deciding whether what a rescan finds is probed.
+//! kernel offers: `reset`, `remove` and `rescan`. A rescan finds only a
+//! function whose config space answers, and probes it at once.
 
 use vfiod_pci::machine::{DeadFault, ResetFault};
 
@@ -12,17 +12,11 @@ const DEAD_ID: PciId = PciId {
     device: 0xffff,
 };
 
-/// Whether a rescan finds a function again, and dead or not: `None` when it
-/// stays off the bus.
-pub(super) fn found_by_rescan(entry: &DeviceEntry, was_dead: bool) -> Option<bool> {
-    if !was_dead {
-        return Some(false);
-    }
-    match faults(entry).dead {
-        Some(DeadFault::GoneOnRescan) => None,
-        Some(DeadFault::Forever) => Some(true),
-        _ => Some(false),
-    }
+/// Whether a rescan finds a function again (alive): a dead one answers
+/// `ffff` to the scan and is not found, unless the remove itself is what
+/// brings it back (`until-rescan`: a power cycle of its slot).
+pub(super) fn found_by_rescan(entry: &DeviceEntry, was_dead: bool) -> bool {
+    !was_dead || faults(entry).dead == Some(DeadFault::UntilRescan)
 }
 
 impl RunningState {

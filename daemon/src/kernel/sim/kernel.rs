@@ -159,11 +159,6 @@ impl Inspect for SimKernel {
         inner.state.live_id(entry).map(Some)
     }
 
-    fn autoprobe(&self) -> KernelResult<bool> {
-        self.count_read();
-        Ok(self.lock().state.autoprobe)
-    }
-
     fn boot_id(&self) -> KernelResult<String> {
         self.count_read();
         Ok(self.lock().state.boot_id.clone())
@@ -294,15 +289,6 @@ impl Kernel for SimKernel {
 
     fn rescan(&self, parent: Option<&PciAddress>) -> KernelResult<()> {
         let result = self.transact(|board, state, events| state.rescan(board, parent, events));
-        self.count_write();
-        result
-    }
-
-    fn set_autoprobe(&self, on: bool) -> KernelResult<()> {
-        let result = self.transact(|_, state, _| {
-            state.autoprobe = on;
-            Ok(())
-        });
         self.count_write();
         result
     }

@@ -17,9 +17,6 @@ pub(super) struct RunningState {
     pub(super) extra_drivers: BTreeSet<String>,
     /// Processes holding device nodes open.
     pub(super) holders: Vec<Holder>,
-    /// `drivers_autoprobe`.
-    #[serde(default = "on", skip_serializing_if = "is_true")]
-    pub(super) autoprobe: bool,
     /// Dead functions a host driver was asked to probe: each one would
     /// have risked the host (amdgpu on a dead card can hang it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -70,14 +67,6 @@ impl DeviceState {
 
 fn is_false(value: &bool) -> bool {
     !*value
-}
-
-fn is_true(value: &bool) -> bool {
-    *value
-}
-
-fn on() -> bool {
-    true
 }
 
 impl RunningState {
@@ -350,17 +339,12 @@ impl RunningState {
         let Ok(entry) = board.entry(address) else {
             return;
         };
-        let Some(dead) = found_by_rescan(entry, dev.dead) else {
+        if !found_by_rescan(entry, dev.dead) {
             return;
-        };
-        *dev = DeviceState {
-            dead,
-            ..DeviceState::fresh(None)
-        };
-        events.push(uevent(UeventAction::Add, address, None));
-        if self.autoprobe {
-            self.probe_device(board, address, events);
         }
+        *dev = DeviceState::fresh(None);
+        events.push(uevent(UeventAction::Add, address, None));
+        self.probe_device(board, address, events);
     }
 
     /// Adopts a state read from disk for `board`: devices the machine file

@@ -57,37 +57,29 @@ fn a_reset_that_fails_says_eio_and_one_without_a_method_has_no_file() {
 }
 
 #[test]
-fn remove_and_rescan_bring_back_a_function_dead_until_rescan_probed_only_with_autoprobe() {
+fn remove_and_rescan_bring_back_a_function_dead_until_rescan_probed_at_once() {
     let (_dir, kernel) = dead("until-rescan");
     bind_vfio(&kernel, &addr(GPU)).unwrap();
     kernel.reset(&addr(GPU)).unwrap();
     assert_eq!(live(&kernel), DEAD, "a reset is not enough");
-    kernel.set_autoprobe(false).unwrap();
     kernel.remove(&addr(GPU)).unwrap();
     assert!(kernel.device(&addr(GPU)).unwrap().is_none());
     kernel.rescan(Some(&addr(ROOT_PORT))).unwrap();
     assert_eq!(live(&kernel), alive());
-    assert_eq!(driver_of(&kernel, GPU), None, "autoprobe is off");
-    assert_eq!(kernel.driver_override(&addr(GPU)).unwrap(), None);
-    kernel.set_autoprobe(true).unwrap();
-    assert!(kernel.autoprobe().unwrap());
-    kernel.remove(&addr(GPU)).unwrap();
-    kernel.rescan(None).unwrap();
+    // As the kernel's pci_bus_add_device does, drivers_autoprobe or not.
     assert_eq!(driver_of(&kernel, GPU).as_deref(), Some("amdgpu"));
+    assert_eq!(kernel.driver_override(&addr(GPU)).unwrap(), None);
+    assert!(kernel.dead_probed().is_empty());
 }
 
 #[test]
-fn a_function_dead_for_good_comes_back_dead_or_not_at_all() {
-    let (_dir, kernel) = dead("forever");
-    bind_vfio(&kernel, &addr(GPU)).unwrap();
-    kernel.set_autoprobe(false).unwrap();
-    kernel.remove(&addr(GPU)).unwrap();
-    kernel.rescan(Some(&addr(ROOT_PORT))).unwrap();
-    assert_eq!(live(&kernel), DEAD);
-
-    let (_dir, kernel) = dead("gone-on-rescan");
-    bind_vfio(&kernel, &addr(GPU)).unwrap();
-    kernel.remove(&addr(GPU)).unwrap();
-    kernel.rescan(Some(&addr(ROOT_PORT))).unwrap();
-    assert!(kernel.device(&addr(GPU)).unwrap().is_none());
+fn a_rescan_does_not_find_a_function_dead_for_good() {
+    for how in ["forever", "until-reset"] {
+        let (_dir, kernel) = dead(how);
+        bind_vfio(&kernel, &addr(GPU)).unwrap();
+        kernel.remove(&addr(GPU)).unwrap();
+        kernel.rescan(None).unwrap();
+        assert!(kernel.device(&addr(GPU)).unwrap().is_none(), "{how}");
+        assert!(kernel.dead_probed().is_empty(), "{how}");
+    }
 }
