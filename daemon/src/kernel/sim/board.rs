@@ -114,10 +114,22 @@ impl Board {
 
     /// The running state of a machine just booted.
     pub(super) fn boot_state(&self) -> RunningState {
+        // Late drivers wait for a coldplug that is still running.
+        let coldplug_ms = self.machine.machine.coldplug_ms.unwrap_or(0);
+        let late: BTreeSet<PciAddress> = self
+            .entries()
+            .filter(|entry| entry.late_driver && coldplug_ms > 0)
+            .map(|entry| entry.address)
+            .collect();
         let devices = self
             .entries()
             .map(|entry| {
-                let state = DeviceState::fresh(entry.driver.clone());
+                let state = DeviceState::fresh(
+                    entry
+                        .driver
+                        .clone()
+                        .filter(|_| !late.contains(&entry.address)),
+                );
                 (entry.address, state)
             })
             .collect();
@@ -150,6 +162,8 @@ impl Board {
                 .flat_map(|entry| entry.holders.iter().cloned())
                 .collect(),
             dead_probed: Vec::new(),
+            coldplug_until_ms: (coldplug_ms > 0).then(|| now_ms() + coldplug_ms),
+            late,
         }
     }
 }
