@@ -11,6 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use vfiod::bouncer::Bouncer;
 use vfiod::cli::{Args, default_state_dir};
+use vfiod::early_claim;
 use vfiod::engine::Engine;
 use vfiod::journal::Journal;
 use vfiod::kernel::Kernel;
@@ -122,6 +123,8 @@ async fn run(args: Args) -> Result<(), String> {
     // While the cards are still clean, before any move (vendor-reset's
     // device_specific must be chosen before a card's first use).
     set_reset_methods(&engine).await;
+    let claim_root = early_claim::root_for(simulated.is_some(), &state_dir);
+    early_claim::keep_in_step(&engine, claim_root).await;
     let service = Service::new(engine.clone(), bouncer.clone());
 
     let connection = zbus::connection::Builder::system()
@@ -221,7 +224,9 @@ async fn reload(
 ) {
     let began_usec = vfiod::reload::monotonic_usec();
     tell_systemd(&notify::reloading(began_usec));
-    let refused = reload_config(args, engine, service, connection).await.err();
+    let refused = reload_config(args, state_dir, engine, service, connection)
+        .await
+        .err();
     let status = match &refused {
         None => "configuration reloaded".to_owned(),
         Some(reason) => format!("new configuration refused; keeping the old one: {reason}"),
@@ -255,6 +260,7 @@ async fn set_reset_methods(engine: &Arc<Engine>) {
 /// Reads the config again and puts it in force; `Err` is the refusal.
 async fn reload_config(
     args: &Args,
+    state_dir: &std::path::Path,
     engine: &Arc<Engine>,
     service: &Arc<Service>,
     connection: &zbus::Connection,
@@ -274,6 +280,8 @@ async fn reload_config(
     info!(config = %args.config.display(), profiles = config.profiles.len(), "configuration reloaded");
     engine.set_config(config);
     set_reset_methods(engine).await;
+    let claim_root = early_claim::root_for(args.machine.is_some(), state_dir);
+    early_claim::keep_in_step(engine, claim_root).await;
     // The new config is in force either way; the bus catches up at the
     // next change.
     if let Err(e) = service.refresh(connection).await {

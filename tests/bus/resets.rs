@@ -103,3 +103,33 @@ fn a_host_driver_that_lets_go_right_after_the_hand_back_is_reported() {
         rig.log()
     );
 }
+
+/// Early claim (DESIGN §10): a `boot = "vfio"` profile's udev rule is
+/// written as vfiod starts (for a simulated machine, under its state dir's
+/// `root`) and removed by a reload that drops the profile's boot.
+#[test]
+fn the_early_claim_follows_the_config() {
+    let dir = TempDir::new();
+    let config = dir.write(
+        "vfiod.toml",
+        "[profiles.rx580]\ndevices = [\"01:00.0\"]\nboot = \"vfio\"\n",
+    );
+    let rig = Rig::start(&machine("z77-rx580.toml"), &config);
+    let rule = rig
+        .dir
+        .path("state/root/etc/udev/rules.d/61-vfiod-early-claim.rules");
+    let text = std::fs::read_to_string(&rule).expect("the early claim's udev rule");
+    assert!(
+        text.contains("KERNEL==\"0000:01:00.0\"") && text.contains("KERNEL==\"0000:01:00.1\""),
+        "{text}"
+    );
+    std::fs::write(&config, "[profiles.rx580]\ndevices = [\"01:00.0\"]\n").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(rig.vfiod_pid().unwrap() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_until("the rule removed", Duration::from_secs(10), || {
+        !rule.exists()
+    });
+}
