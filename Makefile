@@ -97,7 +97,7 @@ install:
 	$(INSTALL) -Dm755 $(BUILD_DIR)/vfiod $(DESTDIR)$(BINDIR)/vfiod
 	$(INSTALL) -Dm755 $(VFIOCTL_BIN) $(DESTDIR)$(BINDIR)/vfioctl
 	$(INSTALL) -Dm644 systemd/vfiod.service $(DESTDIR)$(UNITDIR)/vfiod.service
-	sed -i 's|^ExecStart=/usr/bin/vfiod|ExecStart=$(BINDIR)/vfiod|' $(DESTDIR)$(UNITDIR)/vfiod.service
+	sed -i 's|^\(Exec[A-Za-z]*=\)/usr/bin/vfiod|\1$(BINDIR)/vfiod|' $(DESTDIR)$(UNITDIR)/vfiod.service
 	$(INSTALL) -Dm644 systemd/vfio-pci.conf $(DESTDIR)$(MODULESLOADDIR)/vfio-pci.conf
 	$(INSTALL) -Dm644 systemd/org.vfiod1.conf $(DESTDIR)$(DBUSPOLICYDIR)/org.vfiod1.conf
 	$(INSTALL) -Dm644 systemd/org.vfiod1.service $(DESTDIR)$(DBUSSERVICEDIR)/org.vfiod1.service

@@ -149,14 +149,7 @@ fn release_never_takes_what_another_domain_owns() {
 #[test]
 fn a_boot_vfio_profile_stays_on_vfio_after_the_domain_releases() {
     let machine_text = std::fs::read_to_string(machine("z77-rx580.toml")).unwrap();
-    let config = std::fs::read_to_string(machine("z77-rx580.vfiod.toml"))
-        .unwrap()
-        .replace(
-            "vms = [\"win10\"]\n\n# The USB",
-            "vms = [\"win10\"]\nboot = \"vfio\"\n\n# The USB",
-        );
-    assert!(config.contains("boot = \"vfio\""), "{config}");
-    let rig = Rig::with_text(&machine_text, &config);
+    let rig = Rig::with_text(&machine_text, &vfiod_tests::z77_config_rx580_at_boot());
     assert_eq!(rig.driver("01:00.0"), "vfio-pci", "bound at start");
     let xml = domain("win10", &[]);
     assert_exit(&hook(&rig, "win10", "prepare", "begin", &xml), 0);

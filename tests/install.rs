@@ -227,6 +227,12 @@ fn another_prefix_is_written_into_the_unit_and_the_hook() {
         unit.lines().any(|l| l == "ExecStart=/usr/local/bin/vfiod"),
         "{unit}"
     );
+    assert!(
+        unit.lines()
+            .any(|l| l == "ExecReload=/usr/local/bin/vfiod --reload $MAINPID"),
+        "{unit}"
+    );
+    assert!(!unit.contains("/usr/bin/"), "{unit}");
     let hook = std::fs::read_to_string(root.join("etc/libvirt/hooks/qemu.d/vfiod")).unwrap();
     assert!(
         hook.contains("exec /usr/local/bin/vfioctl libvirt-hook \"$@\""),

@@ -27,6 +27,14 @@ pub struct Args {
     /// without XDG_RUNTIME_DIR].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Do not serve: ask the running vfiod of process PID to reload its
+    /// configuration (SIGHUP) and wait for its verdict, read from its state
+    /// dir (the same --state-dir). Exits 0 when the new configuration is in
+    /// force, 1 with the reason (file, line, why) when vfiod refused it and
+    /// kept the old one, or when it gave no verdict within 60 s. The unit's
+    /// ExecReload=, so `systemctl reload vfiod` fails when the reload does.
+    #[arg(long, value_name = "PID", conflicts_with = "machine")]
+    pub reload: Option<u32>,
 }
 
 pub fn command() -> clap::Command {

@@ -382,20 +382,24 @@ impl Engine {
         Ok(())
     }
 
-    /// Remembers the device's host driver for the way back, then moves it
-    /// to vfio-pci.
+    /// Moves the device to vfio-pci, remembering its host driver for the
+    /// way back.
     fn bind_one(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
-        let current = self.current_driver(address)?;
-        if let Some(host) = current.as_deref().filter(|d| *d != VFIO_DRIVER) {
-            self.ledger()
-                .set_host_driver(address, host)
-                .map_err(|e| Failure {
-                    device: Some(address),
-                    step: "remember host driver".into(),
-                    cause: StepFailure::Unexpected(e.to_string()),
-                })?;
+        self.to_vfio(address, run, true)
+    }
+
+    /// Remembers `driver` as the device's host driver (vfio-pci is none).
+    fn remember_host_driver(&self, address: PciAddress, driver: &str) -> Result<(), Failure> {
+        if driver == VFIO_DRIVER {
+            return Ok(());
         }
-        self.to_vfio(address, run)
+        self.ledger()
+            .set_host_driver(address, driver)
+            .map_err(|e| Failure {
+                device: Some(address),
+                step: "remember host driver".into(),
+                cause: StepFailure::Unexpected(e.to_string()),
+            })
     }
 
     /// The host driver to return a device to: the remembered one when the
@@ -541,14 +545,33 @@ impl Engine {
         )
     }
 
-    /// host driver (or nothing) -> vfio-pci: a bind, or the undoing of a
-    /// failed release.
-    fn to_vfio(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
-        let current = self.current_driver(address)?;
-        if current.as_deref() == Some(VFIO_DRIVER) {
+    /// host driver (or nothing) -> vfio-pci: a bind (which remembers the
+    /// host driver), or the undoing of a failed release.
+    fn to_vfio(&self, address: PciAddress, run: &Run, remember: bool) -> Result<(), Failure> {
+        let before = self.current_driver(address)?;
+        if before.as_deref() == Some(VFIO_DRIVER) {
             return Ok(());
         }
+        if let Some(host) = before.as_deref().filter(|_| remember) {
+            self.remember_host_driver(address, host)?;
+        }
         self.override_step(address, Some(VFIO_DRIVER), run)?;
+        // From the override on no other driver can bind; one may have bound
+        // since the read above (at boot, udev's coldplug loading the host
+        // driver: its probe holds the device lock, and the override write
+        // waits for it). Read again: that driver is unbound like any other.
+        let current = self.current_driver(address)?;
+        if current != before
+            && let Some(late) = current.as_deref()
+        {
+            warn!(device = %address, driver = late, step = "set driver_override vfio-pci", "a host driver bound while the device was being taken; unbinding it too");
+            if late == VFIO_DRIVER {
+                return Ok(());
+            }
+            if remember {
+                self.remember_host_driver(address, late)?;
+            }
+        }
         if let Some(driver) = current {
             self.unbind_step(address, driver, run)?;
         }

@@ -44,6 +44,10 @@ pub enum MonitorEvent {
 /// long as a driver wants (an unbind held by an open file): callers run
 /// them on a worker thread with a timeout, never on the event loop.
 pub trait Kernel: Inspect {
+    /// Whether udev still has events to process (libudev's queue:
+    /// `/run/udev/queue` exists): at boot, host drivers may still be
+    /// binding as the coldplug reaches their devices.
+    fn udev_busy(&self) -> bool;
     /// Whether a process (a VM) has `/dev/vfio/N` open; `None` when that
     /// can't be told without looking for the holders.
     fn vfio_group_open(&self, group: u32) -> Option<bool>;

@@ -1,5 +1,6 @@
 //! vfiod: the kernel access, the transition engine and the D-Bus service.
 
+pub mod boot;
 pub mod bouncer;
 pub mod cli;
 pub mod doctor;
@@ -7,7 +8,9 @@ pub mod engine;
 pub mod journal;
 pub mod kernel;
 pub mod ledger;
+pub mod notify;
 pub mod plan;
+pub mod reload;
 pub mod service;
 pub mod state_dir;
 pub mod state_file;

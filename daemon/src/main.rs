@@ -17,11 +17,10 @@ use vfiod::kernel::Kernel;
 use vfiod::kernel::Sysfs;
 use vfiod::kernel::sim::SimKernel;
 use vfiod::ledger::Ledger;
-use vfiod::plan::MoveOptions;
+use vfiod::notify;
 use vfiod::service::Service;
 use vfiod::service::simulator::{SIMULATOR_PATH, SimulatorInterface};
-use vfiod_config::{BootState, Config};
-use vfiod_dbus::Direction;
+use vfiod_config::Config;
 
 /// glibc gives each thread that allocates an arena of its own (up to eight
 /// per core) and keeps what each one freed: with a dozen short-lived
@@ -43,6 +42,9 @@ const BLOCKING_THREADS: usize = 10;
 fn main() -> ExitCode {
     one_malloc_arena();
     let args = Args::parse();
+    if let Some(pid) = args.reload {
+        return ask_for_reload(pid, &args);
+    }
     logging::init();
     // Blocking work (moves, checks, snapshot reads) is capped by the
     // service's own slots; this caps the threads whatever a caller sends.
@@ -84,6 +86,7 @@ async fn run(args: Args) -> Result<(), String> {
         Some(machine) => {
             let sim = Arc::new(SimKernel::open(machine, &state_dir).map_err(|e| e.to_string())?);
             let events = uevents::from_simulation(sim.subscribe());
+            sim.run_coldplug();
             info!(machine = %machine.display(), state_dir = %state_dir.display(), "running on a simulated kernel");
             (sim.clone(), Some(sim), events)
         }
@@ -139,9 +142,8 @@ async fn run(args: Args) -> Result<(), String> {
         .start(&connection)
         .await
         .map_err(|e| format!("cannot serve org.vfiod1: {e}"))?;
-    // Profiles with boot = "vfio" are bound before the name is taken, so a
-    // display manager ordered after vfiod.service finds them gone.
-    bind_boot_profiles(&service, &connection).await;
+    // Profiles with boot = "vfio" are bound before the name is taken.
+    vfiod::boot::bind_boot_profiles(&service, &connection).await;
     service
         .take_name(&connection)
         .await
@@ -177,7 +179,7 @@ async fn run(args: Args) -> Result<(), String> {
                     warn!(error = %e, "refresh after a device was settled failed");
                 }
             }
-            _ = hangup.recv() => reload(&args, &engine, &service, &connection).await,
+            _ = hangup.recv() => reload(&args, &state_dir, &engine, &service, &connection).await,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
@@ -186,39 +188,83 @@ async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
+/// `vfiod --reload PID`: the unit's ExecReload. Its exit status and
+/// stderr are the reload's verdict, given by the vfiod of PID itself.
+fn ask_for_reload(pid: u32, args: &Args) -> ExitCode {
+    let state_dir = match args.state_dir.clone().map_or_else(default_state_dir, Ok) {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("vfiod: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match vfiod::reload::request(pid, &state_dir, vfiod::reload::VERDICT_TIMEOUT) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vfiod: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A reload (SIGHUP): announced to systemd as it begins and ends, and its
+/// verdict recorded in the state dir for `vfiod --reload`, which waits for it.
 async fn reload(
     args: &Args,
+    state_dir: &std::path::Path,
     engine: &Engine,
     service: &Arc<Service>,
     connection: &zbus::Connection,
 ) {
-    let path = args.config.clone();
-    match tokio::task::spawn_blocking(move || Config::load(&path)).await {
-        Ok(Ok(config)) => {
-            info!(config = %args.config.display(), profiles = config.profiles.len(), "configuration reloaded");
-            engine.set_config(config);
-            if let Err(e) = service.refresh(connection).await {
-                warn!(error = %e, "refresh after reload failed");
-            }
-        }
-        Ok(Err(e)) => error!(error = %e, "new configuration refused; keeping the old one"),
-        Err(e) => error!(error = %e, "reloading failed"),
+    let began_usec = vfiod::reload::monotonic_usec();
+    tell_systemd(&notify::reloading(began_usec));
+    let refused = reload_config(args, engine, service, connection).await.err();
+    let status = match &refused {
+        None => "configuration reloaded".to_owned(),
+        Some(reason) => format!("new configuration refused; keeping the old one: {reason}"),
+    };
+    let verdict = vfiod::reload::Verdict {
+        pid: std::process::id(),
+        began_usec,
+        refused,
+    };
+    if let Err(e) = vfiod::reload::record(state_dir, &verdict) {
+        error!(error = %e, file = vfiod::reload::VERDICT_FILE, "cannot record the reload's verdict");
     }
+    tell_systemd(&notify::ready(&status));
 }
 
-/// Profiles with `boot = "vfio"` go to vfio-pci as vfiod starts.
-async fn bind_boot_profiles(service: &Arc<Service>, connection: &zbus::Connection) {
-    let config = service.engine().config();
-    for (name, profile) in &config.profiles {
-        if profile.boot != BootState::Vfio {
-            continue;
+/// Reads the config again and puts it in force; `Err` is the refusal.
+async fn reload_config(
+    args: &Args,
+    engine: &Engine,
+    service: &Arc<Service>,
+    connection: &zbus::Connection,
+) -> Result<(), String> {
+    let path = args.config.clone();
+    let config = match tokio::task::spawn_blocking(move || Config::load(&path)).await {
+        Ok(Ok(config)) => config,
+        Ok(Err(e)) => {
+            error!(error = %e, "new configuration refused; keeping the old one");
+            return Err(e.to_string());
         }
-        match service
-            .transition(connection, name, Direction::Bind, MoveOptions::default())
-            .await
-        {
-            Ok(devices) => info!(profile = %name, devices = devices.len(), "bound at start"),
-            Err(e) => error!(profile = %name, error = %e, "could not bind at start"),
+        Err(e) => {
+            error!(error = %e, "reloading failed");
+            return Err(format!("reloading failed: {e}"));
         }
+    };
+    info!(config = %args.config.display(), profiles = config.profiles.len(), "configuration reloaded");
+    engine.set_config(config);
+    // The new config is in force either way; the bus catches up at the
+    // next change.
+    if let Err(e) = service.refresh(connection).await {
+        warn!(error = %e, "refresh after reload failed");
+    }
+    Ok(())
+}
+
+fn tell_systemd(state: &str) {
+    if let Err(e) = notify::notify(state) {
+        warn!(error = %e, "cannot notify systemd");
     }
 }

@@ -165,6 +165,8 @@ pub fn snapshot(
             usb: extras.usb,
             mounts: extras.mounts,
             fault: None,
+            // A snapshot is of the host as it runs, its coldplug long over.
+            late_driver: false,
         });
     }
     own_mounts_and_console(&mut entries);
@@ -197,6 +199,7 @@ pub fn snapshot(
             } else {
                 ModuleLoading::Allowed
             },
+            coldplug_ms: None,
         },
         host: host_facts,
         devices,

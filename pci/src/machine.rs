@@ -45,6 +45,10 @@ pub struct MachineInfo {
     /// Whether vfiod may load any module at all.
     #[serde(default, skip_serializing_if = "ModuleLoading::is_allowed")]
     pub module_loading: ModuleLoading,
+    /// udev's coldplug is still running for this long after the machine
+    /// boots (`/run/udev/queue` exists meanwhile); absent: over at boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coldplug_ms: Option<u64>,
 }
 
 /// Whether the process (and the `modprobe` it runs) may load kernel
@@ -115,6 +119,13 @@ pub struct DeviceEntry {
     pub mounts: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Faults>,
+    /// Its `driver` binds late, as udev's coldplug reaches it (a module
+    /// loaded by a udev rule, a slow probe): no driver at boot; bound when
+    /// the coldplug ends (`coldplug_ms`) or, if someone writes to the
+    /// device before that, just before that write takes effect, as a probe
+    /// holding the device lock finishes first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late_driver: bool,
 }
 
 /// Injected faults; each applies every time its operation runs.
@@ -342,6 +353,18 @@ impl MachineFile {
                     ));
                 }
             }
+            if d.late_driver
+                && d.driver
+                    .as_deref()
+                    .is_none_or(|driver| driver == "vfio-pci")
+            {
+                return Err(fail(
+                    d,
+                    "late_driver",
+                    "true".into(),
+                    "only a device with a host driver (driver = ...) can have it bind late".into(),
+                ));
+            }
             if d.host_driver.is_some() && d.driver.as_deref() != Some("vfio-pci") {
                 return Err(fail(
                     d,
@@ -481,5 +504,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("listed twice"), "{err}");
+
+        // A late driver needs a driver to come; the bridge 00:00.0 has none.
+        let bad = z77().replace(
+            "address = \"0000:00:00.0\"\n",
+            "address = \"0000:00:00.0\"\nlate_driver = true\n",
+        );
+        let err = MachineFile::parse(&bad, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("0000:00:00.0") && err.contains("late_driver"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_coldplug_keys_round_trip() {
+        let text = z77()
+            .replacen("[machine]\n", "[machine]\ncoldplug_ms = 1500\n", 1)
+            .replace(
+                "address = \"0000:01:00.0\"\n",
+                "address = \"0000:01:00.0\"\nlate_driver = true\n",
+            );
+        let machine = MachineFile::parse(&text, Path::new("m.toml")).unwrap();
+        assert_eq!(machine.machine.coldplug_ms, Some(1500));
+        let gpu = machine.device(&"0000:01:00.0".parse().unwrap()).unwrap();
+        assert!(gpu.late_driver);
+        let again = MachineFile::parse(&machine.to_toml(), Path::new("again")).unwrap();
+        assert_eq!(again, machine);
     }
 }

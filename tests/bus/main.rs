@@ -2,7 +2,9 @@
 //! binaries, with busctl and gdbus as outside clients (DESIGN §4, §5).
 
 mod access;
+mod boot;
 mod denied;
 mod kernel_changes;
 mod outside_clients;
+mod reload;
 mod vfioctl;

@@ -21,6 +21,18 @@ pub fn machine(name: &str) -> PathBuf {
     repo().join("machines").join(name)
 }
 
+/// The Z77's shipped config with rx580 bound as vfiod starts (`boot = "vfio"`).
+pub fn z77_config_rx580_at_boot() -> String {
+    let config = std::fs::read_to_string(machine("z77-rx580.vfiod.toml"))
+        .expect("z77 config")
+        .replace(
+            "vms = [\"win10\"]\n\n# The USB",
+            "vms = [\"win10\"]\nboot = \"vfio\"\n\n# The USB",
+        );
+    assert!(config.contains("boot = \"vfio\""), "{config}");
+    config
+}
+
 /// A binary of the workspace (`vfiod`, `vfioctl`, `xtask`), built on first
 /// use in this test process: `cargo build -p vfiod -p vfioctl -p xtask` in
 /// the profile and target directory of the running test executable, so

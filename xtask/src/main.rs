@@ -24,15 +24,31 @@ const VFIOD_EXTRA: &str = r#".SH SIGNALS
 .TP
 \fBSIGHUP\fR
 Reload the configuration file. A file that is refused is reported in the
-log and the last good configuration is kept.
+log and the last good configuration is kept. Either way the verdict is
+written to \fIreload.json\fR in the state directory, where
+\fBvfiod \-\-reload\fR waits for it, and told to systemd
+(\fBRELOADING=1\fR with \fBMONOTONIC_USEC=\fR, then \fBREADY=1\fR with the
+outcome in \fBSTATUS=\fR, which \fBsystemctl status vfiod\fR shows).
 .TP
 \fBSIGTERM\fR, \fBSIGINT\fR
 Stop. Devices stay where they are; what vfiod must remember to give them
 back is kept in the state directory.
+.SH RELOADING
+\fBsystemctl reload vfiod\fR runs \fBvfiod \-\-reload \fR\fIPID\fR (the
+unit's \fBExecReload=\fR): it sends the running vfiod \fBSIGHUP\fR and
+waits, up to 60 seconds, for that vfiod's verdict. When the new
+configuration is refused it prints the file, the line and the reason and
+exits 1, so the reload fails where it was typed; \fBsystemctl status vfiod\fR
+and \fBjournalctl \-u vfiod\fR show the reason. Run as root, \fBvfiod \-\-reload
+$(systemctl show \-P MainPID vfiod)\fR prints it on the terminal.
+\fBkill \-HUP\fR still reloads, but nobody waits for its verdict.
 .SH ENVIRONMENT
 .TP
 \fBDBUS_SYSTEM_BUS_ADDRESS\fR
 The system bus to serve on, instead of the default one.
+.TP
+\fBNOTIFY_SOCKET\fR
+Set by systemd (\fBNotifyAccess=main\fR): where reloads are announced.
 .TP
 \fBVFIOD_LOG\fR
 The log filter (\fBerror\fR, \fBwarn\fR, \fBinfo\fR, \fBdebug\fR, \fBtrace\fR);

@@ -75,7 +75,7 @@ impl Engine {
                 .to_host(address, self.return_driver(&address), run)
                 .or_else(|failure| {
                     warn!(device = %address, why = %failure.describe(), "host driver did not come back; back to vfio-pci");
-                    self.to_vfio(address, run).and(Err(failure))
+                    self.to_vfio(address, run, false).and(Err(failure))
                 }),
         }
     }

@@ -241,7 +241,7 @@ impl Engine {
             }
             let undo = match direction {
                 Direction::Bind => self.to_host(address, self.return_driver(&address), &run),
-                Direction::Release => self.to_vfio(address, &run),
+                Direction::Release => self.to_vfio(address, &run, false),
             };
             let now = self.kernel.driver(&address).ok().flatten();
             match (undo, now) {

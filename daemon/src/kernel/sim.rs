@@ -191,6 +191,26 @@ impl SimKernel {
         rx
     }
 
+    /// Ends udev's coldplug on time even when nobody looks: a thread waits
+    /// for its end, when the late drivers bind, announced by uevents as
+    /// udevd's would be. Nothing to do when no coldplug runs.
+    pub fn run_coldplug(self: &std::sync::Arc<Self>) {
+        let Some(end) = self.lock().state.coldplug_until_ms else {
+            return;
+        };
+        let sim = std::sync::Arc::downgrade(self);
+        std::thread::spawn(move || {
+            // The machine's own clock: waiting for its deadline is the event.
+            std::thread::sleep(std::time::Duration::from_millis(
+                end.saturating_sub(now_ms()) + 1,
+            ));
+            if let Some(sim) = sim.upgrade() {
+                // Looking at the state ends the coldplug (see `lock`).
+                drop(sim.lock());
+            }
+        });
+    }
+
     /// What `VFIO_GROUP_GET_STATUS` reports: `/dev/vfio/N` exists and every
     /// endpoint of the group is on vfio-pci or has no driver (PCI-to-PCI
     /// and CardBus bridges may stay on theirs; host and ISA bridges may not).
@@ -219,6 +239,7 @@ impl SimKernel {
         let mut inner = self.wait_for_device(inner, address);
         self.commit(&mut inner, |board, state, events| {
             let entry = board.entry(address)?;
+            state.coldplug_reaches(board, address, events);
             let current = state
                 .present(address)
                 .ok_or(KernelError::NoDevice(*address))?;
@@ -334,7 +355,21 @@ impl SimKernel {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every change is committed whole (see `commit`), so a panic in
         // another thread cannot have left the state half-written.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner
+            .state
+            .coldplug_until_ms
+            .is_some_and(|_| !inner.state.coldplug_running(now_ms()))
+        {
+            // The coldplug ended since the last look: its late drivers bind,
+            // persisted and announced like any change. A state file that
+            // cannot be written leaves it for the next look.
+            let _ = self.commit(&mut inner, |board, state, events| {
+                state.end_coldplug(board, events);
+                Ok(())
+            });
+        }
+        inner
     }
 
     fn transact<R>(
@@ -420,6 +455,14 @@ impl SimKernel {
         }
         self.board.entry(address)
     }
+}
+
+/// The wall clock in milliseconds since the Unix epoch: the coldplug's
+/// end is kept in the state, which outlives vfiod.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Module names compare with `-` and `_` alike, as modprobe does.

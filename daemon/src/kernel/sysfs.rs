@@ -18,7 +18,15 @@ use super::{Kernel, KernelError, KernelResult, Sysfs};
 /// Tried in order: a service's PATH may lack the sbin directories.
 const MODPROBE: [&str; 3] = ["modprobe", "/usr/sbin/modprobe", "/sbin/modprobe"];
 
+/// Exists while udevd has events queued or running (libudev's
+/// `udev_queue_get_queue_is_empty`).
+const UDEV_QUEUE: &str = "/run/udev/queue";
+
 impl Kernel for Sysfs {
+    fn udev_busy(&self) -> bool {
+        self.tree().host_path(Path::new(UDEV_QUEUE)).exists()
+    }
+
     fn vfio_group_open(&self, group: u32) -> Option<bool> {
         // A group opens once at a time: EBUSY means a VM has it. Ours is
         // closed again at once and sets nothing up.

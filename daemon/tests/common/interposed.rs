@@ -83,6 +83,9 @@ impl Inspect for UnbindAfterOverride {
 }
 
 impl Kernel for UnbindAfterOverride {
+    fn udev_busy(&self) -> bool {
+        self.sim.udev_busy()
+    }
     fn vfio_group_open(&self, group: u32) -> Option<bool> {
         self.sim.vfio_group_open(group)
     }

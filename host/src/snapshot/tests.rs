@@ -276,6 +276,7 @@ fn host_facts_are_written_only_when_known() {
             modules: Vec::new(),
             missing: Vec::new(),
             module_loading: Default::default(),
+            coldplug_ms: None,
         },
         host: Some(facts),
         devices: Vec::new(),

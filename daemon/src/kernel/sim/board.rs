@@ -114,12 +114,22 @@ impl Board {
 
     /// The running state of a machine just booted.
     pub(super) fn boot_state(&self) -> RunningState {
+        // Late drivers wait for a coldplug that is still running.
+        let coldplug_ms = self.machine.machine.coldplug_ms.unwrap_or(0);
+        let late: BTreeSet<PciAddress> = self
+            .entries()
+            .filter(|entry| entry.late_driver && coldplug_ms > 0)
+            .map(|entry| entry.address)
+            .collect();
         let devices = self
             .entries()
             .map(|entry| {
                 let state = DeviceState {
                     present: true,
-                    driver: entry.driver.clone(),
+                    driver: entry
+                        .driver
+                        .clone()
+                        .filter(|_| !late.contains(&entry.address)),
                     driver_override: None,
                     unbinding: None,
                     hung: false,
@@ -155,6 +165,8 @@ impl Board {
                 .entries()
                 .flat_map(|entry| entry.holders.iter().cloned())
                 .collect(),
+            coldplug_until_ms: (coldplug_ms > 0).then(|| now_ms() + coldplug_ms),
+            late,
         }
     }
 }

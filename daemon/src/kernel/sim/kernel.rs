@@ -165,6 +165,11 @@ impl Inspect for SimKernel {
 }
 
 impl Kernel for SimKernel {
+    fn udev_busy(&self) -> bool {
+        self.count_read();
+        self.lock().state.coldplug_running(now_ms())
+    }
+
     fn vfio_group_open(&self, group: u32) -> Option<bool> {
         let node = group_node(group);
         Some(self.lock().state.holders.iter().any(|h| h.node == node))
@@ -187,7 +192,9 @@ impl Kernel for SimKernel {
         }
         let inner = self.lock();
         let mut inner = self.wait_for_device(inner, address);
-        let result = self.commit(&mut inner, |_, state, _| {
+        let result = self.commit(&mut inner, |board, state, events| {
+            // A late driver's probe holds the device lock: it ends first.
+            state.coldplug_reaches(board, address, events);
             let dev = state
                 .present_mut(address)
                 .ok_or(KernelError::NoDevice(*address))?;
@@ -249,6 +256,7 @@ impl Kernel for SimKernel {
             if state.present(address).is_none() {
                 return Err(os_error("write", probe_path(), libc::ENODEV));
             }
+            state.coldplug_reaches(board, address, events);
             state.probe_device(board, address, events);
             Ok(())
         });

@@ -17,6 +17,13 @@ pub(super) struct RunningState {
     pub(super) extra_drivers: BTreeSet<String>,
     /// Processes holding device nodes open.
     pub(super) holders: Vec<Holder>,
+    /// While udev's coldplug runs (`coldplug_ms`): when it ends, in
+    /// milliseconds since the Unix epoch (the state outlives vfiod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) coldplug_until_ms: Option<u64>,
+    /// Devices whose `late_driver` has not bound yet.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub(super) late: BTreeSet<PciAddress>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +73,44 @@ impl RunningState {
             boot_vga: entry.boot_vga,
             reset_methods: entry.reset.clone(),
         })
+    }
+
+    /// Whether udev's coldplug still runs at `now_ms`.
+    pub(super) fn coldplug_running(&self, now_ms: u64) -> bool {
+        self.coldplug_until_ms.is_some_and(|end| now_ms < end)
+    }
+
+    /// The coldplug reaches `address`: its late driver binds now, unless
+    /// the device has a driver or an override naming another one.
+    pub(super) fn coldplug_reaches(
+        &mut self,
+        board: &Board,
+        address: &PciAddress,
+        events: &mut Vec<Uevent>,
+    ) {
+        if !self.late.remove(address) {
+            return;
+        }
+        let Some(driver) = board.entry(address).ok().and_then(|e| e.driver.clone()) else {
+            return;
+        };
+        let free = self.present(address).is_some_and(|dev| {
+            dev.driver.is_none()
+                && dev.unbinding.is_none()
+                && dev.driver_override.as_deref().is_none_or(|o| o == driver)
+        });
+        if free {
+            self.bind_device(address, &driver, events);
+        }
+    }
+
+    /// The coldplug is over: every late driver still to come binds.
+    pub(super) fn end_coldplug(&mut self, board: &Board, events: &mut Vec<Uevent>) {
+        self.coldplug_until_ms = None;
+        let late: Vec<PciAddress> = self.late.iter().copied().collect();
+        for address in late {
+            self.coldplug_reaches(board, &address, events);
+        }
     }
 
     pub(super) fn vfio_loaded(&self) -> bool {

@@ -164,3 +164,16 @@ fn loading_into_a_fixture_is_refused_without_running_anything() {
     let err = load_module(&tree, "-r").unwrap_err().to_string();
     assert!(err.contains("not a module name"), "{err}");
 }
+
+#[test]
+fn udev_is_busy_while_its_queue_file_exists() {
+    let fx = desktop();
+    let kernel = fx.kernel();
+    assert!(!kernel.udev_busy());
+    let queue = fx.root().join("run/udev/queue");
+    std::fs::create_dir_all(queue.parent().unwrap()).unwrap();
+    std::fs::write(&queue, "").unwrap();
+    assert!(kernel.udev_busy());
+    std::fs::remove_file(&queue).unwrap();
+    assert!(!kernel.udev_busy());
+}
