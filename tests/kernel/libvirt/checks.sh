@@ -11,10 +11,10 @@
 # and this script uses systemctl; otherwise (tests/kernel/libvirt/boot.sh)
 # it starts them by hand, as their units would.
 #
-# A nested QEMU start under TCG costs 15-30 s, so the checks share three
+# A nested QEMU start under TCG costs 20-40 s, so the checks share two
 # domain lifetimes: vm-gpu with the xHCI bound at vfiod's start (boot =
-# "vfio"), vm-gpu again with libvirtd restarted under it, and Nova's
-# instance with vfiod SIGKILLed under it; the refusals start no QEMU.
+# "vfio") and libvirtd restarted under it, and Nova's instance with vfiod
+# SIGKILLed under it; the refusals start no QEMU.
 # Prints one PASS:/FAIL: line per check with its time, and a count.
 # Env: LANE_OUT (/lane-out): logs.
 set -u
@@ -29,24 +29,13 @@ VIRSH=(virsh -q -c qemu:///system)
 
 # The real-kernel lane's helpers (scenarios.sh): the lane's devices and
 # their host drivers, pass/fail/note, nap, problem, want*, drivers_now;
-# the kernel reads they need, as guest/real.sh has them.
+# and the sysfs reads they need (guest/sysfs.sh: k_driver, k_group, ...).
 LANE_KIND=libvirt VFIOCTL=vfioctl OUTCOMES=/dev/null
 . "$here/../scenarios.sh"
+. "$here/../guest/sysfs.sh"
 LPC=0000:00:1f.0 SATA=0000:00:1f.2 SMBUS=0000:00:1f.3
 HOST_DRIVER+=(["$LPC"]=lpc_ich ["$SATA"]=ahci ["$SMBUS"]=i801_smbus)
 LANE_DEVICES+=("$LPC" "$SATA" "$SMBUS")
-sysfs_link() { # ADDR LINK: REPLY = the name the link points to, "" if none
-  REPLY=
-  local back=$PWD
-  if cd -P "/sys/bus/pci/devices/$1/$2" 2>/dev/null; then REPLY=${PWD##*/}; cd "$back" || return; fi
-}
-k_driver() { sysfs_link "$1" driver; }
-k_group() { sysfs_link "$1" iommu_group; }
-k_override() {
-  REPLY=
-  read -r REPLY < "/sys/bus/pci/devices/$1/driver_override" || REPLY=
-  [ "$REPLY" = "(null)" ] && REPLY=
-}
 # wait_for TRIES PAUSE CMD...: until CMD succeeds.
 wait_for() {
   local tries=$1 pause=$2 i
@@ -126,7 +115,7 @@ kill9_vfiod() {
   [ -n "$old" ] || { problem "vfiod is not running"; return 1; }
   if [ $SERVICES = systemd ]; then
     systemctl kill -s KILL vfiod
-    wait_for 200 0.05 vfiod_replaced "$old" || { problem "systemd did not restart vfiod"; return 1; }
+    wait_for 400 0.05 vfiod_replaced "$old" || { problem "systemd did not restart vfiod"; return 1; }
     wait_for 400 0.05 vfiod_answers || { problem "vfiod did not answer after its restart"; return 1; }
   else
     kill -9 "$old"; wait "$old" 2>/dev/null
@@ -255,8 +244,9 @@ want_qemu_holds() { # NAME ADDR...
 
 # --- the checks --------------------------------------------------------
 # vm-gpu takes the GPU pair and the xHCI, which profile usbboot (boot =
-# "vfio") has had on vfio-pci since vfiod started.
-lifetime_boot_vfio() {
+# "vfio") has had on vfio-pci since vfiod started; libvirtd is restarted
+# under it before the destroy.
+lifetime_vm_gpu() {
   begin
   want "$XHCI" vfio-pci
   want_started vm-gpu || { verdict "vm-gpu started"; return; }
@@ -267,10 +257,16 @@ lifetime_boot_vfio() {
   want_vfio "$GPU" "$AUD" "$XHCI"
   want_qemu_holds vm-gpu "$GPU" "$AUD"
   verdict "a second domain naming vm-gpu's GPU: virsh start fails with vfiod's Conflict naming vm-gpu, nothing moves, vm-gpu's QEMU keeps its groups"
+  now_us; local t0=$REPLY
+  restart_libvirtd || problem "libvirtd did not come back"
+  step_ms "libvirtd restart" "$t0"
+  "${VIRSH[@]}" domstate vm-gpu 2>&1 | grep -qx paused || problem "vm-gpu is not paused after the restart"
+  want_qemu_holds vm-gpu "$GPU" "$AUD" "$XHCI"
   destroy vm-gpu
   want_home "$GPU" "$AUD"
+  verdict "libvirtd restarted while vm-gpu runs, then virsh destroy: the GPU pair back on bochs-drm and snd_hda_intel, driver_override cleared, /dev/vfio/N gone"
   want "$XHCI" vfio-pci
-  verdict "virsh destroy vm-gpu: the GPU pair back on bochs-drm and snd_hda_intel, driver_override cleared, /dev/vfio/N gone; the xHCI, on vfio-pci since vfiod's start (boot = \"vfio\"), stays there (DESIGN §8)"
+  verdict "the xHCI, on vfio-pci since vfiod's start (boot = \"vfio\") and used by vm-gpu, stays there after the destroy (DESIGN §8)"
 }
 
 refusals() {
@@ -291,40 +287,26 @@ refusals() {
   verdict "a domain whose profile names a device that left the bus: virsh start fails with vfiod's UnknownTarget naming it; the GPU stays on bochs-drm"
 }
 
-lifetime_libvirtd_restart() {
-  begin
-  want_started vm-gpu || { verdict "vm-gpu started again"; return; }
-  want_vfio "$GPU" "$AUD" "$XHCI"
-  now_us; local t0=$REPLY
-  restart_libvirtd || problem "libvirtd did not come back"
-  step_ms "libvirtd restart" "$t0"
-  "${VIRSH[@]}" domstate vm-gpu 2>&1 | grep -qx paused || problem "vm-gpu is not paused after the restart"
-  want_qemu_holds vm-gpu "$GPU" "$AUD" "$XHCI"
-  destroy vm-gpu
-  want_home "$GPU" "$AUD" "$XHCI"
-  verdict "libvirtd restarted while vm-gpu runs, then virsh destroy: the GPU pair and the xHCI back on their host drivers, driver_override cleared, /dev/vfio/N gone"
-}
-
 # A domain as OpenStack Nova (2025.1+) writes it for `[pci] device_spec`
 # entries with "managed": "no" (nova-instance.xml).
 lifetime_nova() {
   local name=instance-0000002a want
   begin
   want_started "$name" || { verdict "Nova's domain started"; return; }
-  want_vfio "$GPU" "$AUD"
-  want_qemu_holds "$name" "$GPU" "$AUD"
+  want_vfio "$GPU" "$AUD" "$XHCI"
+  want_qemu_holds "$name" "$GPU" "$AUD" "$XHCI"
   "${VIRSH[@]}" dumpxml "$name" > "$WORK/nova-live.xml"
-  for want in "<alias name='hostdev0'/>" "<alias name='hostdev1'/>" "<driver name='vfio'/>"; do
+  for want in "<alias name='hostdev0'/>" "<alias name='hostdev1'/>" "<alias name='hostdev2'/>" "<driver name='vfio'/>"; do
     grep -qF "$want" "$WORK/nova-live.xml" || problem "the live XML lacks $want"
   done
-  verdict "a domain as Nova writes it for [pci] device_spec with \"managed\": \"no\" (the GPU pair; libvirt adds hostdev0/1 and driver vfio): started through the hook, its QEMU holds the group"
+  verdict "a domain as Nova writes it for [pci] device_spec with \"managed\": \"no\" (the GPU pair and the xHCI; libvirt adds hostdev0-2 and driver vfio): started through the hook, its QEMU holds both groups"
   now_us; local t0=$REPLY
   kill9_vfiod
   step_ms "vfiod SIGKILLed and answering again" "$t0"
-  want_vfio "$GPU" "$AUD"
+  want_vfio "$GPU" "$AUD" "$XHCI"
   destroy "$name"
-  want_home "$GPU" "$AUD"
-  verdict "vfiod SIGKILLed and started again while Nova's domain runs, then virsh destroy: the GPU pair back on its host drivers, driver_override cleared, /dev/vfio/N gone"
+  want_home "$GPU" "$AUD" "$XHCI"
+  verdict "vfiod SIGKILLed and started again while Nova's domain runs, then virsh destroy: the GPU pair and the xHCI back on bochs-drm, snd_hda_intel, xhci_hcd, driver_override cleared, /dev/vfio/N gone"
 }
 
 # --- the run -----------------------------------------------------------
@@ -342,12 +324,14 @@ write_config() { # EXTRA: the lane's /etc/vfiod/vfiod.toml
 
 now_us; t_setup=$REPLY
 [ -x /etc/libvirt/hooks/qemu.d/vfiod ] || fail "the hook is not installed at /etc/libvirt/hooks/qemu.d/vfiod"
+# The config found here (the systemd lane's) comes back at the end.
+[ -f /etc/vfiod/vfiod.toml ] && cp /etc/vfiod/vfiod.toml "$WORK/vfiod.toml.found"
 # Profile usbboot first: vfiod binds it as it starts.
 write_config $'[profiles.usbboot]\ndevices = ["0000:02:00.0"]\nboot = "vfio"'
 if start_vfiod && start_libvirtd && define_all; then
   now_us
   echo "TIME: [libvirt] vfiod and libvirtd ($SERVICES) answering, domains defined, after $(( (REPLY - t_setup) / 1000 )) ms"
-  lifetime_boot_vfio
+  lifetime_vm_gpu
   refusals
   # The rest without usbboot: vfiod started again, the xHCI given back.
   vfioctl release usbboot > "$WORK/release.out" 2>&1 || fail "vfioctl release usbboot: $(< "$WORK/release.out")"
@@ -355,14 +339,17 @@ if start_vfiod && start_libvirtd && define_all; then
   stop_vfiod
   start_vfiod || fail "vfiod did not answer after its restart"
   all_home
-  lifetime_libvirtd_restart
-  all_home
   lifetime_nova
   all_home
 else
   fail "vfiod or libvirtd did not start, or the domains were not defined (see $out)"
 fi
 for d in $("${VIRSH[@]}" list --name 2>/dev/null); do "${VIRSH[@]}" destroy "$d" > /dev/null 2>&1; done
-cp /var/log/libvirt/qemu/*.log "$WORK/vfiod.log" "$out/" 2>/dev/null
+if [ -f "$WORK/vfiod.toml.found" ]; then
+  cp "$WORK/vfiod.toml.found" /etc/vfiod/vfiod.toml
+  stop_vfiod
+  start_vfiod || fail "vfiod did not answer on the config it was found with"
+fi
+cp /var/log/libvirt/qemu/*.log "$WORK"/vfiod.log "$WORK"/*-live.xml "$out/" 2>/dev/null
 echo "LANE: [libvirt] $PASSES passed, $FAILS failed"
 [ "$FAILS" -eq 0 ]
