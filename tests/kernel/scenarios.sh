@@ -68,13 +68,15 @@ verdict() { # TEXT
   else local IFS=';'; fail "$1: ${PROBLEMS[*]}"; fi
 }
 
-# ctl [--stdin FILE] ARGS...: vfioctl --json ARGS. Sets RC, ERR (the error's
-# short name, "-" on success), MSG (what vfioctl said on stderr), CTL_MS.
+# ctl [--as USER] [--stdin FILE] ARGS...: vfioctl --json ARGS (as USER, with
+# the user's groups, in one exec more). Sets RC, ERR (the error's short
+# name, "-" on success), MSG (what vfioctl said on stderr), CTL_MS.
 ctl() {
-  local input=/dev/null
+  local input=/dev/null as=()
+  [ "$1" = --as ] && { as=(setpriv --reuid="$2" --regid="$2" --init-groups); shift 2; }
   [ "$1" = --stdin ] && { input=$2; shift 2; }
   local t0=${EPOCHREALTIME/./} t1 line
-  "$VFIOCTL" --json "$@" < "$input" > "$WORK/ctl.out" 2> "$WORK/ctl.err"
+  "${as[@]}" "$VFIOCTL" --json "$@" < "$input" > "$WORK/ctl.out" 2> "$WORK/ctl.err"
   RC=$?
   t1=${EPOCHREALTIME/./}
   CTL_MS=$(( (10#$t1 - 10#$t0) / 1000 ))

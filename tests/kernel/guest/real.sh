@@ -26,42 +26,13 @@ uptime_s() { local u; read -r u _ < /proc/uptime; REPLY=$u; }
 uptime_s; t_start=$REPLY
 
 # --- the backend: the real kernel ---
-k_driver() {
-  REPLY=
-  local back=$PWD
-  if cd -P "/sys/bus/pci/devices/$1/driver" 2>/dev/null; then REPLY=${PWD##*/}; cd "$back" || return; fi
-}
-k_override() {
-  REPLY=
-  read -r REPLY < "/sys/bus/pci/devices/$1/driver_override" || REPLY=
-  [ "$REPLY" = "(null)" ] && REPLY=
-}
-k_group() {
-  REPLY=
-  local back=$PWD
-  if cd -P "/sys/bus/pci/devices/$1/iommu_group" 2>/dev/null; then REPLY=${PWD##*/}; cd "$back" || return; fi
-}
-k_vfio_node() { [ -e "/dev/vfio/$1" ]; }
-k_vfio_loaded() { [ -d /sys/bus/pci/drivers/vfio-pci ]; }
+. "$LANE_DIR/guest/sysfs.sh"
 K_USABLE_HOW="VFIO_GROUP_GET_STATUS, a type1v2 container, device fds, a DMA map"
 k_usable() {
   "$bin/vfio-probe" group "$1" "$2" > "$WORK/probe.out" 2>&1
   local rc=$?
   REPLY=$(< "$WORK/probe.out")
   return $rc
-}
-k_node() { # ADDR drm|snd; a driver just bound may register them a moment later
-  local f i
-  REPLY=
-  for i in $(seq 250); do
-    case $2 in
-      drm) for f in "/sys/bus/pci/devices/$1/drm/card"*; do [ -e "$f" ] && REPLY=/dev/dri/${f##*/}; done ;;
-      snd) for f in "/sys/bus/pci/devices/$1/sound/card"*/controlC*; do [ -e "$f" ] && REPLY=/dev/snd/${f##*/}; done ;;
-    esac
-    [ -n "$REPLY" ] && [ -e "$REPLY" ] && return 0
-    nap 0.02
-  done
-  note "no $2 node under ${1#0000:} after 5 s"
 }
 k_hold() {
   "$bin/vfio-probe" hold "$1" > "$WORK/hold.out" 2>&1 & HOLD_PID=$!
@@ -86,13 +57,6 @@ k_start_vfiod() {
   "$bin/vfiod" --config "$LANE_DIR/vfiod.toml" --state-dir /run/vfiod 2>> "$out/vfiod.log" &
   VFIOD_PID=$!
   await_vfiod 300 "vfiod did not come up on the bus (see vfiod.log)"
-}
-k_put_back() { # ADDR DRIVER: what an admin would type
-  local d=/sys/bus/pci/devices/$1
-  echo > "$d/driver_override"
-  k_driver "$1"
-  [ -n "$REPLY" ] && [ "$REPLY" != "$2" ] && echo "$1" > "$d/driver/unbind"
-  echo "$1" > /sys/bus/pci/drivers_probe
 }
 
 # --- udev, the bus, vfiod ---
