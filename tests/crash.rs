@@ -61,9 +61,20 @@ fn check_settled(rig: &Rig, point: &str) {
 /// Kills vfiod after each write of `direction` in turn; returns how many
 /// crash points there were.
 fn crash_at_every_step(direction: &str) -> u32 {
+    crash_at_every_step_on(None, direction)
+}
+
+/// [`crash_at_every_step`] on the Z77 machine, or on `machine` (its text).
+fn crash_at_every_step_on(machine: Option<&str>, direction: &str) -> u32 {
     let mut points = 0;
     for writes in 1.. {
-        let mut rig = Rig::z77();
+        let mut rig = match machine {
+            Some(text) => Rig::with_text(
+                text,
+                &std::fs::read_to_string(vfiod_tests::machine("z77-rx580.vfiod.toml")).unwrap(),
+            ),
+            None => Rig::z77(),
+        };
         if direction == "release" {
             assert_exit(&rig.vfioctl(&["bind", "rx580", "--vm", "win10"]), 0);
         }
@@ -124,6 +135,25 @@ fn every_step_of_a_bind_and_a_release_survives_a_kill() {
     // override (set, or cleared) + unbind + probe per device, both ways.
     assert_eq!(bind_points, 6);
     assert_eq!(release_points, 6);
+}
+
+/// The health check's own steps (DESIGN §10): a GPU its VM left dead until
+/// a remove and rescan, killed after each write of its release, a failed
+/// reset and the rescan included.
+#[test]
+fn every_step_of_reviving_a_dead_gpu_survives_a_kill() {
+    let text = std::fs::read_to_string(vfiod_tests::machine("z77-rx580.toml"))
+        .unwrap()
+        .replacen(
+            "address = \"0000:01:00.0\"\n",
+            "address = \"0000:01:00.0\"\nfault = { dead = \"until-rescan\" }\n",
+            1,
+        );
+    let points = crash_at_every_step_on(Some(&text), "release");
+    println!("crash points covered while reviving: {points}");
+    // The GPU: reset, remove, rescan (the kernel gives it amdgpu as it
+    // finds it); the audio's three.
+    assert_eq!(points, 6);
 }
 
 #[test]

@@ -197,3 +197,29 @@ fn xml_that_is_not_xml_is_a_usage_error_and_moves_nothing() {
     assert_eq!(rig.driver("01:00.0"), "amdgpu");
     let _ = machine("z77-rx580.toml");
 }
+
+/// libvirt names each function of the GPU as its own hostdev; the hook
+/// moves the completed set once, not once per function (the second call
+/// was a no-op that cost a VM start 0.08-0.52 s on the real kernel).
+#[test]
+fn the_functions_of_one_set_are_moved_in_one_call() {
+    let rig = Rig::with_text(
+        &std::fs::read_to_string(machine("z77-rx580.toml")).unwrap(),
+        "",
+    );
+    let xml = domain("linux", &[("01:00.0", "no"), ("01:00.1", "no")]);
+    let moves = |direction: &str| {
+        rig.log()
+            .lines()
+            .filter(|l| l.contains("move planned") && l.contains(&format!("direction={direction}")))
+            .count()
+    };
+    assert_exit(&hook(&rig, "linux", "prepare", "begin", &xml), 0);
+    assert_eq!(rig.driver("01:00.0"), "vfio-pci");
+    assert_eq!(rig.driver("01:00.1"), "vfio-pci");
+    assert_eq!(moves("bind"), 1, "{}", rig.log());
+    assert_exit(&hook(&rig, "linux", "release", "end", &xml), 0);
+    assert_eq!(rig.driver("01:00.0"), "amdgpu");
+    assert_eq!(rig.driver("01:00.1"), "snd_hda_intel");
+    assert_eq!(moves("release"), 1, "{}", rig.log());
+}

@@ -202,9 +202,15 @@ fn the_unit_the_activation_file_and_the_policy_agree() {
     ] {
         assert!(after.split_whitespace().any(|u| u == unit), "{after}");
     }
-    // It may write the PCI sysfs (devices are links into /sys/devices).
-    let writable = value(&unit, "ReadWritePaths");
-    assert_eq!(writable, "/sys/bus/pci /sys/devices");
+    // It may write the PCI sysfs (devices are links into /sys/devices),
+    // and the early claim's files in /etc, nothing else.
+    assert_eq!(
+        values(&unit, "ReadWritePaths"),
+        [
+            "/sys/bus/pci /sys/devices",
+            "-/etc/udev/rules.d -/etc/mkinitcpio.conf.d -/etc/dracut.conf.d -/etc/initramfs-tools/hooks"
+        ]
+    );
     assert_eq!(value(&unit, "ProtectKernelModules"), "yes");
     assert_eq!(
         read("systemd/vfio-pci.conf").lines().last(),

@@ -7,11 +7,13 @@
 pub use vfioctl::domain;
 pub mod targets;
 
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::PathBuf;
 
 use vfiod_config::{self as config, Config, ConfigError};
 use vfiod_dbus::Direction;
+use vfiod_dbus::names::address_from_device_path;
 use vfiod_pci::{PciAddress, PciId};
 
 use crate::bus::Bus;
@@ -156,13 +158,20 @@ async fn bind_all(
     out: &Output,
 ) -> Report {
     let mut report = Report::new(Direction::Bind);
+    let mut moved = MovedSets::default();
     for (i, target) in targets.iter().enumerate() {
+        if moved.covers(target) {
+            continue;
+        }
         let name = target.to_string();
         match mover.move_one(Direction::Bind, &name, options).await {
-            Ok(devices) => report.done.push(Moved {
-                target: name,
-                devices,
-            }),
+            Ok(devices) => {
+                moved.add(&devices);
+                report.done.push(Moved {
+                    target: name,
+                    devices,
+                })
+            }
             Err(failure) => {
                 report.failed = Some((name, failure));
                 report.not_attempted = targets[i + 1..].iter().map(Target::to_string).collect();
@@ -202,13 +211,20 @@ async fn release_all(
     out: &Output,
 ) -> Report {
     let mut report = Report::new(Direction::Release);
+    let mut moved = MovedSets::default();
     for target in targets.iter().rev() {
+        if moved.covers(target) {
+            continue;
+        }
         let name = target.to_string();
         match mover.move_one(Direction::Release, &name, options).await {
-            Ok(devices) => report.done.push(Moved {
-                target: name,
-                devices,
-            }),
+            Ok(devices) => {
+                moved.add(&devices);
+                report.done.push(Moved {
+                    target: name,
+                    devices,
+                })
+            }
             Err(failure) if failure.exit == Exit::Unreachable => {
                 // Every other target would fail the same way.
                 report.failed = Some((name, failure));
@@ -225,6 +241,26 @@ async fn release_all(
         }
     }
     report
+}
+
+/// The devices of the sets moved so far in this call: vfiod moves a
+/// target's whole set (its slot's functions, its IOMMU group), so a later
+/// hostdev in one of them is already where it goes.
+#[derive(Default)]
+struct MovedSets(BTreeSet<PciAddress>);
+
+impl MovedSets {
+    fn add(&mut self, device_paths: &[String]) {
+        self.0.extend(
+            device_paths
+                .iter()
+                .filter_map(|path| address_from_device_path(path)),
+        );
+    }
+
+    fn covers(&self, target: &Target) -> bool {
+        matches!(target, Target::Device(address) if self.0.contains(address))
+    }
 }
 
 #[cfg(test)]

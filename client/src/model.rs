@@ -3,6 +3,7 @@
 
 use std::ops::Deref;
 
+use vfiod_dbus::DeviceHealth;
 use vfiod_dbus::names::{DEVICE_INTERFACE, PROFILE_INTERFACE, address_from_device_path};
 use vfiod_dbus::objects::{DeviceProperties, ProfileProperties};
 use vfiod_pci::PciAddress;
@@ -27,6 +28,19 @@ impl Deref for DeviceView {
     type Target = DeviceProperties;
     fn deref(&self) -> &DeviceProperties {
         &self.properties
+    }
+}
+
+impl DeviceView {
+    /// Its state, and its health when a check found it bad: a card that
+    /// did not survive its VM must not look like any other on vfio-pci.
+    pub fn state_shown(&self) -> String {
+        match self.health {
+            DeviceHealth::ResetFailed | DeviceHealth::Dead => {
+                format!("{} ({})", self.state, self.health)
+            }
+            DeviceHealth::Ok | DeviceHealth::Unknown => self.state.to_string(),
+        }
     }
 }
 
@@ -142,6 +156,8 @@ pub mod tests {
                 state,
                 owner: owner.into(),
                 boot_vga: false,
+                reset_method: "bus".into(),
+                health: vfiod_dbus::DeviceHealth::Ok,
             }
             .all(),
         )

@@ -170,6 +170,8 @@ pub fn device_json(device: &DeviceView, objects: Option<&Objects>) -> Value {
         "state": device.state,
         "owner": or_null(&device.owner),
         "boot_vga": device.boot_vga,
+        "reset_method": or_null(&device.reset_method),
+        "health": device.health,
         "profile": profile,
     })
 }
@@ -194,7 +196,7 @@ pub fn device_row(d: &DeviceView) -> Vec<String> {
     vec![
         d.address.clone(),
         or_dash(&d.driver).to_owned(),
-        d.state.to_string(),
+        d.state_shown(),
         or_dash(&d.owner).to_owned(),
         d.name.clone(),
     ]
@@ -233,7 +235,7 @@ mod tests {
                 "address": "0000:01:00.0", "vendor_id": "1002", "device_id": "67df",
                 "class": "0x030000", "name": "Ellesmere", "driver": "vfio-pci",
                 "host_driver": "amdgpu", "iommu_group": 1, "state": "vfio", "owner": "win10",
-                "boot_vga": false, "profile": "rx580",
+                "boot_vga": false, "reset_method": "bus", "health": "ok", "profile": "rx580",
             })
         );
         let usb = device_json(&o.devices[2], Some(&o));

@@ -70,6 +70,10 @@ pub struct Profile {
     /// libvirt domains that use it (the hook binds it for them).
     pub vms: Vec<String>,
     pub boot: BootState,
+    /// What vfiod writes to each function's `reset_method` (kernel >= 5.15)
+    /// at start, on reload and before each bind: the kernel's method names,
+    /// one space apart (e.g. `device_specific` for vendor-reset, `bus`).
+    pub reset_method: Option<String>,
 }
 
 /// Where a profile's devices go when vfiod starts.
@@ -296,6 +300,7 @@ struct RawProfile {
     vms: Vec<Spanned<String>>,
     #[serde(default)]
     boot: BootState,
+    reset_method: Option<Spanned<String>>,
 }
 
 type Problem = (Range<usize>, String);
@@ -434,13 +439,59 @@ impl RawProfile {
             }
         }
 
+        let reset_method =
+            self.reset_method
+                .and_then(|value| match check_reset_method(value.get_ref()) {
+                    Ok(methods) => Some(methods),
+                    Err(reason) => {
+                        problems.push((
+                            value.span(),
+                            format!(
+                                "profile {name:?}: reset_method {:?} {reason}",
+                                value.get_ref()
+                            ),
+                        ));
+                        None
+                    }
+                });
+
         Profile {
             devices: devices.into_iter().map(Spanned::into_inner).collect(),
             ids: ids.into_iter().map(Spanned::into_inner).collect(),
             vms: self.vms.into_iter().map(Spanned::into_inner).collect(),
             boot: self.boot,
+            reset_method,
         }
     }
+}
+
+/// A `reset_method` value, normalized to single spaces. Which methods a
+/// device has is the kernel's to say (it refuses the others when vfiod
+/// writes them); only the shape is checked here.
+fn check_reset_method(value: &str) -> Result<String, String> {
+    let methods: Vec<&str> = value.split_whitespace().collect();
+    if methods.is_empty() {
+        return Err("names no method: e.g. \"device_specific\" (vendor-reset) or \"bus\"; leave the key out to keep the kernel's".into());
+    }
+    if let Some(bad) = methods
+        .iter()
+        .find(|m| !m.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+    {
+        return Err(format!(
+            "has {bad:?}, which is not a method name: the kernel's are lowercase words such as flr, pm, bus, device_specific"
+        ));
+    }
+    if methods.len() > 1 && methods.contains(&"default") {
+        return Err("mixes \"default\" with other methods: \"default\" stands alone".into());
+    }
+    if let Some(twice) = methods
+        .iter()
+        .enumerate()
+        .find(|(i, m)| methods[..*i].contains(m))
+    {
+        return Err(format!("lists {:?} twice", twice.1));
+    }
+    Ok(methods.join(" "))
 }
 
 /// Records `key` for `profile`; returns the other profile that already

@@ -540,3 +540,39 @@ fn an_error_names_the_file_line_and_column() {
         "{text}"
     );
 }
+
+#[test]
+fn reset_method_is_kept_normalized() {
+    let text = "[profiles.rx580]\ndevices = [\"01:00.0\"]\nreset_method = \"device_specific\"\n\n[profiles.usb]\nids = [\"1033:0194\"]\nreset_method = \"  flr   bus \"\n\n[profiles.nic]\nids = [\"8086:10d3\"]\n";
+    let config = Config::parse(text, Path::new("/etc/vfiod/vfiod.toml")).unwrap();
+    let method = |name: &str| config.profile(name).unwrap().reset_method.clone();
+    assert_eq!(method("rx580").as_deref(), Some("device_specific"));
+    assert_eq!(method("usb").as_deref(), Some("flr bus"));
+    assert_eq!(method("nic"), None);
+}
+
+#[test]
+fn a_reset_method_of_the_wrong_shape_is_refused_with_its_line() {
+    let head = "[profiles.rx580]\ndevices = [\"01:00.0\"]\n";
+    refused(
+        &format!("{head}reset_method = \"\"\n"),
+        3,
+        &["profile \"rx580\"", "reset_method", "names no method"],
+    );
+    refused(
+        &format!("{head}reset_method = \"Device-Specific\"\n"),
+        3,
+        &["\"Device-Specific\"", "not a method name"],
+    );
+    refused(
+        &format!("{head}reset_method = \"default bus\"\n"),
+        3,
+        &["\"default\" stands alone"],
+    );
+    refused(
+        &format!("{head}reset_method = \"bus flr bus\"\n"),
+        3,
+        &["lists \"bus\" twice"],
+    );
+    refused(&format!("{head}reset_method = 1\n"), 3, &["reset_method"]);
+}

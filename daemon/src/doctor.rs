@@ -189,6 +189,8 @@ pub(crate) struct Scope {
     pub(crate) target: String,
     /// The libvirt domains the profile names (empty for an address).
     pub(crate) vms: Vec<String>,
+    /// The profile's name and `reset_method`, when the target is a profile.
+    pub(crate) profile: Option<(String, Option<String>)>,
     /// The completed set, in address order.
     pub(crate) set: Vec<PciDevice>,
 }
@@ -203,6 +205,9 @@ impl Scope {
                 .profile(target)
                 .map(|profile| profile.vms.clone())
                 .unwrap_or_default(),
+            profile: config
+                .profile(target)
+                .map(|profile| (target.to_owned(), profile.reset_method.clone())),
             set: set
                 .iter()
                 .filter_map(|address| devices.iter().find(|d| &d.address == address))

@@ -19,11 +19,14 @@ use vfiod_config::Config;
 
 mod bounded_calls;
 mod group_locks;
+mod health;
 mod recovery;
+mod reset_methods;
 mod rollback;
 
 use self::bounded_calls::*;
 use self::group_locks::*;
+pub use self::health::Health;
 use self::rollback::*;
 
 /// Called before each step of a move: (device, step) with the step in
@@ -37,6 +40,19 @@ struct Run<'a> {
     progress: ProgressFn<'a>,
     /// Where each step is recorded before it is written.
     journal: Option<MoveId>,
+}
+
+impl<'a> Run<'a> {
+    /// Work outside a caller's move (recovery, settling, start-up): no one
+    /// listens to its steps, and it starts its clock now.
+    fn unnarrated(options: &'a MoveOptions, journal: Option<MoveId>) -> Run<'a> {
+        Run {
+            options,
+            started: Instant::now(),
+            progress: &|_, _| {},
+            journal,
+        }
+    }
 }
 
 /// What a device is doing besides sitting on its driver.
@@ -67,6 +83,10 @@ pub struct Engine {
     /// Kernel calls that timed out and have not returned yet.
     late: Mutex<LateCalls>,
     on_settled: Mutex<Option<SettledListener>>,
+    /// What the last health check found of each function it looked at.
+    health: Mutex<BTreeMap<PciAddress, Health>>,
+    /// When each function was last given back to its host driver.
+    handed_back: Mutex<BTreeMap<PciAddress, Instant>>,
     /// This engine, for the worker of a late call to settle its device
     /// (set by [`Engine::shared`]).
     me: Weak<Engine>,
@@ -91,6 +111,8 @@ impl Engine {
             workers: Workers::default(),
             late: Mutex::default(),
             on_settled: Mutex::default(),
+            health: Mutex::default(),
+            handed_back: Mutex::default(),
             me: me.clone(),
         })
     }
@@ -343,13 +365,19 @@ impl Engine {
     /// undone.
     fn execute_plan(&self, plan: &Plan, run: &Run) -> Result<(), Halt> {
         let context = format!("{} {}", plan.direction, plan.target);
+        let binding = plan.direction == Direction::Bind;
+        if binding {
+            self.set_reset_methods(plan, run).map_err(|f| {
+                Halt::Refused(f.into_error(&context, &["nothing was moved".into()]))
+            })?;
+        }
         if plan.load_vfio {
             self.ensure_vfio_loaded(run).map_err(|f| {
                 Halt::Refused(f.into_error(&context, &["nothing was moved".into()]))
             })?;
         }
-        let binding = plan.direction == Direction::Bind;
         let mut touched: Vec<PciAddress> = Vec::new();
+        let mut dead: Vec<Failure> = Vec::new();
         for device in &plan.devices {
             if !self.needs_move(plan, device) {
                 continue;
@@ -360,8 +388,21 @@ impl Engine {
             } else {
                 self.to_host(device.address, self.return_driver(&device.address), run)
             };
-            if let Err(failure) = moved {
-                return Err(Halt::Failed { touched, failure });
+            match moved {
+                Ok(()) if binding => self.taken_again(device.address),
+                Ok(()) => self.handed_back(device.address),
+                // The rest of the set still goes back (DESIGN §10).
+                Err(failure) if matches!(failure.cause, StepFailure::Dead(_)) => {
+                    dead.push(failure);
+                }
+                Err(failure) => {
+                    // A host driver that would not take it back: the
+                    // function did not come back healthy.
+                    if !binding && failure.step.starts_with("probe") {
+                        self.set_verdict(device.address, Some(Health::ResetFailed));
+                    }
+                    return Err(Halt::Failed { touched, failure });
+                }
             }
         }
         // A bind owns only what it moved (DESIGN §8): a device already on
@@ -379,7 +420,35 @@ impl Engine {
                 .set_owner(address, owner)
                 .map_err(|e| Halt::Refused(Error::Kernel(format!("{context}: done, but {e}"))))?;
         }
-        Ok(())
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let released: Vec<String> = plan
+            .devices
+            .iter()
+            .filter(|d| !plan.keeps(&d.address) && dead.iter().all(|f| f.device != Some(d.address)))
+            .filter_map(|d| {
+                let driver = self.kernel.driver(&d.address).ok().flatten()?;
+                Some(format!("{} is back on {driver}", d.address))
+            })
+            .collect();
+        let mut message: Vec<String> = dead
+            .iter()
+            .map(|f| {
+                let now = f.device.and_then(|a| self.kernel.driver(&a).ok());
+                let place = match now {
+                    Some(Some(driver)) => format!("it stays on {driver}"),
+                    Some(None) => "IT IS LEFT WITHOUT A DRIVER".into(),
+                    None => "it is off the bus".into(),
+                };
+                format!("{}; {place}", f.describe())
+            })
+            .collect();
+        message.extend(released);
+        Err(Halt::Refused(Error::Kernel(format!(
+            "{context}: {}",
+            message.join("; ")
+        ))))
     }
 
     /// Moves the device to vfio-pci, remembering its host driver for the
@@ -415,6 +484,11 @@ impl Engine {
     /// it is not (vfio-pci by `ids=`, another driver of the same device),
     /// the override names the host driver and the device moves again.
     fn to_host(&self, address: PciAddress, host: Option<String>, run: &Run) -> Result<(), Failure> {
+        // Never a dead function to a host driver (DESIGN §10).
+        match self.current_driver(address)?.as_deref() {
+            Some(driver) if driver != VFIO_DRIVER => {}
+            _ => self.ensure_alive(address, run)?,
+        }
         if self.read_override(address, run)?.is_some() {
             self.clear_override(address, run)?;
         }

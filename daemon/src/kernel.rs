@@ -7,9 +7,10 @@
 
 use vfiod_pci::PciAddress;
 
-pub use vfiod_host::sysfs::Sysfs;
+pub use vfiod_host::sysfs::{RESET_METHOD_UNKNOWN, Sysfs};
 pub use vfiod_host::{Inspect, KernelError, KernelResult, VFIO_DRIVER, VFIO_MODULE};
 
+pub mod probe_ops;
 pub mod sim;
 pub mod sysfs;
 
@@ -60,4 +61,19 @@ pub trait Kernel: Inspect {
     /// Writes the address to `/sys/bus/pci/drivers_probe`. Succeeds even
     /// when no driver binds: re-read [`Inspect::driver`]. May block.
     fn probe(&self, address: &PciAddress) -> KernelResult<()>;
+    /// Writes `reset_method` (kernel >= 5.15): method names one space apart,
+    /// `default`, or nothing. The kernel refuses (EINVAL) a method the
+    /// device does not support, and changes nothing then.
+    fn set_reset_method(&self, address: &PciAddress, methods: &str) -> KernelResult<()>;
+    /// Writes `1` to the function's `reset`: a reset by its methods, the
+    /// device lock taken. May block.
+    fn reset(&self, address: &PciAddress) -> KernelResult<()>;
+    /// Writes `1` to the function's `remove`: it and all behind it leave
+    /// the bus, each unbound first. May block.
+    fn remove(&self, address: &PciAddress) -> KernelResult<()>;
+    /// Writes `1` to `rescan` of the buses behind the bridge `parent`, or
+    /// of every PCI bus (`None`). What is found is added and probed at
+    /// once by the kernel (`pci_bus_add_device` attaches a driver whatever
+    /// `drivers_autoprobe` says, as the real-kernel lane saw).
+    fn rescan(&self, parent: Option<&PciAddress>) -> KernelResult<()>;
 }

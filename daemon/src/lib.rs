@@ -4,6 +4,7 @@ pub mod boot;
 pub mod bouncer;
 pub mod cli;
 pub mod doctor;
+pub mod early_claim;
 pub mod engine;
 pub mod journal;
 pub mod kernel;

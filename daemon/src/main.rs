@@ -11,6 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use vfiod::bouncer::Bouncer;
 use vfiod::cli::{Args, default_state_dir};
+use vfiod::early_claim;
 use vfiod::engine::Engine;
 use vfiod::journal::Journal;
 use vfiod::kernel::Kernel;
@@ -119,6 +120,11 @@ async fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("recovery failed: {e}"))?;
         info!(devices = %report.join("; "), "recovered the moves a crash interrupted");
     }
+    // While the cards are still clean, before any move (vendor-reset's
+    // device_specific must be chosen before a card's first use).
+    set_reset_methods(&engine).await;
+    let claim_root = early_claim::root_for(simulated.is_some(), &state_dir);
+    early_claim::keep_in_step(&engine, claim_root).await;
     let service = Service::new(engine.clone(), bouncer.clone());
 
     let connection = zbus::connection::Builder::system()
@@ -212,13 +218,15 @@ fn ask_for_reload(pid: u32, args: &Args) -> ExitCode {
 async fn reload(
     args: &Args,
     state_dir: &std::path::Path,
-    engine: &Engine,
+    engine: &Arc<Engine>,
     service: &Arc<Service>,
     connection: &zbus::Connection,
 ) {
     let began_usec = vfiod::reload::monotonic_usec();
     tell_systemd(&notify::reloading(began_usec));
-    let refused = reload_config(args, engine, service, connection).await.err();
+    let refused = reload_config(args, state_dir, engine, service, connection)
+        .await
+        .err();
     let status = match &refused {
         None => "configuration reloaded".to_owned(),
         Some(reason) => format!("new configuration refused; keeping the old one: {reason}"),
@@ -234,10 +242,26 @@ async fn reload(
     tell_systemd(&notify::ready(&status));
 }
 
+/// Each profile's `reset_method`, on its functions (off the event loop:
+/// the writes are bounded kernel calls).
+async fn set_reset_methods(engine: &Arc<Engine>) {
+    let engine = engine.clone();
+    let failed = tokio::task::spawn_blocking(move || engine.set_configured_reset_methods()).await;
+    match failed {
+        Ok(failed) if failed.is_empty() => {}
+        Ok(failed) => warn!(
+            failures = failed.len(),
+            "some reset methods could not be set"
+        ),
+        Err(e) => error!(error = %e, "setting reset methods failed"),
+    }
+}
+
 /// Reads the config again and puts it in force; `Err` is the refusal.
 async fn reload_config(
     args: &Args,
-    engine: &Engine,
+    state_dir: &std::path::Path,
+    engine: &Arc<Engine>,
     service: &Arc<Service>,
     connection: &zbus::Connection,
 ) -> Result<(), String> {
@@ -255,6 +279,9 @@ async fn reload_config(
     };
     info!(config = %args.config.display(), profiles = config.profiles.len(), "configuration reloaded");
     engine.set_config(config);
+    set_reset_methods(engine).await;
+    let claim_root = early_claim::root_for(args.machine.is_some(), state_dir);
+    early_claim::keep_in_step(engine, claim_root).await;
     // The new config is in force either way; the bus catches up at the
     // next change.
     if let Err(e) = service.refresh(connection).await {

@@ -653,7 +653,9 @@ fn host_reasons(
             .iter()
             .filter(|o| o.iommu_group == Some(group) && !in_set.contains(&o.address))
         {
-            if other.is_bridge() {
+            // The kernel lets only bridge headers stay on their drivers: an
+            // ISA bridge on lpc_ich stops the group (vfio_dev_driver_allowed).
+            if other.has_bridge_header() {
                 continue;
             }
             if let Some(driver) = &other.driver

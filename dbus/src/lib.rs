@@ -8,4 +8,4 @@ pub mod proxy;
 mod types;
 
 pub use error::Error;
-pub use types::{DeviceState, Direction, Finding, ProfileState, Severity};
+pub use types::{DeviceHealth, DeviceState, Direction, Finding, ProfileState, Severity};

@@ -15,7 +15,7 @@ use zbus::message::Header;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
 use crate::names::{address_from_device_path, device_object_path};
-use crate::{DeviceState, Direction, Error, ProfileState};
+use crate::{DeviceHealth, DeviceState, Direction, Error, ProfileState};
 
 /// How a property's value travels: its D-Bus type, and back.
 pub trait Wire: Sized {
@@ -55,7 +55,7 @@ macro_rules! wire_as_name {
     )*};
 }
 
-wire_as_name!(DeviceState, ProfileState);
+wire_as_name!(DeviceState, DeviceHealth, ProfileState);
 
 /// A profile's devices travel as their object paths.
 impl Wire for Vec<PciAddress> {
@@ -223,6 +223,11 @@ bus_object! {
     /// The `vm` given at bind; empty otherwise.
     owner: String = String::new() => "Owner" ("true");
     boot_vga: bool = false => "BootVga" ("const");
+    /// The kernel's `reset_method` (e.g. `flr bus`); empty when it has none
+    /// or shows none (kernels before 5.15).
+    reset_method: String = String::new() => "ResetMethod" ("true");
+    /// What vfiod's last health check found (DESIGN §10).
+    health: DeviceHealth = DeviceHealth::Unknown => "Health" ("true");
 }
 
 bus_object! {
@@ -286,6 +291,8 @@ mod tests {
             state: DeviceState::Vfio,
             owner: "win10".into(),
             boot_vga: false,
+            reset_method: "device_specific".into(),
+            health: DeviceHealth::Unknown,
         }
     }
 
@@ -375,6 +382,8 @@ mod tests {
             ("IommuGroup", "i"),
             ("State", "s"),
             ("BootVga", "b"),
+            ("ResetMethod", "s"),
+            ("Health", "s"),
         ] {
             let line = properties
                 .iter()

@@ -24,6 +24,21 @@ pub enum DeviceState {
     Stuck,
 }
 
+/// `Health` of an `org.vfiod1.Device` (DESIGN §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceHealth {
+    /// On its host driver, or found alive by the last check.
+    Ok,
+    /// Not checked since a VM may have had it (on vfio-pci).
+    Unknown,
+    /// Its host driver let go of it, or failed, right after vfiod gave it
+    /// back: it did not come back healthy from its VM.
+    ResetFailed,
+    /// Its config space is dead and nothing brought it back.
+    Dead,
+}
+
 /// `State` of an `org.vfiod1.Profile`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -78,5 +93,6 @@ macro_rules! wire_names {
 
 wire_names!(Direction { Bind => "bind", Release => "release" });
 wire_names!(DeviceState { Host => "host", Vfio => "vfio", Unbound => "unbound", Moving => "moving", Stuck => "stuck" });
+wire_names!(DeviceHealth { Ok => "ok", Unknown => "unknown", ResetFailed => "reset-failed", Dead => "dead" });
 wire_names!(ProfileState { Host => "host", Vfio => "vfio", Mixed => "mixed", Moving => "moving", Error => "error" });
 wire_names!(Severity { Ok => "ok", Warn => "warn", Fail => "fail" });

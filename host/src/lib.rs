@@ -54,6 +54,11 @@ impl KernelError {
     pub fn is_busy(&self) -> bool {
         matches!(self, KernelError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::EBUSY))
     }
+
+    /// EINVAL from a write: the kernel does not take that value.
+    pub fn is_invalid_value(&self) -> bool {
+        matches!(self, KernelError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::EINVAL))
+    }
 }
 
 pub type KernelResult<T> = Result<T, KernelError>;
@@ -102,6 +107,11 @@ pub trait Inspect: Send + Sync + 'static {
     fn console_on(&self, address: &PciAddress) -> KernelResult<bool>;
     /// `/dev/vfio/N` when it exists.
     fn vfio_group_node(&self, group: u32) -> Option<PathBuf>;
+    /// The vendor and device id the function's config space answers with
+    /// now (its `config` file, not the ids cached at enumeration): `ffff`
+    /// from a function that did not survive its VM. `None` when it can't
+    /// be read.
+    fn live_id(&self, address: &PciAddress) -> KernelResult<Option<PciId>>;
     /// The function's own vfio device files (`/dev/vfio/devices/vfioX`,
     /// named by its `vfio-dev/vfioX` in sysfs): kernels with iommufd's
     /// device interface (6.6+) make one for each function on vfio-pci, and

@@ -160,6 +160,9 @@ pub fn snapshot(
             boot_vga: device.boot_vga,
             console: extras.console,
             reset: device.reset_methods.clone(),
+            // A device-specific reset the kernel has shows in `reset`
+            // already; whether vendor-reset would add one is not on the host.
+            vendor_reset: false,
             nodes: extras.nodes,
             holders: Vec::new(),
             usb: extras.usb,

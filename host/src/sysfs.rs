@@ -38,6 +38,8 @@ use crate::{Inspect, KernelError, KernelResult};
 pub const PCI_DEVICES: &str = "sys/bus/pci/devices";
 pub const PCI_DRIVERS: &str = "sys/bus/pci/drivers";
 pub const DRIVERS_PROBE: &str = "sys/bus/pci/drivers_probe";
+/// Rescans every PCI bus; a bridge's own `rescan` does its buses only.
+pub const BUS_RESCAN: &str = "sys/bus/pci/rescan";
 const IOMMU_GROUPS: &str = "sys/kernel/iommu_groups";
 pub const VFIO_GROUPS: &str = "dev/vfio";
 const VFIO_DEVICE_FILES: &str = "/dev/vfio/devices";
@@ -223,6 +225,10 @@ impl Inspect for Sysfs {
 
     fn driver_override(&self, address: &PciAddress) -> KernelResult<Option<String>> {
         device::driver_override(&self.tree, &self.existing_function_dir(address)?)
+    }
+
+    fn live_id(&self, address: &PciAddress) -> KernelResult<Option<PciId>> {
+        device::live_id(&self.tree, &self.existing_function_dir(address)?)
     }
 
     fn iommu_enabled(&self) -> KernelResult<bool> {

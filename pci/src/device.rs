@@ -27,6 +27,10 @@ impl PciDevice {
     pub fn is_bridge(&self) -> bool {
         self.class.is_bridge()
     }
+    /// May stay on its driver in a viable IOMMU group (PciClass::has_bridge_header).
+    pub fn has_bridge_header(&self) -> bool {
+        self.class.has_bridge_header()
+    }
     pub fn is_bound_to(&self, driver: &str) -> bool {
         self.driver.as_deref() == Some(driver)
     }

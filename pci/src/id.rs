@@ -55,6 +55,13 @@ impl PciClass {
     pub fn is_bridge(self) -> bool {
         self.0 >> 16 == 0x06
     }
+    /// PCI-to-PCI (0x0604, 0x0609) and CardBus (0x0607) bridges: the
+    /// functions with a bridge header, which vfio lets stay on their
+    /// drivers in a viable group (`vfio_dev_driver_allowed`). A host or
+    /// ISA bridge is a normal function: on its driver it stops the group.
+    pub fn has_bridge_header(self) -> bool {
+        matches!(self.0 >> 8, 0x0604 | 0x0607 | 0x0609)
+    }
     pub fn is_display(self) -> bool {
         self.0 >> 16 == 0x03
     }

@@ -107,8 +107,15 @@ pub struct DeviceEntry {
     pub boot_vga: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub console: bool,
+    /// `reset_method` as the kernel shows it at boot (kernel >= 5.15), or
+    /// `["unknown"]` before 5.15 (a `reset` file, no `reset_method`); empty:
+    /// no reset at all (neither file).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reset: Vec<String>,
+    /// vendor-reset's device table lists it: with the `vendor_reset`
+    /// module loaded, the kernel accepts `device_specific` for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vendor_reset: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<PathBuf>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -140,6 +147,31 @@ pub struct Faults {
     pub reprobe: Option<ProbeFault>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vanish: Option<VanishFault>,
+    /// Left dead by its VM: from the moment vfio-pci has it, its config
+    /// space reads `ffff` until what this says brings it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead: Option<DeadFault>,
+    /// A write to its `reset` fails (EIO).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset: Option<ResetFault>,
+}
+
+/// What brings a dead function back (see [`Faults::dead`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeadFault {
+    /// A reset (`echo 1 > reset`).
+    UntilReset,
+    /// A PCI `remove` and a `rescan`: it comes back alive.
+    UntilRescan,
+    /// Nothing: a reset leaves it dead, a rescan does not find it.
+    Forever,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResetFault {
+    Fail,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

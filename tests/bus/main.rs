@@ -7,4 +7,5 @@ mod denied;
 mod kernel_changes;
 mod outside_clients;
 mod reload;
+mod resets;
 mod vfioctl;

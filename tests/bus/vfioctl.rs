@@ -267,7 +267,7 @@ fn a_mover_alone_is_told_every_property_of_its_devices_before_the_answer() {
                 .body()
                 .deserialize()
                 .unwrap();
-            assert_eq!(properties.len(), 11, "{properties:?}");
+            assert_eq!(properties.len(), 13, "{properties:?}");
             assert_eq!(*properties, all);
             let text = |name: &str| String::try_from(all[name].try_clone().unwrap()).unwrap();
             assert_eq!(text("Driver"), "vfio-pci");

@@ -373,6 +373,69 @@ scenario_check() { # KEY
   note "vfioctl check: exit $rc, findings ${findings[*]:-none}"
 }
 
+# k_kernel CALL ARG...: REPLY = the kernel's answer in words to one call of
+# vfiod's own (vfio-probe kernel: the real sysfs, or the simulator's
+# KernelCall), the same words on both.
+k_kernel() {
+  local sim=
+  [ "$LANE_KIND" = sim ] && sim=--sim
+  REPLY=$("$bin/vfio-probe" kernel $sim "$@" 2>&1)
+}
+want_kernel() { # ANSWER CALL ARG...: a problem unless the kernel answers ANSWER
+  local want=$1
+  shift
+  k_kernel "$@"
+  [ "$REPLY" = "$want" ] || problem "$* answered '$REPLY', not '$want'"
+  echo "kernel $* -> $REPLY" >> "$OUTCOMES"
+}
+
+# DESIGN §10 on a real kernel: reset_method read, written and refused; a
+# real reset; a remove and rescan that brings the same function back at the
+# same address, unprobed with autoprobe off; vfiod's health check reading
+# a real config space before it gives the function back.
+scenario_health() {
+  local bridge=0000:00:11.0 id=1b36:000d
+  begin
+  want_kernel bus reset-method "$GPU"
+  want_kernel "no reset_method" reset-method "$AUD"
+  want_kernel bus reset-method "$XHCI"
+  want_kernel ok set-reset-method "$XHCI" bus
+  want_kernel "errno 22" set-reset-method "$XHCI" flr
+  want_kernel bus reset-method "$XHCI"
+  if [ "$LANE_KIND" = real ]; then
+    # What the health check costs per function (BENCHMARKS.md).
+    local f
+    for f in "$GPU" "$AUD" "$XHCI"; do note "$("$bin/vfio-probe" time-live-id "$f" 500 2>&1)"; done
+  fi
+  verdict "reset_method: read on the GPU pair and the xHCI; 'bus' written and read back; 'flr', which it lacks, refused (EINVAL) with nothing changed"
+
+  begin
+  ctl bind usb
+  want_rc 0 - "vfioctl bind usb" && want_vfio "$XHCI"
+  want_kernel "$id" live-id "$XHCI"
+  want_kernel ok reset "$XHCI"
+  want_kernel "$id" live-id "$XHCI"
+  verdict "the xHCI on vfio-pci: a real reset, its config space answering with its ids before and after"
+
+  begin
+  ctl release usb
+  want_rc 0 - "vfioctl release usb" && want_host "$XHCI"
+  want_cleared "$XHCI"
+  outcome health.release
+  # The kernel probes what a rescan finds at once (pci_bus_add_device),
+  # drivers_autoprobe or not: the same function back, on its own driver.
+  want_kernel ok remove "$XHCI"
+  want_kernel no present "$XHCI"
+  want_kernel ok rescan "$bridge"
+  want_kernel yes present "$XHCI"
+  want_kernel "$id" live-id "$XHCI"
+  want_host "$XHCI"
+  want_cleared "$XHCI"
+  outcome health.rescan
+  verdict "vfiod's release read a real config space and gave the xHCI to xhci_hcd; a remove and a rescan of the bus behind 00:11.0 found it again at its address with its ids, on xhci_hcd at once"
+  all_home
+}
+
 all_driverless_check() {
   begin
   local a
@@ -383,7 +446,7 @@ all_driverless_check() {
 
 # LANE_ONLY="busy hook ..." runs only those, in that order (for debugging;
 # a scenario_NAME function defined in the guest's env file runs too).
-LANE_SCENARIOS=(gpu_bind_release usb_both_ways boot_vga function0 busy behind_back hook sigkill)
+LANE_SCENARIOS=(gpu_bind_release usb_both_ways boot_vga function0 busy behind_back hook sigkill health)
 run_scenarios() {
   : > "$OUTCOMES"; : > "$OUTCOMES.doctor"
   scenario_check check.iommu

@@ -568,7 +568,7 @@ impl Polkit {
             .stderr(log)
             .spawn()
             .expect("unshare + polkitd");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if rig
                 .busctl(&["status", "org.freedesktop.PolicyKit1"])

@@ -1,7 +1,7 @@
 //! `list` and `status`: read-only views of vfiod's objects.
 
 use serde_json::{Value, json};
-use vfiod_dbus::DeviceState;
+use vfiod_dbus::{DeviceHealth, DeviceState};
 use vfiod_pci::PciAddress;
 
 use crate::bus::Bus;
@@ -186,7 +186,7 @@ fn profile_detail_human(profile: &ProfileView, objects: &Objects) -> String {
         vec![
             d.address.clone(),
             or_dash(&d.driver).to_owned(),
-            d.state.to_string(),
+            d.state_shown(),
             or_dash(&d.owner).to_owned(),
             or_dash(&d.host_driver).to_owned(),
             d.name.clone(),
@@ -229,12 +229,18 @@ fn device_detail_human(d: &DeviceView, objects: &Objects) -> String {
         ),
     );
     field("state", d.state.to_string());
+    if d.health != DeviceHealth::Ok {
+        field("health", d.health.to_string());
+    }
     field("owner", or_dash(&d.owner).to_owned());
     if let Some(p) = objects.profile_of(d) {
         field("profile", p.name.clone());
     }
     if d.boot_vga {
         field("boot vga", "yes".into());
+    }
+    if !d.reset_method.is_empty() {
+        field("reset method", d.reset_method.clone());
     }
     if let Some(e) = last_error(d, objects) {
         field("last error", e.to_owned());

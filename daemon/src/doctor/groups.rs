@@ -40,7 +40,7 @@ pub(super) fn check(cx: &Context<'_>, scope: &Scope, out: &mut Findings) {
             let driver = member.driver.as_deref().unwrap_or("no driver");
             let role = if in_set.contains(&member.address) && !member.is_bridge() {
                 "moves"
-            } else if member.is_bridge() {
+            } else if member.has_bridge_header() {
                 "bridge, may stay"
             } else if member.driver.is_none() || member.is_bound_to(VFIO_DRIVER) {
                 "not in use by the host, fine"

@@ -16,7 +16,52 @@ pub(super) fn check(cx: &Context<'_>, scope: &Scope, out: &mut Findings) {
         method(device, out);
     }
     for device in scope.endpoints() {
-        amd_reset_bug(cx, device, out);
+        amd_reset_bug(cx, scope, device, out);
+    }
+    profile_method(scope, out);
+}
+
+/// The profile's `reset_method` against what its functions have now.
+fn profile_method(scope: &Scope, out: &mut Findings) {
+    const ID: &str = "reset.profile";
+    let Some((name, Some(methods))) = &scope.profile else {
+        return;
+    };
+    let (have, keep): (Vec<&PciDevice>, Vec<&PciDevice>) = scope
+        .endpoints()
+        .partition(|d| d.reset_methods.join(" ") == *methods);
+    let kept: Vec<String> = keep
+        .iter()
+        .map(|d| format!("{} keeps {}", d.address, shown(d)))
+        .collect();
+    if have.is_empty() {
+        out.warn(
+            ID,
+            format!(
+                "profile {name} sets reset_method = \"{methods}\", but no function of it has that method now ({}): vfiod sets it at start and before each bind, and refuses the bind when the kernel takes it for none of them",
+                kept.join(", ")
+            ),
+        );
+        return;
+    }
+    let set: Vec<String> = have.iter().map(|d| d.address.to_string()).collect();
+    let mut message = format!(
+        "profile {name}: reset_method = \"{methods}\" on {}",
+        set.join(", ")
+    );
+    if !kept.is_empty() {
+        message.push_str(&format!(
+            "; {} (the kernel has no such method for it)",
+            kept.join(", ")
+        ));
+    }
+    out.ok(ID, message);
+}
+
+fn shown(device: &PciDevice) -> String {
+    match device.reset_methods.join(" ") {
+        methods if methods.is_empty() => "no reset method".into(),
+        methods => methods,
     }
 }
 
@@ -50,7 +95,7 @@ fn method(device: &PciDevice, out: &mut Findings) {
     }
 }
 
-fn amd_reset_bug(cx: &Context<'_>, device: &PciDevice, out: &mut Findings) {
+fn amd_reset_bug(cx: &Context<'_>, scope: &Scope, device: &PciDevice, out: &mut Findings) {
     const ID: &str = "reset.amd-bug";
     let Some(entry) = tables().reset_bug(device.id) else {
         return;
@@ -60,10 +105,22 @@ fn amd_reset_bug(cx: &Context<'_>, device: &PciDevice, out: &mut Findings) {
         device.address, device.id, entry.family, entry.cards
     );
     let source = format!("[ids: {}]", entry.source);
-    let select = format!(
-        "echo {DEVICE_SPECIFIC} > /sys/bus/pci/devices/{}/reset_method",
-        device.address
-    );
+    // vfiod selects it for a profile that says so; by hand otherwise.
+    let select = match &scope.profile {
+        Some((name, _)) => format!(
+            "add this line under [profiles.{name}] in /etc/vfiod/vfiod.toml: reset_method = \"{DEVICE_SPECIFIC}\" (vfiod then sets it as it starts, while the card is clean, and before each bind)"
+        ),
+        None => format!(
+            "echo {DEVICE_SPECIFIC} > /sys/bus/pci/devices/{}/reset_method, or put it in a profile with reset_method = \"{DEVICE_SPECIFIC}\"",
+            device.address
+        ),
+    };
+    let profile_selects = scope.profile.as_ref().and_then(|(name, methods)| {
+        methods
+            .as_deref()
+            .is_some_and(|m| m.split(' ').any(|m| m == DEVICE_SPECIFIC))
+            .then_some(name.as_str())
+    });
     let loaded = cx
         .host
         .loaded_modules
@@ -77,17 +134,22 @@ fn amd_reset_bug(cx: &Context<'_>, device: &PciDevice, out: &mut Findings) {
         .is_some_and(|m| m != RESET_METHOD_UNKNOWN);
     let selected = device.reset_methods.first().map(String::as_str) == Some(DEVICE_SPECIFIC);
     match loaded {
-        Some(true) if !selectable || selected => out.ok(
+        Some(true) if !selectable || selected || profile_selects.is_some() => out.ok(
             ID,
             format!(
-                "{} ({}) is an AMD {} GPU with the reset bug, and vendor-reset is loaded to reset it",
-                device.address, device.id, entry.family
+                "{} ({}) is an AMD {} GPU with the reset bug, and vendor-reset is loaded to reset it{}",
+                device.address,
+                device.id,
+                entry.family,
+                profile_selects
+                    .map(|name| format!(" (profile {name} selects it)"))
+                    .unwrap_or_default()
             ),
         ),
         Some(true) => out.warn(
             ID,
             format!(
-                "{what}. vendor-reset is loaded but not selected (reset_method is \"{}\"): {select} (vendor-reset's udev rule does it at boot) {source}",
+                "{what}. vendor-reset is loaded but not selected (reset_method is \"{}\"): {select} {source}",
                 device.reset_methods.join(" ")
             ),
         ),

@@ -527,8 +527,8 @@ fn an_amd_gpu_with_the_reset_bug_warns_until_vendor_reset_is_loaded_and_selected
     assert!(
         message.contains("Polaris 10")
             && message.contains("vendor-reset is not loaded")
-            && message
-                .contains("echo device_specific > /sys/bus/pci/devices/0000:01:00.0/reset_method"),
+            && message.contains("under [profiles.gpu]")
+            && message.contains("reset_method = \"device_specific\""),
         "{message}"
     );
     fx.loaded_module("vendor_reset");

@@ -12,6 +12,9 @@ pub(super) enum StepFailure {
     Kernel(KernelError),
     /// The write succeeded but the kernel did not do what it should have.
     Unexpected(String),
+    /// The function did not survive its VM and nothing brought it back:
+    /// what was tried, in words. It is on vfio-pci (or off the bus).
+    Dead(String),
 }
 
 /// A failed step with where it happened.
@@ -36,7 +39,7 @@ impl Failure {
                 )
             }
             StepFailure::Kernel(e) => format!("{at}: {e}"),
-            StepFailure::Unexpected(what) => format!("{at}: {what}"),
+            StepFailure::Unexpected(what) | StepFailure::Dead(what) => format!("{at}: {what}"),
         }
     }
 
@@ -238,12 +241,7 @@ impl Engine {
     ) {
         let settled = device.map(|address| {
             let options = MoveOptions::default();
-            let run = Run {
-                options: &options,
-                started: Instant::now(),
-                progress: &|_, _| {},
-                journal,
-            };
+            let run = Run::unnarrated(&options, journal);
             let outcome = self.settle(address, &run);
             let on_vfio = matches!(self.kernel.driver(&address), Ok(Some(d)) if d == VFIO_DRIVER);
             if !on_vfio && let Err(e) = self.ledger().set_owner(address, None) {

@@ -10,6 +10,10 @@ impl Engine {
     /// Returns what was done, in words, one line per device. Blocking.
     pub fn recover(&self, interrupted: Vec<(MoveId, MoveEntry)>) -> Vec<String> {
         let mut report = Vec::new();
+        // A health check stopped between its remove and rescan (DESIGN §10).
+        if !interrupted.is_empty() {
+            report.extend(self.finish_rescans(&interrupted));
+        }
         for (id, entry) in interrupted {
             warn!(
                 target = %entry.target,
@@ -18,12 +22,7 @@ impl Engine {
                 "settling a move that vfiod did not finish"
             );
             let options = MoveOptions::default();
-            let run = Run {
-                options: &options,
-                started: Instant::now(),
-                progress: &|_, _| {},
-                journal: Some(id),
-            };
+            let run = Run::unnarrated(&options, Some(id));
             for address in entry.devices.iter().rev().copied() {
                 report.push(self.settle(address, &run));
                 if let Err(e) = self.ledger().set_owner(address, None) {
@@ -33,6 +32,28 @@ impl Engine {
             self.close_move(id);
         }
         report
+    }
+
+    /// Functions of interrupted moves that are off the bus (a health
+    /// check killed between its remove and its rescan) are looked for
+    /// again; one found is settled like the others.
+    fn finish_rescans(&self, interrupted: &[(MoveId, MoveEntry)]) -> Vec<String> {
+        let gone: Vec<PciAddress> = interrupted
+            .iter()
+            .flat_map(|(_, entry)| entry.devices.iter().copied())
+            .filter(|address| matches!(self.kernel.device(address), Ok(None)))
+            .collect();
+        if gone.is_empty() {
+            return Vec::new();
+        }
+        warn!(devices = ?gone, "functions of an interrupted move are off the bus; rescanning");
+        match self.kernel.rescan(None) {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                error!(error = %e, "the rescan failed");
+                vec![format!("the rescan for {gone:?} failed: {e}")]
+            }
+        }
     }
 
     pub(super) fn settle(&self, address: PciAddress, run: &Run) -> String {

@@ -60,11 +60,14 @@ use vfiod_host::facts::HostView;
 
 mod board;
 mod facts;
+mod health;
 mod kernel;
 mod persist;
+mod resets;
 mod running;
 
 use self::board::Board;
+use self::health::found_by_rescan;
 use self::persist::{fingerprint, load_state, new_boot_id, write_state};
 use self::running::{DeviceState, RunningState};
 
@@ -212,8 +215,8 @@ impl SimKernel {
     }
 
     /// What `VFIO_GROUP_GET_STATUS` reports: `/dev/vfio/N` exists and every
-    /// endpoint of the group is on vfio-pci or has no driver (bridges may
-    /// stay on theirs).
+    /// endpoint of the group is on vfio-pci or has no driver (PCI-to-PCI
+    /// and CardBus bridges may stay on theirs; host and ISA bridges may not).
     pub fn group_viable(&self, group: u32) -> bool {
         let inner = self.lock();
         let state = &inner.state;
@@ -221,7 +224,7 @@ impl SimKernel {
             && self
                 .board
                 .group_members(group)
-                .filter(|entry| !entry.class.is_bridge())
+                .filter(|entry| !entry.class.has_bridge_header())
                 .all(|entry| match state.present(&entry.address) {
                     Some(dev) => dev.driver.as_deref().is_none_or(|d| d == VFIO_DRIVER),
                     None => true,

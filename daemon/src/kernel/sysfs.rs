@@ -10,7 +10,9 @@ use std::process::{Command, Stdio};
 
 use vfiod_host::sysfs::modules::is_module_name;
 use vfiod_host::sysfs::rooted::Rooted;
-use vfiod_host::sysfs::{DRIVERS_PROBE, PCI_DRIVERS, VFIO_GROUPS, invalid_driver, is_driver_name};
+use vfiod_host::sysfs::{
+    BUS_RESCAN, DRIVERS_PROBE, PCI_DRIVERS, VFIO_GROUPS, invalid_driver, is_driver_name,
+};
 use vfiod_pci::PciAddress;
 
 use super::{Kernel, KernelError, KernelResult, Sysfs};
@@ -65,16 +67,7 @@ impl Kernel for Sysfs {
             // A lone newline clears it; the kernel then shows "(null)".
             None => "\n",
         };
-        // NoDevice rather than an I/O error for a function that is gone.
-        if !self.tree().exists(&Sysfs::bus_entry(address)) {
-            return Err(KernelError::NoDevice(*address));
-        }
-        write_once(
-            self.tree(),
-            OP,
-            &Sysfs::bus_entry(address).join("driver_override"),
-            contents,
-        )
+        write_device_file(self, address, OP, "driver_override", contents)
     }
 
     fn unbind(&self, address: &PciAddress, driver: &str) -> KernelResult<()> {
@@ -94,6 +87,54 @@ impl Kernel for Sysfs {
             &address.to_string(),
         )
     }
+
+    fn set_reset_method(&self, address: &PciAddress, methods: &str) -> KernelResult<()> {
+        write_device_file(self, address, "write reset_method", "reset_method", methods)
+    }
+
+    fn reset(&self, address: &PciAddress) -> KernelResult<()> {
+        write_device_file(self, address, "reset", "reset", "1")
+    }
+
+    fn remove(&self, address: &PciAddress) -> KernelResult<()> {
+        write_device_file(self, address, "remove", "remove", "1")
+    }
+
+    fn rescan(&self, parent: Option<&PciAddress>) -> KernelResult<()> {
+        // A device's own `rescan` rescans the bus it sits on; the buses
+        // behind a bridge are its `pci_bus/DDDD:BB`, each with a `rescan`.
+        let Some(bridge) = parent else {
+            return write_once(self.tree(), "rescan", Path::new(BUS_RESCAN), "1");
+        };
+        let dir = Sysfs::bus_entry(bridge).join("pci_bus");
+        let buses = self.tree().list_optional(&dir)?;
+        if buses.is_empty() {
+            return Err(KernelError::Malformed {
+                path: dir.display().to_string(),
+                reason: format!("{bridge} has no bus behind it to rescan"),
+            });
+        }
+        for bus in buses {
+            write_once(self.tree(), "rescan", &dir.join(bus).join("rescan"), "1")?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes one of the device's own files; NoDevice rather than an I/O
+/// error for a function that is gone.
+fn write_device_file(
+    sysfs: &Sysfs,
+    address: &PciAddress,
+    op: &'static str,
+    file: &str,
+    contents: &str,
+) -> KernelResult<()> {
+    let entry = Sysfs::bus_entry(address);
+    if !sysfs.tree().exists(&entry) {
+        return Err(KernelError::NoDevice(*address));
+    }
+    write_once(sysfs.tree(), op, &entry.join(file), contents)
 }
 
 /// Writes `contents` with a single write(2) to an existing file.

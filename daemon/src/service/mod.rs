@@ -242,6 +242,15 @@ impl Service {
         connection: &Connection,
         events: &[MonitorEvent],
     ) -> Result<(), Error> {
+        for event in events {
+            if let MonitorEvent::Uevent(event) = event
+                && event.action == UeventAction::Unbind
+                && self.engine.activity(&event.address).is_none()
+            {
+                self.engine
+                    .host_driver_let_go(&event.address, event.driver.as_deref());
+            }
+        }
         let rereads = {
             let published = self.snapshot();
             rereads_after(events, &published, |address| {
@@ -563,9 +572,22 @@ impl Service {
         }
         // The moved devices' uevents refresh them too; reading their drivers
         // here means the reply never goes out before the bus shows the move.
+        // A bind may have set a profile's reset_method too.
+        let reread = if direction == Direction::Bind
+            && self
+                .engine
+                .config()
+                .profiles
+                .values()
+                .any(|p| p.reset_method.is_some())
+        {
+            Reread::Whole
+        } else {
+            Reread::Driver
+        };
         let refreshed = match &outcome {
             Ok(devices) => {
-                self.refresh_with(connection, Scope::Devices(devices.clone(), Reread::Driver))
+                self.refresh_with(connection, Scope::Devices(devices.clone(), reread))
                     .await
             }
             Err(_) => self.refresh(connection).await,

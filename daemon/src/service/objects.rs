@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 
 use vfiod_dbus::objects::{DeviceProperties, ProfileProperties};
-use vfiod_dbus::{DeviceState, ProfileState};
+use vfiod_dbus::{DeviceHealth, DeviceState, ProfileState};
 use vfiod_pci::{PciAddress, PciDevice, PciId};
 
 use crate::engine::Engine;
 use crate::kernel::{KernelError, VFIO_DRIVER};
 use vfiod_config::Config;
+use vfiod_host::sysfs::RESET_METHOD_UNKNOWN;
 
 /// How much of a device a refresh reads again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +49,8 @@ impl FromEngine for DeviceProperties {
             state: DeviceState::Unbound,
             owner: String::new(),
             boot_vga: device.boot_vga,
+            reset_method: reset_method_shown(device),
+            health: DeviceHealth::Unknown,
         };
         props.set_driver(engine, &device.address, device.driver.clone());
         props
@@ -61,9 +64,22 @@ impl FromEngine for DeviceProperties {
             _ => engine.host_driver(address).unwrap_or_default(),
         };
         self.state = engine.state_of(address, driver.as_deref());
+        self.health = engine.health(address, driver.as_deref());
         self.owner = engine.owner(address).unwrap_or_default();
         self.driver = driver.unwrap_or_default();
     }
+}
+
+/// `reset_method` as the bus shows it: empty when the kernel shows none.
+fn reset_method_shown(device: &PciDevice) -> String {
+    if device
+        .reset_methods
+        .iter()
+        .any(|m| m == RESET_METHOD_UNKNOWN)
+    {
+        return String::new();
+    }
+    device.reset_methods.join(" ")
 }
 
 /// One device read whole into `devices`, or dropped when it is gone.

@@ -166,6 +166,21 @@ impl SimulatorInterface {
         .await
     }
 
+    /// One kernel call by name (`kernel::probe_ops`), as the real-kernel
+    /// lane makes it on the real kernel, answered in the same words.
+    async fn kernel_call(
+        &self,
+        op: String,
+        args: Vec<String>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<String, Error> {
+        self.run(connection, &header, move |k| {
+            crate::kernel::probe_ops::call(k, &op, &args).map_err(Error::InvalidArgs)
+        })
+        .await
+    }
+
     /// What VFIO_GROUP_GET_STATUS would say about group N.
     fn group_viable(&self, group: u32) -> bool {
         self.kernel.group_viable(group)

@@ -80,6 +80,9 @@ impl Inspect for UnbindAfterOverride {
     fn boot_id(&self) -> KernelResult<String> {
         self.sim.boot_id()
     }
+    fn live_id(&self, address: &PciAddress) -> KernelResult<Option<PciId>> {
+        self.sim.live_id(address)
+    }
 }
 
 impl Kernel for UnbindAfterOverride {
@@ -109,5 +112,17 @@ impl Kernel for UnbindAfterOverride {
     }
     fn probe(&self, address: &PciAddress) -> KernelResult<()> {
         self.sim.probe(address)
+    }
+    fn set_reset_method(&self, address: &PciAddress, methods: &str) -> KernelResult<()> {
+        self.sim.set_reset_method(address, methods)
+    }
+    fn reset(&self, address: &PciAddress) -> KernelResult<()> {
+        self.sim.reset(address)
+    }
+    fn remove(&self, address: &PciAddress) -> KernelResult<()> {
+        self.sim.remove(address)
+    }
+    fn rescan(&self, parent: Option<&PciAddress>) -> KernelResult<()> {
+        self.sim.rescan(parent)
     }
 }

@@ -9,6 +9,31 @@ use super::rooted::Rooted;
 use super::subtree;
 use crate::KernelResult;
 
+/// The ids the function's config space answers with now: its first four
+/// bytes, little-endian (`ffff` from a dead function). `None` without a
+/// readable `config` (a fixture without one).
+pub(super) fn live_id(tree: &Rooted, dir: &Path) -> KernelResult<Option<PciId>> {
+    use std::io::Read;
+    let rel = dir.join("config");
+    let mut head = [0u8; 4];
+    let read = std::fs::File::open(tree.host_path(&rel)).and_then(|mut f| f.read_exact(&mut head));
+    match read {
+        Ok(()) => Ok(Some(PciId {
+            vendor: u16::from_le_bytes([head[0], head[1]]),
+            device: u16::from_le_bytes([head[2], head[3]]),
+        })),
+        Err(err)
+            if matches!(
+                err.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(err) => Err(tree.io_error("read", &rel, err)),
+    }
+}
+
 /// What [`PciDevice::reset_methods`] holds on kernels before 5.15, which
 /// have no `reset_method` file: a `reset` file says the function can be
 /// reset, not how.

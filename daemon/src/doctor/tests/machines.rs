@@ -55,6 +55,11 @@ fn z77_rx580_is_fine_on_groups_warns_on_the_polaris_reset_bug_and_resets_by_bus(
         bug.contains("Polaris 10") && bug.contains("vendor-reset is not loaded"),
         "{bug}"
     );
+    // The fix names the profile's key, as a line to paste.
+    assert!(
+        bug.contains("reset_method = \"device_specific\"") && bug.contains("[profiles.rx580]"),
+        "{bug}"
+    );
     let resets = with_id(&findings, "reset.method");
     assert_eq!(resets.len(), 2);
     for reset in resets {
@@ -183,5 +188,36 @@ fn x570_navi_warns_on_the_navi_reset_bug_and_its_xhci_is_fine_on_6_6() {
     assert!(
         message.contains("Matisse") && message.contains("6.6.8"),
         "{message}"
+    );
+}
+
+#[test]
+fn a_profile_reset_method_is_reported_against_the_reset_table() {
+    let text = std::fs::read_to_string(machines().join(Z77))
+        .unwrap()
+        .replacen(
+            "address = \"0000:01:00.0\"\n",
+            "address = \"0000:01:00.0\"\nvendor_reset = true\n",
+            1,
+        )
+        .replacen("modules = [", "modules = [\"vendor_reset\", ", 1);
+    let sim = Sim::from_text(&text);
+    let mut config = Config::load(&machines().join(Z77_CONFIG)).unwrap();
+    config.profiles.get_mut("rx580").unwrap().reset_method = Some("device_specific".into());
+    // Not set yet (vfiod sets it at start): the profile's key is what counts.
+    let findings = inspect(&sim.kernel, &config, "rx580").unwrap();
+    let bug = expect(&findings, "reset.amd-bug", Severity::Ok);
+    assert!(bug.contains("profile rx580"), "{bug}");
+    let profile = expect(&findings, "reset.profile", Severity::Warn);
+    assert!(profile.contains("no function of it has"), "{profile}");
+    // Set, as vfiod does at start: the GPU has it, the audio keeps its own.
+    sim.kernel
+        .set_reset_method(&"0000:01:00.0".parse().unwrap(), "device_specific")
+        .unwrap();
+    let findings = inspect(&sim.kernel, &config, "rx580").unwrap();
+    let profile = expect(&findings, "reset.profile", Severity::Ok);
+    assert!(
+        profile.contains("0000:01:00.0") && profile.contains("0000:01:00.1 keeps bus"),
+        "{profile}"
     );
 }

@@ -124,16 +124,12 @@ impl Board {
         let devices = self
             .entries()
             .map(|entry| {
-                let state = DeviceState {
-                    present: true,
-                    driver: entry
+                let state = DeviceState::fresh(
+                    entry
                         .driver
                         .clone()
                         .filter(|_| !late.contains(&entry.address)),
-                    driver_override: None,
-                    unbinding: None,
-                    hung: false,
-                };
+                );
                 (entry.address, state)
             })
             .collect();
@@ -165,6 +161,7 @@ impl Board {
                 .entries()
                 .flat_map(|entry| entry.holders.iter().cloned())
                 .collect(),
+            dead_probed: Vec::new(),
             coldplug_until_ms: (coldplug_ms > 0).then(|| now_ms() + coldplug_ms),
             late,
         }

@@ -152,6 +152,13 @@ impl Inspect for SimKernel {
         Ok(Vec::new())
     }
 
+    fn live_id(&self, address: &PciAddress) -> KernelResult<Option<PciId>> {
+        self.count_read();
+        let inner = self.lock();
+        let entry = self.board.entry(address)?;
+        inner.state.live_id(entry).map(Some)
+    }
+
     fn boot_id(&self) -> KernelResult<String> {
         self.count_read();
         Ok(self.lock().state.boot_id.clone())
@@ -261,6 +268,35 @@ impl Kernel for SimKernel {
             Ok(())
         });
         drop(inner);
+        self.count_write();
+        result
+    }
+
+    fn set_reset_method(&self, address: &PciAddress, methods: &str) -> KernelResult<()> {
+        let result =
+            self.transact(|board, state, _| state.set_reset_method(board, address, methods));
+        self.count_write();
+        result
+    }
+
+    fn reset(&self, address: &PciAddress) -> KernelResult<()> {
+        // A reset takes the device lock.
+        let inner = self.lock();
+        let mut inner = self.wait_for_device(inner, address);
+        let result = self.commit(&mut inner, |board, state, _| state.reset(board, address));
+        drop(inner);
+        self.count_write();
+        result
+    }
+
+    fn remove(&self, address: &PciAddress) -> KernelResult<()> {
+        let result = self.remove_device(address);
+        self.count_write();
+        result
+    }
+
+    fn rescan(&self, parent: Option<&PciAddress>) -> KernelResult<()> {
+        let result = self.transact(|board, state, events| state.rescan(board, parent, events));
         self.count_write();
         result
     }

@@ -17,6 +17,10 @@ pub(super) struct RunningState {
     pub(super) extra_drivers: BTreeSet<String>,
     /// Processes holding device nodes open.
     pub(super) holders: Vec<Holder>,
+    /// Dead functions a host driver was asked to probe: each one would
+    /// have risked the host (amdgpu on a dead card can hang it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) dead_probed: Vec<PciAddress>,
     /// While udev's coldplug runs (`coldplug_ms`): when it ends, in
     /// milliseconds since the Unix epoch (the state outlives vfiod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,6 +48,28 @@ pub(super) struct DeviceState {
     /// and ends only by [`SimKernel::end_hang`].
     #[serde(default, skip_serializing_if = "is_false")]
     pub(super) hung: bool,
+    /// `reset_method` as written since boot; absent: the boot's (the
+    /// machine file's `reset`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) reset_method: Option<Vec<String>>,
+    /// Its config space reads `ffff` (a `dead` fault: its VM left it so).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub(super) dead: bool,
+}
+
+impl DeviceState {
+    /// On the bus as at boot (or as found by a rescan).
+    pub(super) fn fresh(driver: Option<String>) -> DeviceState {
+        DeviceState {
+            present: true,
+            driver,
+            driver_override: None,
+            unbinding: None,
+            hung: false,
+            reset_method: None,
+            dead: false,
+        }
+    }
 }
 
 fn is_false(value: &bool) -> bool {
@@ -71,7 +97,10 @@ impl RunningState {
             iommu_group: entry.group,
             parent: entry.parent,
             boot_vga: entry.boot_vga,
-            reset_methods: entry.reset.clone(),
+            reset_methods: dev
+                .reset_method
+                .clone()
+                .unwrap_or_else(|| entry.reset.clone()),
         })
     }
 
@@ -282,8 +311,20 @@ impl RunningState {
         if dev.driver.is_some() {
             return;
         }
-        if let Some(driver) = self.driver_that_binds(board, entry, dev.driver_override.as_deref()) {
-            self.bind_device(address, &driver, events);
+        let dead = dev.dead;
+        let Some(driver) = self.driver_that_binds(board, entry, dev.driver_override.as_deref())
+        else {
+            return;
+        };
+        if dead && driver != VFIO_DRIVER {
+            // The host driver's probe fails on a dead function, if it does
+            // not hang the host first: recorded, for tests to find.
+            self.dead_probed.push(*address);
+            return;
+        }
+        self.bind_device(address, &driver, events);
+        if driver == VFIO_DRIVER && faults(entry).dead.is_some() {
+            self.killed_by_its_vm(address);
         }
     }
 
@@ -340,13 +381,13 @@ impl RunningState {
         if dev.present {
             return;
         }
-        *dev = DeviceState {
-            present: true,
-            driver: None,
-            driver_override: None,
-            unbinding: None,
-            hung: false,
+        let Ok(entry) = board.entry(address) else {
+            return;
         };
+        if !found_by_rescan(entry, dev.dead) {
+            return;
+        }
+        *dev = DeviceState::fresh(None);
         events.push(uevent(UeventAction::Add, address, None));
         self.probe_device(board, address, events);
     }

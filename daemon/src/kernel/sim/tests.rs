@@ -157,7 +157,9 @@ fn holder(pid: u32, comm: &str, node: &str) -> Holder {
     }
 }
 
+mod health;
 mod kernel_semantics;
+mod resets;
 mod running_state;
 mod snapshot;
 mod waiting_unbinds;

@@ -21,6 +21,15 @@
 //!     STATE_DIR`, while no vfiod runs on it (killed): process PID lets go
 //!     of the nodes it held, as a real holder exiting would - a waiting
 //!     unbind it held up ends. Prints how many holds it let go.
+//! vfio-probe kernel [--sim] CALL ARG...
+//!     One kernel call by name (vfiod's `kernel::probe_ops`: reset_method,
+//!     live config-space ids, reset, remove, rescan, drivers_autoprobe) on
+//!     this machine's real kernel, or with --sim on the simulated kernel of
+//!     the vfiod on the system bus (Simulator.KernelCall). Prints the
+//!     answer in words (a value, "ok", "errno N"), the same for both.
+//! vfio-probe time-live-id BDF ROUNDS
+//!     Times vfiod's health read (the config space's ids) ROUNDS times on
+//!     the real kernel; prints the median and the 90th percentile in µs.
 //! ```
 //! Exit 2 for a usage error. Kept out of the daemon: it is a test tool.
 
@@ -34,7 +43,7 @@ use std::time::{Duration, Instant};
 use vfiod_dbus::proxy::DeviceProxy;
 use zbus::proxy::CacheProperties;
 
-const USAGE: &str = "usage: vfio-probe group GROUP BDF | hold PATH... | follow [--sim] [--within-ms MS] BDF DRIVER | sim-unhold MACHINE STATE_DIR PID";
+const USAGE: &str = "usage: vfio-probe group GROUP BDF | hold PATH... | follow [--sim] [--within-ms MS] BDF DRIVER | sim-unhold MACHINE STATE_DIR PID | kernel [--sim] CALL ARG... | time-live-id BDF ROUNDS";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,6 +52,8 @@ fn main() -> ExitCode {
         Some("hold") if args.len() > 1 => hold(&args[1..]),
         Some("follow") => follow_command(&args[1..]),
         Some("sim-unhold") if args.len() == 4 => sim_unhold(&args[1], &args[2], &args[3]),
+        Some("kernel") if args.len() > 1 => kernel_call(&args[1..]),
+        Some("time-live-id") if args.len() == 3 => time_live_id(&args[1], &args[2]),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -65,6 +76,70 @@ fn sim_unhold(machine: &str, state_dir: &str, pid: &str) -> Result<u8, String> {
         .map_err(|e| e.to_string())?;
     let released = kernel.remove_holder(pid).map_err(|e| e.to_string())?;
     println!("{released}");
+    Ok(0)
+}
+
+/// `kernel [--sim] CALL ARG...`: see the module documentation.
+fn kernel_call(args: &[String]) -> Result<u8, String> {
+    let (sim, args) = match args.first().map(String::as_str) {
+        Some("--sim") => (true, &args[1..]),
+        _ => (false, args),
+    };
+    let Some((op, rest)) = args.split_first() else {
+        return Err(USAGE.into());
+    };
+    let answer = if sim {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio: {e}"))?
+            .block_on(async {
+                let bus = |e: zbus::Error| format!("D-Bus: {e}");
+                let conn = zbus::Connection::system().await.map_err(bus)?;
+                let reply = conn
+                    .call_method(
+                        Some("org.vfiod1"),
+                        "/org/vfiod1/simulator",
+                        Some("org.vfiod1.Simulator"),
+                        "KernelCall",
+                        &(op.as_str(), rest),
+                    )
+                    .await
+                    .map_err(bus)?;
+                reply.body().deserialize::<String>().map_err(bus)
+            })?
+    } else {
+        let kernel = vfiod::kernel::Sysfs::this_machine();
+        vfiod::kernel::probe_ops::call(&kernel, op, rest)
+            .map_err(|e| format!("{e} ({})", vfiod::kernel::probe_ops::USAGE))?
+    };
+    println!("{answer}");
+    Ok(0)
+}
+
+/// `time-live-id BDF ROUNDS`: what the health check costs per function.
+fn time_live_id(bdf: &str, rounds: &str) -> Result<u8, String> {
+    use vfiod::kernel::Inspect;
+    let address = bdf.parse().map_err(|e| format!("{bdf}: {e}"))?;
+    let rounds: usize = rounds.parse().map_err(|e| format!("{rounds}: {e}"))?;
+    let kernel = vfiod::kernel::Sysfs::this_machine();
+    let mut times = Vec::with_capacity(rounds);
+    for _ in 0..rounds.max(1) {
+        let t0 = Instant::now();
+        kernel
+            .live_id(&address)
+            .map_err(|e| e.to_string())?
+            .ok_or("the config space is unreadable")?;
+        times.push(t0.elapsed());
+    }
+    times.sort();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    println!(
+        "live id of {bdf}: median {:.1} us, p90 {:.1} us over {} reads",
+        at(0.5),
+        at(0.9),
+        times.len()
+    );
     Ok(0)
 }
 
