@@ -7,7 +7,7 @@
 
 use vfiod_pci::PciAddress;
 
-pub use vfiod_host::sysfs::{RESET_METHOD_UNKNOWN, Sysfs};
+pub use vfiod_host::sysfs::Sysfs;
 pub use vfiod_host::{Inspect, KernelError, KernelResult, VFIO_DRIVER, VFIO_MODULE};
 
 pub mod probe_ops;

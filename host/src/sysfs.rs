@@ -29,7 +29,7 @@ use std::sync::OnceLock;
 
 use vfiod_pci::{Holder, PciAddress, PciDevice, PciId, UsbDevice};
 
-pub use self::device::RESET_METHOD_UNKNOWN;
+pub use self::device::{RESET_METHOD_UNKNOWN, reset_method_file};
 use self::pci_ids::{PCI_IDS_PATHS, PciIds};
 use self::rooted::Rooted;
 use crate::facts::HostView;

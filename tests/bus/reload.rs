@@ -37,13 +37,6 @@ fn sighup_reloads_the_config_and_a_bad_one_is_refused() {
     let dir = TempDir::new();
     let config = z77_config(&dir);
     let rig = Rig::start(&machine("z77-rx580.toml"), &config);
-    let hup = |rig: &Rig| {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(rig.vfiod_pid().unwrap() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .unwrap()
-    };
     let wait_for = |rig: &Rig, what: &str, want: &dyn Fn(&str) -> bool| {
         let mut now = String::new();
         wait_until(what, Duration::from_secs(10), || {
@@ -56,7 +49,7 @@ fn sighup_reloads_the_config_and_a_bad_one_is_refused() {
 
     // A new profile appears, a removed one disappears.
     std::fs::write(&config, NEW_PROFILE).unwrap();
-    hup(&rig);
+    rig.hangup();
     let now = wait_for(&rig, "profile gpu-2 on the bus", &|p| p.contains("gpu_2d2"));
     assert!(!now.contains("rx580"), "{now}");
     let out = rig.busctl(&[
@@ -76,7 +69,7 @@ fn sighup_reloads_the_config_and_a_bad_one_is_refused() {
 
     // A bad file is refused with its line; the old config stays.
     std::fs::write(&config, BAD_CONFIG).unwrap();
-    hup(&rig);
+    rig.hangup();
     wait_until(
         "vfiod logging the refused configuration",
         Duration::from_secs(10),

@@ -44,11 +44,7 @@ fn reset_method_is_set_at_start_and_on_reload_and_shown_on_the_bus() {
     );
 
     std::fs::write(&config, config_text("bus")).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(rig.vfiod_pid().unwrap() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    rig.hangup();
     wait_until(
         "ResetMethod bus after the reload",
         Duration::from_secs(10),
@@ -124,11 +120,7 @@ fn the_early_claim_follows_the_config() {
         "{text}"
     );
     std::fs::write(&config, "[profiles.rx580]\ndevices = [\"01:00.0\"]\n").unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(rig.vfiod_pid().unwrap() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    rig.hangup();
     wait_until("the rule removed", Duration::from_secs(10), || {
         !rule.exists()
     });

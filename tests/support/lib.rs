@@ -347,6 +347,16 @@ impl Rig {
         self.vfiod.as_ref().map(Child::id)
     }
 
+    /// SIGHUP to vfiod, as `kill -HUP` would: a reload.
+    pub fn hangup(&self) {
+        let pid = self.vfiod_pid().expect("vfiod runs");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP to vfiod");
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path("vfiod.log")).unwrap_or_default()
     }

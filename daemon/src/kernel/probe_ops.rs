@@ -5,7 +5,9 @@
 
 use vfiod_pci::PciAddress;
 
-use super::{Kernel, KernelError, RESET_METHOD_UNKNOWN};
+use vfiod_host::sysfs::reset_method_file;
+
+use super::{Kernel, KernelError};
 
 /// The calls, with their arguments.
 pub const USAGE: &str = "reset-method ADDR | set-reset-method ADDR VALUE | live-id ADDR | reset ADDR | remove ADDR | rescan [BRIDGE] | present ADDR";
@@ -22,11 +24,9 @@ pub fn call(kernel: &dyn Kernel, op: &str, args: &[String]) -> Result<String, St
     let answer = match (op, args.len()) {
         ("reset-method", 1) => kernel.device(&address(0)?).map(|device| match device {
             None => "no device".to_owned(),
-            Some(d) if d.reset_methods.iter().any(|m| m == RESET_METHOD_UNKNOWN) => {
-                "no reset_method".to_owned()
+            Some(d) => {
+                reset_method_file(&d.reset_methods).unwrap_or_else(|| "no reset_method".to_owned())
             }
-            Some(d) if d.reset_methods.is_empty() => "no reset_method".to_owned(),
-            Some(d) => d.reset_methods.join(" "),
         }),
         ("set-reset-method", 2) => kernel
             .set_reset_method(&address(0)?, &args[1])

@@ -10,7 +10,7 @@ use vfiod_pci::{PciAddress, PciDevice, PciId};
 use crate::engine::Engine;
 use crate::kernel::{KernelError, VFIO_DRIVER};
 use vfiod_config::Config;
-use vfiod_host::sysfs::RESET_METHOD_UNKNOWN;
+use vfiod_host::sysfs::reset_method_file;
 
 /// How much of a device a refresh reads again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,14 +72,7 @@ impl FromEngine for DeviceProperties {
 
 /// `reset_method` as the bus shows it: empty when the kernel shows none.
 fn reset_method_shown(device: &PciDevice) -> String {
-    if device
-        .reset_methods
-        .iter()
-        .any(|m| m == RESET_METHOD_UNKNOWN)
-    {
-        return String::new();
-    }
-    device.reset_methods.join(" ")
+    reset_method_file(&device.reset_methods).unwrap_or_default()
 }
 
 /// One device read whole into `devices`, or dropped when it is gone.

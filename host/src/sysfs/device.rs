@@ -34,6 +34,15 @@ pub(super) fn live_id(tree: &Rooted, dir: &Path) -> KernelResult<Option<PciId>> 
     }
 }
 
+/// `reset_method` as the kernel shows it, from [`PciDevice::reset_methods`]:
+/// `None` when there is no such file (before 5.15, or no method at all).
+pub fn reset_method_file(methods: &[String]) -> Option<String> {
+    if methods.is_empty() || methods.iter().any(|m| m == RESET_METHOD_UNKNOWN) {
+        return None;
+    }
+    Some(methods.join(" "))
+}
+
 /// What [`PciDevice::reset_methods`] holds on kernels before 5.15, which
 /// have no `reset_method` file: a `reset` file says the function can be
 /// reset, not how.
