@@ -30,11 +30,18 @@
 #   k_start_vfiod        (re)starts vfiod and waits until it answers
 #                        (await_vfiod); VFIOD_PID
 #   k_put_back ADDR DRIVER   puts a device back on DRIVER by hand (cleanup)
+#   k_reload             vfiod --reload: SIGHUP and wait for vfiod's verdict
+#
+# vfiod reads $VFIOD_CONFIG, a copy of the lane's config that a scenario may
+# change and reload, as an admin does.
 
 HOSTVGA=0000:00:02.0 GPU=0000:01:00.0 AUD=0000:01:00.1 XHCI=0000:02:00.0
 LANE_DEVICES=("$HOSTVGA" "$GPU" "$AUD" "$XHCI")
 declare -A HOST_DRIVER=(["$HOSTVGA"]=bochs-drm ["$GPU"]=bochs-drm ["$AUD"]=snd_hda_intel ["$XHCI"]=xhci_hcd)
 PASSES=0 FAILS=0 XFAILS=0
+VFIOD_CONFIG=$WORK/vfiod.toml
+LANE_CONFIG=$(< "$LANE_DIR/vfiod.toml")
+printf '%s\n' "$LANE_CONFIG" > "$VFIOD_CONFIG"
 PROBLEMS=()
 
 pass() { echo "PASS: [$LANE_KIND] $*"; PASSES=$((PASSES + 1)); }
@@ -436,6 +443,36 @@ scenario_health() {
   all_home
 }
 
+# DESIGN §10: a reset_method the kernel refuses for every function of a
+# profile refuses its bind before anything moves, naming profile, device
+# and value; the reload that brought it in is accepted (it is the kernel,
+# not the file, that says no), and the function keeps its own methods.
+scenario_reset_refused() {
+  begin
+  # [profiles.usb] is the last table of the lane's config.
+  printf '%s\nreset_method = "flr"\n' "$LANE_CONFIG" > "$VFIOD_CONFIG"
+  k_reload > "$WORK/reload.out" 2>&1 || problem "vfiod --reload: $(< "$WORK/reload.out")"
+  want_kernel bus reset-method "$XHCI"
+  # The reload's error names the device as an address (the journal's VFIOD_DEVICE).
+  [[ $(< "$out/vfiod.log") == *"reset_method not set; binds of this profile will be refused device=$XHCI step="* ]] \
+    || problem "vfiod's log does not name device=$XHCI where the reload failed to set reset_method"
+  ctl bind usb
+  want_rc 1 Kernel "vfioctl bind usb with reset_method = \"flr\"" \
+    && want_said usb "$XHCI" '"flr"' "nothing was moved"
+  outcome reset_refused.bind
+  want_host "$XHCI"
+  want_cleared "$XHCI"
+  want_kernel bus reset-method "$XHCI"
+  printf '%s\n' "$LANE_CONFIG" > "$VFIOD_CONFIG"
+  k_reload > "$WORK/reload.out" 2>&1 || problem "vfiod --reload (back): $(< "$WORK/reload.out")"
+  ctl bind usb
+  want_rc 0 - "vfioctl bind usb after the reload back" && want_vfio "$XHCI"
+  ctl release usb
+  want_rc 0 - "vfioctl release usb" && want_host "$XHCI"
+  verdict "a profile's reset_method the kernel refuses ('flr' on the xHCI, which has 'bus'): the reload is accepted, the bind refused naming profile, device and value, nothing moved; the old config back, the bind works"
+  all_home
+}
+
 all_driverless_check() {
   begin
   local a
@@ -446,7 +483,7 @@ all_driverless_check() {
 
 # LANE_ONLY="busy hook ..." runs only those, in that order (for debugging;
 # a scenario_NAME function defined in the guest's env file runs too).
-LANE_SCENARIOS=(gpu_bind_release usb_both_ways boot_vga function0 busy behind_back hook sigkill health)
+LANE_SCENARIOS=(gpu_bind_release usb_both_ways boot_vga function0 busy behind_back hook sigkill health reset_refused)
 run_scenarios() {
   : > "$OUTCOMES"; : > "$OUTCOMES.doctor"
   scenario_check check.iommu

@@ -125,11 +125,12 @@ k_follow() {
   return $rc
 }
 k_start_vfiod() {
-  "$bin/vfiod" --machine "$MACHINE" --config "$LANE_DIR/vfiod.toml" --state-dir "$STATE_DIR" \
+  "$bin/vfiod" --machine "$MACHINE" --config "$VFIOD_CONFIG" --state-dir "$STATE_DIR" \
     2>> "$out/vfiod.log" &
   VFIOD_PID=$!
   await_vfiod 200 "vfiod --machine $MACHINE did not come up on the bus (see $out/vfiod.log)"
 }
+k_reload() { "$bin/vfiod" --reload "$VFIOD_PID" --state-dir "$STATE_DIR"; }
 k_put_back() { sim_call SetDriver ss "$1" "$2" > /dev/null; }
 stop_vfiod() { kill "$VFIOD_PID" 2>/dev/null; wait "$VFIOD_PID" 2>/dev/null; VFIOD_PID=; }
 

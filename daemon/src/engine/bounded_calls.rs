@@ -250,7 +250,10 @@ impl Engine {
             (address, outcome)
         });
         let outcome = settled.as_ref().map(|(_, o)| o.as_str()).unwrap_or("");
-        error!(device = ?device, step, answer, outcome, "a kernel call that timed out has returned; device settled");
+        error!(
+            device = device.map(tracing::field::display),
+            step, answer, outcome, "a kernel call that timed out has returned; device settled"
+        );
         let (still_stuck, close) = self.late_calls().answered(device, journal);
         if let Some(address) = device
             && !still_stuck

@@ -71,7 +71,7 @@ impl Engine {
                 .collect();
             if let Err(failure) = self.set_profile_reset_method(name, methods, &functions, &run) {
                 let why = failure.describe();
-                error!(device = ?failure.device, step = %failure.step, profile = %name, error = %why, "reset_method not set; binds of this profile will be refused");
+                error!(device = failure.device.map(tracing::field::display), step = %failure.step, profile = %name, error = %why, "reset_method not set; binds of this profile will be refused");
                 failed.push(why);
             }
         }

@@ -54,10 +54,11 @@ k_follow() {
   return $rc
 }
 k_start_vfiod() {
-  "$bin/vfiod" --config "$LANE_DIR/vfiod.toml" --state-dir /run/vfiod 2>> "$out/vfiod.log" &
+  "$bin/vfiod" --config "$VFIOD_CONFIG" --state-dir /run/vfiod 2>> "$out/vfiod.log" &
   VFIOD_PID=$!
   await_vfiod 300 "vfiod did not come up on the bus (see vfiod.log)"
 }
+k_reload() { "$bin/vfiod" --reload "$VFIOD_PID" --state-dir /run/vfiod; }
 
 # --- udev, the bus, vfiod ---
 dmesg -n 1
