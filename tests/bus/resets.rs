@@ -100,6 +100,33 @@ fn a_host_driver_that_lets_go_right_after_the_hand_back_is_reported() {
     );
 }
 
+/// Another tool moving the function right after the hand-back (libvirt's
+/// `managed='yes'` for a domain started at once: driver_override, unbind,
+/// probe) is not the host driver failing it.
+#[test]
+fn another_tool_taking_the_function_right_after_the_hand_back_is_not_a_failure() {
+    let rig = Rig::z77();
+    assert_exit(&rig.vfioctl(&["bind", "rx580"]), 0);
+    assert_exit(&rig.vfioctl(&["release", "rx580"]), 0);
+    assert_eq!(rig.device_property("01:00.0", "Health"), "ok");
+    for call in [
+        ["set-override", "2", "0000:01:00.0", "vfio-pci"].as_slice(),
+        &["unbind", "2", "0000:01:00.0", "amdgpu"],
+        &["probe", "1", "0000:01:00.0"],
+    ] {
+        rig.simulate("KernelCall", "sas", call);
+    }
+    wait_until("Driver vfio-pci", Duration::from_secs(10), || {
+        rig.device_property("01:00.0", "Driver") == "vfio-pci"
+    });
+    assert_ne!(rig.device_property("01:00.0", "Health"), "reset-failed");
+    assert!(
+        !rig.log().contains("did not come back healthy"),
+        "{}",
+        rig.log()
+    );
+}
+
 /// Early claim (DESIGN §10): a `boot = "vfio"` profile's udev rule is
 /// written as vfiod starts (for a simulated machine, under its state dir's
 /// `root`) and removed by a reload that drops the profile's boot.

@@ -36,10 +36,19 @@ impl Engine {
         }
     }
 
+    /// Whether `address` went back to its host driver moments ago (an
+    /// unbind now is for [`Self::host_driver_let_go`] to judge).
+    pub fn watching_hand_back(&self, address: &PciAddress) -> bool {
+        self.released_at()
+            .get(address)
+            .is_some_and(|at| at.elapsed() <= HAND_BACK_WATCH)
+    }
+
     /// A driver left `address` outside any move: when it is the host
     /// driver vfiod gave the function back to moments ago, the function
     /// did not come back healthy (a probe that failed late, a driver that
     /// gave up on it), and that is said, not left as done.
+    /// It reads `driver_override` (bounded): call it off the event loop.
     pub fn host_driver_let_go(&self, address: &PciAddress, driver: Option<&str>) {
         let released = self.released_at().get(address).copied();
         let Some(released) = released else {
@@ -55,6 +64,19 @@ impl Engine {
             return;
         }
         self.released_at().remove(address);
+        // A tool moving it on purpose (libvirt's managed='yes', driverctl)
+        // writes driver_override before it unbinds: not the driver failing.
+        let options = MoveOptions::default();
+        match self.read_override(*address, &Run::unnarrated(&options, None)) {
+            Ok(Some(to)) => {
+                info!(device = %address, driver_override = %to, "another tool is moving the function vfiod just gave back");
+                return;
+            }
+            Ok(None) => {}
+            Err(failure) => {
+                warn!(device = %address, error = %failure.describe(), "cannot tell whether another tool is moving the function")
+            }
+        }
         self.set_verdict(*address, Some(Health::ResetFailed));
         error!(
             device = %address,

@@ -39,6 +39,17 @@ pub fn call(kernel: &dyn Kernel, op: &str, args: &[String]) -> Result<String, St
         ("remove", 1) => kernel.remove(&address(0)?).map(|()| "ok".to_owned()),
         ("rescan", 0) => kernel.rescan(None).map(|()| "ok".to_owned()),
         ("rescan", 1) => kernel.rescan(Some(&address(0)?)).map(|()| "ok".to_owned()),
+        // Another tool's move (libvirt's managed='yes'): override, unbind, probe.
+        ("set-override", 2) => kernel
+            .set_driver_override(
+                &address(0)?,
+                Some(args[1].as_str()).filter(|d| !d.is_empty()),
+            )
+            .map(|()| "ok".to_owned()),
+        ("unbind", 2) => kernel
+            .unbind(&address(0)?, &args[1])
+            .map(|()| "ok".to_owned()),
+        ("probe", 1) => kernel.probe(&address(0)?).map(|()| "ok".to_owned()),
         ("present", 1) => kernel
             .device(&address(0)?)
             .map(|d| if d.is_some() { "yes" } else { "no" }.to_owned()),

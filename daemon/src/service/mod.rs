@@ -246,9 +246,16 @@ impl Service {
             if let MonitorEvent::Uevent(event) = event
                 && event.action == UeventAction::Unbind
                 && self.engine.activity(&event.address).is_none()
+                && self.engine.watching_hand_back(&event.address)
             {
-                self.engine
-                    .host_driver_let_go(&event.address, event.driver.as_deref());
+                let engine = self.engine.clone();
+                let (address, driver) = (event.address, event.driver.clone());
+                let judged = tokio::task::spawn_blocking(move || {
+                    engine.host_driver_let_go(&address, driver.as_deref())
+                });
+                if let Err(e) = judged.await {
+                    tracing::error!(device = %address, error = %e, "judging a host driver's unbind failed");
+                }
             }
         }
         let rereads = {
