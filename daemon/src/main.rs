@@ -86,7 +86,9 @@ async fn run(args: Args) -> Result<(), String> {
     {
         Some(machine) => {
             let sim = Arc::new(SimKernel::open(machine, &state_dir).map_err(|e| e.to_string())?);
-            let events = uevents::from_simulation(sim.subscribe());
+            let delay = sim.machine().machine.uevent_delay_ms.unwrap_or(0);
+            let events =
+                uevents::from_simulation(sim.subscribe(), std::time::Duration::from_millis(delay));
             sim.run_coldplug();
             info!(machine = %machine.display(), state_dir = %state_dir.display(), "running on a simulated kernel");
             (sim.clone(), Some(sim), events)

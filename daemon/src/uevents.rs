@@ -2,8 +2,10 @@
 //! a libudev monitor on the real host, the simulated kernel's own events on
 //! a simulated machine.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::mpsc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -12,16 +14,43 @@ use vfiod_pci::PciAddress;
 
 use vfiod::kernel::{MonitorEvent, Uevent, UeventAction};
 
-/// Events from the simulated kernel. A plain thread bridges its blocking
-/// channel into the async world; it ends when either side goes away.
-pub fn from_simulation(events: mpsc::Receiver<Uevent>) -> UnboundedReceiver<MonitorEvent> {
+/// Events from the simulated kernel, each `delay` after it was sent (a
+/// busy host's udev). A plain thread bridges its blocking channel into the
+/// async world; it ends when either side goes away.
+pub fn from_simulation(
+    events: mpsc::Receiver<Uevent>,
+    delay: Duration,
+) -> UnboundedReceiver<MonitorEvent> {
     let (tx, rx) = unbounded_channel();
     std::thread::Builder::new()
         .name("vfiod-sim-uevents".into())
         .spawn(move || {
-            while let Ok(event) = events.recv() {
-                if tx.send(MonitorEvent::Uevent(event)).is_err() {
-                    break;
+            let mut queued: VecDeque<(Instant, Uevent)> = VecDeque::new();
+            let due = |sent: Instant| (sent + delay).saturating_duration_since(Instant::now());
+            loop {
+                let received = match queued.front() {
+                    None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                    Some((sent, _)) => events.recv_timeout(due(*sent)),
+                };
+                match received {
+                    Ok(event) => queued.push_back((Instant::now(), event)),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        // The kernel is gone: what it sent still arrives, on time.
+                        for (sent, event) in queued.drain(..) {
+                            std::thread::sleep(due(sent));
+                            if tx.send(MonitorEvent::Uevent(event)).is_err() {
+                                break;
+                            }
+                        }
+                        return;
+                    }
+                }
+                while queued.front().is_some_and(|(sent, _)| due(*sent).is_zero()) {
+                    let (_, event) = queued.pop_front().expect("a due event");
+                    if tx.send(MonitorEvent::Uevent(event)).is_err() {
+                        return;
+                    }
                 }
             }
         })
@@ -140,7 +169,13 @@ fn to_uevent(event: &udev::Event) -> Option<Uevent> {
         _ => return None,
     };
     let address: PciAddress = event.sysname().to_str()?.parse().ok()?;
-    let driver = event.driver().and_then(|d| d.to_str()).map(str::to_string);
+    // The event's own DRIVER only: libudev's driver() falls back to the
+    // sysfs link as it is when the event is read, which for a late unbind
+    // names the driver bound since.
+    let driver = event
+        .property_value("DRIVER")
+        .and_then(|d| d.to_str())
+        .map(str::to_string);
     Some(Uevent {
         action,
         address,

@@ -203,6 +203,7 @@ pub fn snapshot(
                 ModuleLoading::Allowed
             },
             coldplug_ms: None,
+            uevent_delay_ms: None,
         },
         host: host_facts,
         devices,

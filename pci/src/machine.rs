@@ -49,6 +49,10 @@ pub struct MachineInfo {
     /// boots (`/run/udev/queue` exists meanwhile); absent: over at boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coldplug_ms: Option<u64>,
+    /// udev delivers each uevent this long after the kernel sent it, as on
+    /// a busy host (the lane's TCG guest: 1.2-1.8 s); absent: at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uevent_delay_ms: Option<u64>,
 }
 
 /// Whether the process (and the `modprobe` it runs) may load kernel

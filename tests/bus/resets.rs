@@ -100,6 +100,35 @@ fn a_host_driver_that_lets_go_right_after_the_hand_back_is_reported() {
     );
 }
 
+/// On a busy host udev delivers vfio-pci's unbind of the release after the
+/// host driver has bound (the lane's guest: 1.2-1.8 s late), and the
+/// kernel's unbind uevent names no driver: that is not the host driver
+/// letting go.
+#[test]
+fn a_late_unbind_uevent_of_the_release_is_not_the_host_driver_letting_go() {
+    let machine = std::fs::read_to_string(vfiod_tests::machine("z77-rx580.toml"))
+        .unwrap()
+        .replacen("[machine]\n", "[machine]\nuevent_delay_ms = 1500\n", 1);
+    let config = std::fs::read_to_string(vfiod_tests::machine("z77-rx580.vfiod.toml")).unwrap();
+    let rig = Rig::with_text(&machine, &config);
+    assert_exit(&rig.vfioctl(&["bind", "rx580"]), 0);
+    assert_exit(&rig.vfioctl(&["release", "rx580"]), 0);
+    // Events arrive in order: once a later one is seen, the release's are.
+    rig.simulate("SetDriver", "ss", &["0000:00:1b.0", ""]);
+    wait_until(
+        "00:1b.0 without a driver on the bus",
+        Duration::from_secs(10),
+        || rig.device_property("00:1b.0", "Driver").is_empty(),
+    );
+    assert_eq!(rig.device_property("01:00.0", "Health"), "ok");
+    assert_eq!(rig.device_property("01:00.1", "Health"), "ok");
+    assert!(
+        !rig.log().contains("did not come back healthy"),
+        "{}",
+        rig.log()
+    );
+}
+
 /// Another tool moving the function right after the hand-back (libvirt's
 /// `managed='yes'` for a domain started at once: driver_override, unbind,
 /// probe) is not the host driver failing it.

@@ -48,8 +48,13 @@ impl Engine {
     /// driver vfiod gave the function back to moments ago, the function
     /// did not come back healthy (a probe that failed late, a driver that
     /// gave up on it), and that is said, not left as done.
-    /// It reads `driver_override` (bounded): call it off the event loop.
-    pub fn host_driver_let_go(&self, address: &PciAddress, driver: Option<&str>) {
+    ///
+    /// The kernel's unbind uevent names no driver (it is sent once the
+    /// driver is gone) and comes late under load: vfio-pci's unbind of the
+    /// release itself may arrive after the host driver has bound. So the
+    /// function is judged as it is now, not by the event. Reads sysfs: call
+    /// it off the event loop.
+    pub fn host_driver_let_go(&self, address: &PciAddress) {
         let released = self.released_at().get(address).copied();
         let Some(released) = released else {
             return;
@@ -58,10 +63,15 @@ impl Engine {
             self.released_at().remove(address);
             return;
         }
-        // vfio-pci's own unbind (the release's, its uevent late), or an
-        // event that does not say: nothing to tell.
-        if driver.is_none_or(|d| d == VFIO_DRIVER) {
-            return;
+        match self.current_driver(*address) {
+            // Still on its host driver: the release's own unbind, late.
+            Ok(Some(driver)) if self.host_driver(address).is_none_or(|h| h == driver) => return,
+            // Someone else's driver now, or gone from the bus.
+            Ok(Some(_)) | Err(_) => {
+                self.released_at().remove(address);
+                return;
+            }
+            Ok(None) => {}
         }
         self.released_at().remove(address);
         // A tool moving it on purpose (libvirt's managed='yes', driverctl)
@@ -80,7 +90,7 @@ impl Engine {
         self.set_verdict(*address, Some(Health::ResetFailed));
         error!(
             device = %address,
-            driver = driver.unwrap_or("its host driver"),
+            driver = self.host_driver(address).unwrap_or_else(|| "its host driver".into()),
             after_ms = released.elapsed().as_millis() as u64,
             "the host driver let go of the function right after vfiod gave it back: it did not come back healthy from its VM"
         );

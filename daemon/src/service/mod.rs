@@ -249,10 +249,9 @@ impl Service {
                 && self.engine.watching_hand_back(&event.address)
             {
                 let engine = self.engine.clone();
-                let (address, driver) = (event.address, event.driver.clone());
-                let judged = tokio::task::spawn_blocking(move || {
-                    engine.host_driver_let_go(&address, driver.as_deref())
-                });
+                let address = event.address;
+                let judged =
+                    tokio::task::spawn_blocking(move || engine.host_driver_let_go(&address));
                 if let Err(e) = judged.await {
                     tracing::error!(device = %address, error = %e, "judging a host driver's unbind failed");
                 }

@@ -277,6 +277,7 @@ fn host_facts_are_written_only_when_known() {
             missing: Vec::new(),
             module_loading: Default::default(),
             coldplug_ms: None,
+            uevent_delay_ms: None,
         },
         host: Some(facts),
         devices: Vec::new(),

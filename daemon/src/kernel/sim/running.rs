@@ -223,11 +223,12 @@ impl RunningState {
                     .is_ok_and(|entry| !self.removal_waits(entry, driver))
             })
             .collect();
-        for (address, driver) in done {
+        for (address, _) in done {
             if let Some(dev) = self.present_mut(&address) {
                 dev.unbinding = None;
             }
-            events.push(uevent(UeventAction::Unbind, &address, Some(&driver)));
+            // As the kernel's: sent once the driver is gone, naming none.
+            events.push(uevent(UeventAction::Unbind, &address, None));
             if board
                 .entry(&address)
                 .is_ok_and(|entry| faults(entry).vanish == Some(VanishFault::Unbind))
@@ -343,10 +344,10 @@ impl RunningState {
     /// Unbinds at once; a pending removal ends with it (a hot-unplug).
     pub(super) fn unbind_device(&mut self, address: &PciAddress, events: &mut Vec<Uevent>) {
         if let Some(dev) = self.present_mut(address)
-            && let Some(old) = dev.driver.take().or_else(|| dev.unbinding.take())
+            && dev.driver.take().or_else(|| dev.unbinding.take()).is_some()
         {
             dev.hung = false;
-            events.push(uevent(UeventAction::Unbind, address, Some(&old)));
+            events.push(uevent(UeventAction::Unbind, address, None));
         }
     }
 

@@ -318,7 +318,7 @@ fn a_hanging_unbind_takes_the_link_and_holds_the_device_lock_until_it_ends() {
     while let Ok(event) = events.try_recv() {
         assert_ne!(
             event,
-            self::event(UeventAction::Unbind, GPU, Some("amdgpu")),
+            self::event(UeventAction::Unbind, GPU, None),
             "the unbind uevent comes when the removal ends"
         );
     }
@@ -334,7 +334,7 @@ fn a_hanging_unbind_takes_the_link_and_holds_the_device_lock_until_it_ends() {
     assert!(answers[1..].iter().all(|a| a == "Ok(())"), "{answers:?}");
     assert_eq!(
         events.recv().unwrap(),
-        event(UeventAction::Unbind, GPU, Some("amdgpu"))
+        event(UeventAction::Unbind, GPU, None)
     );
     assert!(!kernel.end_hang(&gpu).unwrap(), "nothing hangs any more");
 }
@@ -394,7 +394,7 @@ fn a_vanishing_device_leaves_the_bus_once_unbound_and_a_rescan_brings_it_back() 
     assert_eq!(
         events.try_iter().collect::<Vec<_>>(),
         [
-            event(UeventAction::Unbind, GPU, Some("amdgpu")),
+            event(UeventAction::Unbind, GPU, None),
             event(UeventAction::Remove, GPU, None)
         ]
     );

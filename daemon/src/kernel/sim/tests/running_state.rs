@@ -79,11 +79,11 @@ fn changes_behind_vfiods_back_are_announced() {
     assert_eq!(
         events.try_iter().collect::<Vec<_>>(),
         [
-            event(UeventAction::Unbind, AUDIO, Some("snd_hda_intel")),
+            event(UeventAction::Unbind, AUDIO, None),
             event(UeventAction::Bind, AUDIO, Some(VFIO_DRIVER)),
-            event(UeventAction::Unbind, AUDIO, Some(VFIO_DRIVER)),
+            event(UeventAction::Unbind, AUDIO, None),
             event(UeventAction::Bind, AUDIO, Some("pci-stub")),
-            event(UeventAction::Unbind, AUDIO, Some("pci-stub")),
+            event(UeventAction::Unbind, AUDIO, None),
         ]
     );
 
@@ -92,13 +92,13 @@ fn changes_behind_vfiods_back_are_announced() {
     assert_eq!(
         events.try_iter().collect::<Vec<_>>(),
         [
-            event(UeventAction::Unbind, "06:00.1", Some("snd_hda_intel")),
+            event(UeventAction::Unbind, "06:00.1", None),
             event(UeventAction::Remove, "06:00.1", None),
-            event(UeventAction::Unbind, "06:00.0", Some("radeon")),
+            event(UeventAction::Unbind, "06:00.0", None),
             event(UeventAction::Remove, "06:00.0", None),
             event(UeventAction::Remove, "05:00.0", None),
             event(UeventAction::Remove, "04:00.0", None),
-            event(UeventAction::Unbind, "00:1c.6", Some("pcieport")),
+            event(UeventAction::Unbind, "00:1c.6", None),
             event(UeventAction::Remove, "00:1c.6", None),
         ]
     );
@@ -139,7 +139,7 @@ fn uevents_reach_every_live_subscriber() {
 
     bind_vfio(&kernel, &addr(GPU)).unwrap();
     let expected = [
-        event(UeventAction::Unbind, GPU, Some("amdgpu")),
+        event(UeventAction::Unbind, GPU, None),
         event(UeventAction::Bind, GPU, Some(VFIO_DRIVER)),
     ];
     assert_eq!(first.try_iter().collect::<Vec<_>>(), expected);

@@ -40,7 +40,7 @@ fn unbinding_vfio_pci_waits_while_a_process_holds_the_group() {
     assert_eq!(driver_of(&kernel, GPU), None);
     assert_eq!(
         events.try_recv().unwrap(),
-        event(UeventAction::Unbind, GPU, Some(VFIO_DRIVER))
+        event(UeventAction::Unbind, GPU, None)
     );
 }
 
@@ -123,7 +123,7 @@ fn a_sound_driver_unbind_waits_for_the_cards_open_files_with_the_link_gone_at_on
     assert_eq!(driver_of(&kernel, LANE_AUDIO).as_deref(), Some(VFIO_DRIVER));
     assert_eq!(
         events.try_recv().unwrap(),
-        event(UeventAction::Unbind, LANE_AUDIO, Some("snd_hda_intel"))
+        event(UeventAction::Unbind, LANE_AUDIO, None)
     );
 }
 
@@ -200,7 +200,7 @@ fn a_waiting_unbind_outlives_its_killed_writer_and_ends_when_the_holder_goes() {
     );
     assert_eq!(
         events.try_recv().unwrap(),
-        event(UeventAction::Unbind, LANE_AUDIO, Some("snd_hda_intel"))
+        event(UeventAction::Unbind, LANE_AUDIO, None)
     );
     // Nobody probed: the device is left without a driver, as the real
     // kernel leaves it when the writer was killed.
