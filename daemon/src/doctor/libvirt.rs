@@ -179,7 +179,7 @@ fn managed(cx: &Context<'_>, out: &mut Findings) {
                 out.warn(
                     ID,
                     format!(
-                        "domain {} ({}) takes {} with managed='yes': libvirt detaches and reattaches it by itself, behind vfiod's back, and bus-resets it under its host driver. Set managed='no' (virsh edit {}) and let vfiod's hook move it",
+                        "domain {} ({}) takes {} with managed='yes': libvirt detaches and reattaches it by itself, behind vfiod's back, and bus-resets it under its host driver; once a managed='no' domain has used the device, libvirt leaves it on vfio-pci when this one stops. Set managed='no' (virsh edit {}) and let vfiod's hook move it",
                         cx.domain_name(domain),
                         cx.domain_file(domain),
                         hostdev.address,

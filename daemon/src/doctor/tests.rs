@@ -662,7 +662,8 @@ fn a_domain_taking_the_target_with_managed_yes_warns() {
     assert!(
         message.contains("old-win10")
             && message.contains("0000:01:00.1")
-            && message.contains("managed='no'"),
+            && message.contains("managed='no'")
+            && message.contains("leaves it on vfio-pci when this one stops"),
         "{message}"
     );
     // Its memory counts too: it uses the card.
