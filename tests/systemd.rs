@@ -433,7 +433,7 @@ fn vfiod_beside_a_journal(
     std::thread::spawn(move || {
         let mut buf = vec![0; 1 << 16];
         while let Ok(len) = journal.recv(&mut buf) {
-            // tracing-journald checks the socket with an empty datagram.
+            // vfiod checks the socket with an empty datagram.
             if len > 0 && tx.send(journal_fields(&buf[..len])).is_err() {
                 break;
             }
@@ -501,6 +501,23 @@ fn on_the_journal_stream_an_error_is_a_journal_error_with_its_device_step_and_ta
     assert_eq!(field("VFIOD_DEVICE"), "0000:01:00.1", "{error:?}");
     assert!(field("VFIOD_STEP").starts_with("unbind"), "{error:?}");
     assert_eq!(field("VFIOD_TARGET"), "rx580", "{error:?}");
+    assert_eq!(field("VFIOD_DIRECTION"), "bind", "{error:?}");
+    assert_eq!(field("VFIOD_TIMEOUT_MS"), "200", "{error:?}");
+    assert!(field("TARGET").starts_with("vfiod::"), "{error:?}");
+    assert!(field("CODE_FILE").ends_with(".rs"), "{error:?}");
+    assert!(field("CODE_LINE").parse::<u32>().is_ok(), "{error:?}");
+    assert_eq!(field("SPAN_NAME"), "move", "{error:?}");
+    // `journalctl -u vfiod` shows MESSAGE alone: it names the device, the
+    // step and the move as the text log does, the event's fields first.
+    let step = field("VFIOD_STEP");
+    assert_eq!(
+        field("MESSAGE"),
+        format!(
+            "{THE_ERROR}; device marked stuck device=0000:01:00.1 step=\"{step}\" \
+             timeout_ms=200 target=rx580 direction=bind"
+        ),
+        "{error:?}"
+    );
     // Nothing went to stderr as text.
     our_end.set_nonblocking(true).unwrap();
     let mut text = String::new();
@@ -537,9 +554,12 @@ fn with_another_stream_than_stderr_in_journal_stream_the_log_is_text_on_stderr()
         .find(|l| l.contains(THE_ERROR))
         .unwrap_or_else(|| panic!("no error line in {text}"));
     assert!(line.contains("ERROR"), "{line}");
-    assert!(line.contains("0000:01:00.1"), "{line}");
+    // As the journal's MESSAGE shows it: one-word values bare.
     assert!(
-        line.contains("target=rx580") || line.contains("target=\"rx580\""),
+        line.contains(&format!(
+            "move{{target=rx580 direction=bind}}: {THE_ERROR}; device marked stuck \
+             device=0000:01:00.1 step=\"unbind "
+        )),
         "{line}"
     );
     // And nothing was sent to the journal's socket.

@@ -1,16 +1,23 @@
 //! vfiod's logs: natively to journald when stderr is the journal, so an
 //! error is stored as one (`journalctl -p err` shows it) with the device,
-//! step and move target as fields; plain text on stderr otherwise.
+//! step and move target as fields; plain text on stderr otherwise. Both
+//! show a line as `message name=value ...` (fields.rs).
 
 use std::ffi::OsStr;
+
+use fields::TextFields;
+use journald::JournaldLayer;
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+pub mod fields;
+pub mod journald;
+
 /// The prefix of vfiod's own journal fields (`VFIOD_DEVICE`, `VFIOD_STEP`,
-/// `VFIOD_TARGET`, ...): tracing-journald writes the tracing target (the
-/// module) as `TARGET`, and a move's target must not be taken for it.
+/// `VFIOD_TARGET`, ...): the tracing target (the module) is the journal's
+/// `TARGET`, and a move's target must not be taken for it.
 pub const JOURNAL_FIELD_PREFIX: &str = "VFIOD";
 
 /// Whether stderr is the journal's stream: systemd sets `JOURNAL_STREAM`
@@ -39,12 +46,9 @@ pub fn init() {
     let stream = std::env::var_os("JOURNAL_STREAM");
     let to_journal =
         stderr_identity().is_some_and(|fd2| stderr_is_the_journal(stream.as_deref(), fd2));
-    let journald = to_journal.then(tracing_journald::layer);
+    let journald = to_journal.then(JournaldLayer::new);
     match journald {
         Some(Ok(layer)) => {
-            let layer = layer
-                .with_field_prefix(Some(JOURNAL_FIELD_PREFIX.into()))
-                .with_syslog_identifier("vfiod".into());
             tracing_subscriber::registry()
                 .with(filter())
                 .with(layer)
@@ -55,6 +59,7 @@ pub fn init() {
             // stamps each line itself.
             let under_systemd = to_journal;
             let text = tracing_subscriber::fmt::layer()
+                .fmt_fields(TextFields)
                 .with_writer(std::io::stderr)
                 .with_target(false)
                 .with_ansi(

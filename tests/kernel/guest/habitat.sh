@@ -221,15 +221,23 @@ native_journal() {
   while IFS= read -r line; do
     field _TRANSPORT "$line"
     case $REPLY in journal) native=$((native + 1)) ;; stdout) stream=$((stream + 1)) ;; esac
-    if [ -z "$move" ] && [[ $line == *'"MESSAGE":"move done"'* ]] && [[ $line == *'"VFIOD_TARGET":"gpu"'* ]]; then
+    if [ -z "$move" ] && [[ $line == *'"MESSAGE":"move done target=gpu '* ]] && [[ $line == *'"VFIOD_TARGET":"gpu"'* ]]; then
       move=$line; field PRIORITY "$line"; prio=$REPLY
     fi
   done < "$WORK/journal.json"
   [ -n "$move" ] || problem "no 'move done' entry with VFIOD_TARGET=gpu in journalctl -u vfiod"
-  # tracing-journald's priority for INFO is 5 (notice); a stream's line is 6.
+  # vfiod's priority for INFO is 5 (notice); a stream's line is 6.
   [ "$prio" = 5 ] || problem "'move done' has PRIORITY=$prio"
   [ $stream -eq 0 ] || problem "$stream entries came through the stderr stream (_TRANSPORT=stdout)"
-  verdict "vfiod logs natively under systemd (JOURNAL_STREAM matched): $native entries with _TRANSPORT=journal, none through the stderr stream; 'move done' has PRIORITY=5 and VFIOD_TARGET=gpu"
+  # What an admin reads: `journalctl -u vfiod` shows MESSAGE alone, which
+  # names the device, the step and the move.
+  local steps=()
+  while IFS= read -r line; do
+    [[ $line == *"vfiod["*"]: step device=$GPU step=\""*'" target=gpu direction='* ]] && steps+=("$line")
+  done < <(journalctl --no-pager -u vfiod -b 2>&1)
+  [ ${#steps[@]} -gt 0 ] || problem "journalctl -u vfiod shows no line 'step device=$GPU step=\"...\" target=gpu direction=...'"
+  for line in "${steps[@]:0:3}"; do note "journalctl -u vfiod: $line"; done
+  verdict "vfiod logs natively under systemd (JOURNAL_STREAM matched): $native entries with _TRANSPORT=journal, none through the stderr stream; 'move done' has PRIORITY=5 and VFIOD_TARGET=gpu; journalctl -u vfiod shows ${#steps[@]} lines 'step device=$GPU step=\"...\" target=gpu direction=...'"
 }
 
 dbus_activation() {
@@ -387,7 +395,7 @@ boot_vfio_with_slow_bochs() {
   while IFS= read -r line; do
     if [ -z "$bochs" ] && [[ $line == *'Initialized bochs-drm'*'0000:01:00.0'* ]]; then
       field __MONOTONIC_TIMESTAMP "$line"; bochs=$REPLY
-    elif [ -z "$bound" ] && [[ $line == *'"MESSAGE":"move planned"'* && $line == *'"VFIOD_TARGET":"gpu"'* ]]; then
+    elif [ -z "$bound" ] && [[ $line == *'"MESSAGE":"move planned target=gpu '* && $line == *'"VFIOD_TARGET":"gpu"'* ]]; then
       field __MONOTONIC_TIMESTAMP "$line"; bound=$REPLY
     fi
   done < "$WORK/journal.json"
