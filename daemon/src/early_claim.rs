@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tracing::{error, info, warn};
 use vfiod_config::{BootState, Config};
-use vfiod_pci::{PciAddress, PciDevice};
+use vfiod_pci::{PciAddress, PciDevice, PciId};
 
 use crate::engine::Engine;
 use crate::plan::complete_set;
@@ -118,6 +118,36 @@ fn rules(config: &Config, devices: &[PciDevice]) -> Vec<String> {
         }
     }
     rules
+}
+
+/// What udev writes to `driver_override` at the `add` of the function
+/// `address` with ids `id`, by rules as [`render`] writes them: the
+/// simulated kernel's udev reads the rule file with this.
+pub fn override_at_add(rules: &str, address: &PciAddress, id: &PciId) -> Option<String> {
+    let matches = |key: &str, value: &str| match key {
+        "ACTION" => value == "add",
+        "SUBSYSTEM" => value == "pci",
+        "KERNEL" => value == address.to_string(),
+        "ATTR{vendor}" => value == format!("0x{:04x}", id.vendor),
+        "ATTR{device}" => value == format!("0x{:04x}", id.device),
+        _ => false,
+    };
+    rules
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let mut written = None;
+            for part in line.split(", ") {
+                if let Some((key, value)) = part.split_once("==") {
+                    if !matches(key, value.trim_matches('"')) {
+                        return None;
+                    }
+                } else if let Some(value) = part.strip_prefix("ATTR{driver_override}=") {
+                    written = Some(value.trim_matches('"').to_string());
+                }
+            }
+            written
+        })
 }
 
 /// Writes `files` under `root`, each only when it differs, and removes the

@@ -121,3 +121,37 @@ fn the_files_go_when_no_profile_boots_on_vfio_any_more() {
     assert_eq!(synced.regenerate, ["dracut --regenerate-all --force"]);
     assert!(!root.0.join(UDEV_RULE).exists());
 }
+
+#[test]
+fn udev_reads_back_the_override_each_rule_writes() {
+    let (devices, config) = z77(
+        "[profiles.rx580]\ndevices = [\"01:00.0\"]\nboot = \"vfio\"\n[profiles.usb3]\nids = [\"1033:0194\"]\nboot = \"vfio\"\n",
+    );
+    let rule = &render(&config, &devices, Path::new("/nonexistent"))[0].text;
+    let id_of = |address: &str| {
+        let address: PciAddress = address.parse().unwrap();
+        let device = devices.iter().find(|d| d.address == address).unwrap();
+        (address, device.id)
+    };
+    for claimed in ["0000:01:00.0", "0000:01:00.1"] {
+        let (address, id) = id_of(claimed);
+        assert_eq!(
+            override_at_add(rule, &address, &id).as_deref(),
+            Some("vfio-pci"),
+            "{claimed}: {rule}"
+        );
+    }
+    // Another address with the GPU's ids: the rule names addresses.
+    let (_, gpu_id) = id_of("0000:01:00.0");
+    let elsewhere: PciAddress = "0000:05:00.0".parse().unwrap();
+    assert_eq!(override_at_add(rule, &elsewhere, &gpu_id), None);
+    // A card by id, wherever it is plugged in.
+    let usb = PciId {
+        vendor: 0x1033,
+        device: 0x0194,
+    };
+    assert_eq!(
+        override_at_add(rule, &elsewhere, &usb).as_deref(),
+        Some("vfio-pci")
+    );
+}
