@@ -2,9 +2,9 @@
 //! profile's functions to vfio-pci as they are found, before any host
 //! driver, in the initramfs too. As driverctl does, a udev rule sets
 //! `driver_override` at `add` (udev writes it before it loads the modules
-//! the device's modalias asks for) and loads vfio-pci; the initramfs
-//! generators present on the host (mkinitcpio, dracut, initramfs-tools)
-//! get the rule and the vfio modules. vfiod writes these files from its
+//! the device's modalias asks for), loads vfio-pci and probes the
+//! function; the initramfs generators present on the host (mkinitcpio,
+//! dracut, initramfs-tools) get the rule and the vfio modules. vfiod writes these files from its
 //! config when it starts and on reload, and removes them when no profile
 //! asks for it; the initramfs must then be regenerated, which vfiod says
 //! and leaves to the administrator.
@@ -92,7 +92,11 @@ pub fn render(config: &Config, devices: &[PciDevice], root: &Path) -> Vec<ClaimF
 /// in later.
 fn rules(config: &Config, devices: &[PciDevice]) -> Vec<String> {
     let mut rules = Vec::new();
-    let claim = "ATTR{driver_override}=\"vfio-pci\", RUN{builtin}+=\"kmod load vfio_pci\"";
+    // The override is written while udev handles the `add`, before any RUN
+    // (80-drivers.rules's module load among them). Loading vfio-pci probes
+    // the function; when it is loaded already nothing does, so the rule asks
+    // for the probe (a no-op for a function with a driver).
+    let claim = "ATTR{driver_override}=\"vfio-pci\", RUN{builtin}+=\"kmod load vfio_pci\", RUN+=\"/bin/sh -c 'echo %k > /sys/bus/pci/drivers_probe'\"";
     for (name, profile) in &config.profiles {
         if profile.boot != BootState::Vfio {
             continue;

@@ -155,3 +155,22 @@ fn udev_reads_back_the_override_each_rule_writes() {
         Some("vfio-pci")
     );
 }
+
+/// The kernel probed the function when it found it, long before udev's
+/// coldplug replays its `add`; vfio-pci may be loaded already (modules-load.d)
+/// and then its registration probes nothing: the rule must ask for the probe
+/// itself, or the function stays driverless until vfiod binds it (the
+/// systemd lane's boot 2 saw vfiod write the override and probe vfio-pci).
+#[test]
+fn each_claim_probes_the_function_once_its_override_is_written() {
+    let (devices, config) = z77(GPU_AT_BOOT);
+    let rule = &render(&config, &devices, Path::new("/nonexistent"))[0].text;
+    for line in rule.lines().filter(|l| l.starts_with("ACTION")) {
+        assert!(
+            line.ends_with(
+                ", ATTR{driver_override}=\"vfio-pci\", RUN{builtin}+=\"kmod load vfio_pci\", RUN+=\"/bin/sh -c 'echo %k > /sys/bus/pci/drivers_probe'\""
+            ),
+            "{line}"
+        );
+    }
+}
