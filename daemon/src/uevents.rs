@@ -140,7 +140,13 @@ fn to_uevent(event: &udev::Event) -> Option<Uevent> {
         _ => return None,
     };
     let address: PciAddress = event.sysname().to_str()?.parse().ok()?;
-    let driver = event.driver().and_then(|d| d.to_str()).map(str::to_string);
+    // The event's own DRIVER (what the kernel sent); not libudev's
+    // `driver()`, which reads the `driver` link when the event has none
+    // (an unbind never has): that is the driver bound when vfiod reads.
+    let driver = event
+        .property_value("DRIVER")
+        .and_then(|d| d.to_str())
+        .map(str::to_string);
     Some(Uevent {
         action,
         address,

@@ -123,3 +123,22 @@ fn dead_without_a_reset_method_it_goes_straight_to_the_rescan() {
     );
     assert!(!rig.sim.dead_probed().contains(&addr(GPU)));
 }
+
+/// The kernel's unbind uevent names no driver (`dev->driver` is gone when
+/// it is sent), and libudev then reads the `driver` link as it is when the
+/// event is read: after a release, vfio-pci's unbind comes with the host
+/// driver vfiod gave the function back to. Neither says who let go; the
+/// function's driver now does.
+#[test]
+fn an_unbind_uevent_is_judged_by_the_driver_the_function_has_now() {
+    let rig = Rig::z77_with(|t| t);
+    rig.bind("rx580").unwrap();
+    rig.release("rx580").unwrap();
+    // vfio-pci's unbind, read by libudev once amdgpu had the card.
+    rig.engine.host_driver_let_go(&addr(GPU), Some("amdgpu"));
+    assert_eq!(rig.engine.health(&addr(GPU), Some("amdgpu")), Health::Ok);
+    // amdgpu gives up on it: the uevent names no driver.
+    rig.sim.set_driver(&addr(GPU), None).unwrap();
+    rig.engine.host_driver_let_go(&addr(GPU), None);
+    assert_eq!(rig.engine.health(&addr(GPU), None), Health::ResetFailed);
+}

@@ -36,11 +36,15 @@ impl Engine {
         }
     }
 
-    /// A driver left `address` outside any move: when it is the host
-    /// driver vfiod gave the function back to moments ago, the function
-    /// did not come back healthy (a probe that failed late, a driver that
-    /// gave up on it), and that is said, not left as done.
-    pub fn host_driver_let_go(&self, address: &PciAddress, driver: Option<&str>) {
+    /// A driver left `address` outside any move (an unbind uevent): when
+    /// the function vfiod gave back to its host driver moments ago is now
+    /// without a driver, that driver let go of it; it did not come back
+    /// healthy (a probe that failed late, a driver that gave up on it), and
+    /// that is said, not left as done. The event's driver does not tell:
+    /// the kernel's unbind uevent names none, and libudev reads the
+    /// `driver` link when the event is read, so vfio-pci's unbind (the
+    /// release's, read late) comes naming the host driver it went to.
+    pub fn host_driver_let_go(&self, address: &PciAddress, event_driver: Option<&str>) {
         let released = self.released_at().get(address).copied();
         let Some(released) = released else {
             return;
@@ -49,16 +53,20 @@ impl Engine {
             self.released_at().remove(address);
             return;
         }
-        // vfio-pci's own unbind (the release's, its uevent late), or an
-        // event that does not say: nothing to tell.
-        if driver.is_none_or(|d| d == VFIO_DRIVER) {
+        // On a driver (its host driver still, or vfio-pci again): nothing
+        // let go of it; gone from the bus: its removal says so.
+        if !matches!(self.kernel.driver(address), Ok(None)) {
             return;
         }
         self.released_at().remove(address);
         self.set_verdict(*address, Some(Health::ResetFailed));
+        let host = self.host_driver(address);
         error!(
             device = %address,
-            driver = driver.unwrap_or("its host driver"),
+            driver = host
+                .as_deref()
+                .or(event_driver.filter(|d| *d != VFIO_DRIVER))
+                .unwrap_or("its host driver"),
             after_ms = released.elapsed().as_millis() as u64,
             "the host driver let go of the function right after vfiod gave it back: it did not come back healthy from its VM"
         );
