@@ -61,7 +61,9 @@ pub fn render(config: &Config, devices: &[PciDevice], root: &Path) -> Vec<ClaimF
     }];
     let rule = format!("/{UDEV_RULE}");
     let modules = VFIO_MODULES.join(" ");
-    if root.join("etc/mkinitcpio.conf.d").is_dir() || root.join("etc/mkinitcpio.conf").is_file() {
+    // mkinitcpio 36 and newer read (and ship) the drop-in directory; an
+    // older one would ignore a piece there.
+    if root.join("etc/mkinitcpio.conf.d").is_dir() {
         files.push(ClaimFile {
             path: MKINITCPIO,
             text: format!("{header}MODULES+=({modules})\nFILES+=({rule})\n"),

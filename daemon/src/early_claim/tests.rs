@@ -174,3 +174,18 @@ fn each_claim_probes_the_function_once_its_override_is_written() {
         );
     }
 }
+
+/// mkinitcpio reads drop-ins from /etc/mkinitcpio.conf.d since version 36,
+/// which ships the directory; an older one (only /etc/mkinitcpio.conf)
+/// would never read the piece, and under the unit the directory could not
+/// be made anyway (ReadWritePaths= skips what is absent, /etc is read-only).
+#[test]
+fn mkinitcpio_gets_its_piece_only_where_it_reads_drop_ins() {
+    let (devices, config) = z77(GPU_AT_BOOT);
+    let root = TempDir::new();
+    std::fs::create_dir_all(root.0.join("etc")).unwrap();
+    std::fs::write(root.0.join("etc/mkinitcpio.conf"), "HOOKS=(base udev)\n").unwrap();
+    let files = render(&config, &devices, &root.0);
+    let paths: Vec<&str> = files.iter().map(|f| f.path).collect();
+    assert_eq!(paths, [UDEV_RULE]);
+}
