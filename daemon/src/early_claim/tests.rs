@@ -189,3 +189,44 @@ fn mkinitcpio_gets_its_piece_only_where_it_reads_drop_ins() {
     let paths: Vec<&str> = files.iter().map(|f| f.path).collect();
     assert_eq!(paths, [UDEV_RULE]);
 }
+
+/// mkinitcpio and dracut source their drop-ins with bash, after the main
+/// file: what the pieces add is what bash reads from them.
+#[test]
+fn mkinitcpio_and_dracut_read_the_modules_and_the_rule_from_their_pieces() {
+    let (devices, config) = z77(GPU_AT_BOOT);
+    let root = TempDir::new();
+    for dir in ["etc/mkinitcpio.conf.d", "etc/dracut.conf.d"] {
+        std::fs::create_dir_all(root.0.join(dir)).unwrap();
+    }
+    sync(&root.0, &render(&config, &devices, &root.0)).unwrap();
+    let read = |setup: &str, piece: &str, show: &str| {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!("set -e; {setup}; . \"$1\"; {show}"))
+            .arg("bash")
+            .arg(root.0.join(piece))
+            .output()
+            .expect("bash runs");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let rule = format!("/{UDEV_RULE}");
+    assert_eq!(
+        read(
+            "MODULES=(ext4) FILES=()",
+            MKINITCPIO,
+            "echo \"${MODULES[*]}|${FILES[*]}\""
+        ),
+        format!("ext4 vfio_pci vfio vfio_iommu_type1|{rule}\n")
+    );
+    let dracut = read(
+        "force_drivers=' nvme ' install_items=''",
+        DRACUT,
+        "echo $force_drivers; echo $install_items",
+    );
+    assert_eq!(
+        dracut,
+        format!("nvme vfio_pci vfio vfio_iommu_type1\n{rule}\n")
+    );
+}
