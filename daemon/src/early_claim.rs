@@ -2,9 +2,9 @@
 //! profile's functions to vfio-pci as they are found, before any host
 //! driver, in the initramfs too. As driverctl does, a udev rule sets
 //! `driver_override` at `add` (udev writes it before it loads the modules
-//! the device's modalias asks for) and loads vfio-pci; the initramfs
-//! generators present on the host (mkinitcpio, dracut, initramfs-tools)
-//! get the rule and the vfio modules. vfiod writes these files from its
+//! the device's modalias asks for), loads vfio-pci and probes the
+//! function; the initramfs generators present on the host (mkinitcpio,
+//! dracut, initramfs-tools) get the rule and the vfio modules. vfiod writes these files from its
 //! config when it starts and on reload, and removes them when no profile
 //! asks for it; the initramfs must then be regenerated, which vfiod says
 //! and leaves to the administrator.
@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tracing::{error, info, warn};
 use vfiod_config::{BootState, Config};
-use vfiod_pci::{PciAddress, PciDevice};
+use vfiod_pci::{PciAddress, PciDevice, PciId};
 
 use crate::engine::Engine;
 use crate::plan::complete_set;
@@ -61,7 +61,9 @@ pub fn render(config: &Config, devices: &[PciDevice], root: &Path) -> Vec<ClaimF
     }];
     let rule = format!("/{UDEV_RULE}");
     let modules = VFIO_MODULES.join(" ");
-    if root.join("etc/mkinitcpio.conf.d").is_dir() || root.join("etc/mkinitcpio.conf").is_file() {
+    // mkinitcpio 36 and newer read (and ship) the drop-in directory; an
+    // older one would ignore a piece there.
+    if root.join("etc/mkinitcpio.conf.d").is_dir() {
         files.push(ClaimFile {
             path: MKINITCPIO,
             text: format!("{header}MODULES+=({modules})\nFILES+=({rule})\n"),
@@ -92,7 +94,11 @@ pub fn render(config: &Config, devices: &[PciDevice], root: &Path) -> Vec<ClaimF
 /// in later.
 fn rules(config: &Config, devices: &[PciDevice]) -> Vec<String> {
     let mut rules = Vec::new();
-    let claim = "ATTR{driver_override}=\"vfio-pci\", RUN{builtin}+=\"kmod load vfio_pci\"";
+    // The override is written while udev handles the `add`, before any RUN
+    // (80-drivers.rules's module load among them). Loading vfio-pci probes
+    // the function; when it is loaded already nothing does, so the rule asks
+    // for the probe (a no-op for a function with a driver).
+    let claim = "ATTR{driver_override}=\"vfio-pci\", RUN{builtin}+=\"kmod load vfio_pci\", RUN+=\"/bin/sh -c 'echo %k > /sys/bus/pci/drivers_probe'\"";
     for (name, profile) in &config.profiles {
         if profile.boot != BootState::Vfio {
             continue;
@@ -118,6 +124,36 @@ fn rules(config: &Config, devices: &[PciDevice]) -> Vec<String> {
         }
     }
     rules
+}
+
+/// What udev writes to `driver_override` at the `add` of the function
+/// `address` with ids `id`, by rules as [`render`] writes them: the
+/// simulated kernel's udev reads the rule file with this.
+pub fn override_at_add(rules: &str, address: &PciAddress, id: &PciId) -> Option<String> {
+    let matches = |key: &str, value: &str| match key {
+        "ACTION" => value == "add",
+        "SUBSYSTEM" => value == "pci",
+        "KERNEL" => value == address.to_string(),
+        "ATTR{vendor}" => value == format!("0x{:04x}", id.vendor),
+        "ATTR{device}" => value == format!("0x{:04x}", id.device),
+        _ => false,
+    };
+    rules
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let mut written = None;
+            for part in line.split(", ") {
+                if let Some((key, value)) = part.split_once("==") {
+                    if !matches(key, value.trim_matches('"')) {
+                        return None;
+                    }
+                } else if let Some(value) = part.strip_prefix("ATTR{driver_override}=") {
+                    written = Some(value.trim_matches('"').to_string());
+                }
+            }
+            written
+        })
 }
 
 /// Writes `files` under `root`, each only when it differs, and removes the

@@ -28,7 +28,9 @@ pub enum UeventAction {
 pub struct Uevent {
     pub action: UeventAction,
     pub address: PciAddress,
-    /// The driver bound (for `Bind`) or left (for `Unbind`), when known.
+    /// The driver the event names: the one bound, for `Bind`; the kernel
+    /// names none for `Unbind` (the driver is gone when it is sent; the
+    /// simulated kernel names the one that left).
     pub driver: Option<String>,
 }
 

@@ -4,9 +4,13 @@
 
 mod common;
 
-use common::{Rig, addr, with_fault};
+use std::time::Duration;
+
+use common::{Rig, addr, wait_until, with_fault};
+use vfiod::early_claim;
 use vfiod::engine::Health;
-use vfiod::kernel::Inspect;
+use vfiod::kernel::{Inspect, Kernel};
+use vfiod_config::Config;
 use vfiod_dbus::Error;
 
 const GPU: &str = "0000:01:00.0";
@@ -46,6 +50,31 @@ fn the_rx580_comes_back_after_a_remove_and_rescan() {
     // And it moves again.
     rig.bind("rx580").unwrap();
     assert_eq!(rig.driver(GPU).as_deref(), Some("vfio-pci"));
+}
+
+/// A release is the user's word: the function revived by a remove and a
+/// rescan is added again, and the early claim's udev rule (rx580 with
+/// `boot = "vfio"`) writes `driver_override` at that add, after the
+/// kernel gave it its host driver; the release must not leave that
+/// override behind for the next probe to send it back to vfio-pci.
+#[test]
+fn a_function_revived_by_a_rescan_is_not_claimed_again_by_the_early_claim_rule() {
+    let rig = dead_gpu("dead = \"until-rescan\"");
+    let config = Config::parse(
+        "[profiles.rx580]\ndevices = [\"01:00.0\"]\nboot = \"vfio\"\n",
+        std::path::Path::new("vfiod.toml"),
+    )
+    .unwrap();
+    let root = early_claim::root_for(true, &rig.dir.0.join("state"));
+    let files = early_claim::render(&config, &rig.devices(), &root);
+    early_claim::sync(&root, &files).unwrap();
+    rig.release("rx580").unwrap();
+    wait_until("udev's queue is empty", Duration::from_secs(5), || {
+        !rig.sim.udev_busy()
+    });
+    assert_eq!(rig.driver(GPU).as_deref(), Some("amdgpu"));
+    assert_eq!(rig.overrides(GPU), None, "the rule claimed it again");
+    nothing_probed_dead(&rig);
 }
 
 #[test]
@@ -93,4 +122,23 @@ fn dead_without_a_reset_method_it_goes_straight_to_the_rescan() {
         "{message}"
     );
     assert!(!rig.sim.dead_probed().contains(&addr(GPU)));
+}
+
+/// The kernel's unbind uevent names no driver (`dev->driver` is gone when
+/// it is sent), and libudev then reads the `driver` link as it is when the
+/// event is read: after a release, vfio-pci's unbind comes with the host
+/// driver vfiod gave the function back to. Neither says who let go; the
+/// function's driver now does.
+#[test]
+fn an_unbind_uevent_is_judged_by_the_driver_the_function_has_now() {
+    let rig = Rig::z77_with(|t| t);
+    rig.bind("rx580").unwrap();
+    rig.release("rx580").unwrap();
+    // vfio-pci's unbind, read by libudev once amdgpu had the card.
+    rig.engine.host_driver_let_go(&addr(GPU));
+    assert_eq!(rig.engine.health(&addr(GPU), Some("amdgpu")), Health::Ok);
+    // amdgpu gives up on it: the uevent names no driver.
+    rig.sim.set_driver(&addr(GPU), None).unwrap();
+    rig.engine.host_driver_let_go(&addr(GPU));
+    assert_eq!(rig.engine.health(&addr(GPU), None), Health::ResetFailed);
 }

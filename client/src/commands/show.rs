@@ -2,6 +2,7 @@
 
 use serde_json::{Value, json};
 use vfiod_dbus::{DeviceHealth, DeviceState};
+use vfiod_host::VFIO_DRIVER;
 use vfiod_pci::PciAddress;
 
 use crate::bus::Bus;
@@ -212,7 +213,11 @@ fn device_detail_human(d: &DeviceView, objects: &Objects) -> String {
             "none".into()
         },
     );
-    let host = if d.host_driver.is_empty() || d.host_driver == d.driver {
+    let host = if d.host_driver.is_empty() && d.driver == VFIO_DRIVER {
+        // Taken at add (the early claim, an `ids=` option) or before vfiod
+        // started: no host driver was seen, the kernel picks one at release.
+        " (host driver unknown)".to_string()
+    } else if d.host_driver.is_empty() || d.host_driver == d.driver {
         String::new()
     } else {
         format!(" (host driver {})", d.host_driver)
@@ -318,6 +323,17 @@ mod tests {
         );
         // On its host driver: not listed.
         assert!(!summary.contains("0000:04:00.0"), "{summary}");
+    }
+
+    #[test]
+    fn a_device_claimed_before_any_host_driver_says_its_host_driver_is_unknown() {
+        let mut o = sample();
+        o.devices[0].properties.host_driver = String::new();
+        let text = device_detail_human(&o.devices[0], &o);
+        assert!(
+            text.contains("driver:      vfio-pci (host driver unknown)"),
+            "{text}"
+        );
     }
 
     #[test]

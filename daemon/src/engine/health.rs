@@ -277,6 +277,25 @@ impl Engine {
             move |k| k.rescan(parent.as_ref()),
             |_| Ok(()),
         )?;
+        self.wait_for_udev_after_rescan(address, run)?;
         self.read_device(address, run)
+    }
+
+    /// The rescan added the function again, and udevd handles that add
+    /// after the kernel has probed it: a `boot = "vfio"` profile's early
+    /// claim rule writes `driver_override` then. This is a release, which
+    /// the user asked for: the rule must not claim the function again
+    /// behind it, so the release waits for udev (bounded as a write is)
+    /// and clears what the rule wrote before giving the function back.
+    fn wait_for_udev_after_rescan(&self, address: PciAddress, run: &Run) -> Result<(), Failure> {
+        let limit = self.write_limit(run).map_err(|cause| Failure {
+            device: Some(address),
+            step: "wait for udev".into(),
+            cause,
+        })?;
+        if !crate::boot::wait_for_udev(&*self.kernel, limit) {
+            warn!(device = %address, step = "wait for udev", waited_ms = limit.as_millis() as u64, "udev's queue is still busy after the rescan: a udev rule may still write the function's driver_override");
+        }
+        Ok(())
     }
 }

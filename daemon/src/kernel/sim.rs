@@ -100,6 +100,9 @@ pub enum SimError {
 pub struct SimKernel {
     board: Board,
     state_file: PathBuf,
+    /// vfiod's early-claim udev rule for this machine (its root in the
+    /// state dir): the simulated udevd applies it to each function added.
+    claim_rule: PathBuf,
     inner: Mutex<Inner>,
     /// Woken after every change, for writers and readers that wait on one
     /// (a waiting unbind, and whatever needs the device lock it holds).
@@ -167,6 +170,8 @@ impl SimKernel {
         Ok(SimKernel {
             board,
             state_file,
+            claim_rule: crate::early_claim::root_for(true, state_dir)
+                .join(crate::early_claim::UDEV_RULE),
             inner: Mutex::new(Inner {
                 state,
                 subscribers: Vec::new(),

@@ -164,6 +164,7 @@ impl Board {
             dead_probed: Vec::new(),
             coldplug_until_ms: (coldplug_ms > 0).then(|| now_ms() + coldplug_ms),
             late,
+            udev_overrides: BTreeMap::new(),
         }
     }
 }

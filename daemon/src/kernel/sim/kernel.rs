@@ -296,7 +296,24 @@ impl Kernel for SimKernel {
     }
 
     fn rescan(&self, parent: Option<&PciAddress>) -> KernelResult<()> {
-        let result = self.transact(|board, state, events| state.rescan(board, parent, events));
+        // udevd reads its rules when the events come.
+        let rules = std::fs::read_to_string(&self.claim_rule).unwrap_or_default();
+        let result = self.transact(|board, state, events| {
+            let before = events.len();
+            state.rescan(board, parent, events)?;
+            let added: Vec<PciAddress> = events[before..]
+                .iter()
+                .filter(|e| e.action == UeventAction::Add)
+                .map(|e| e.address)
+                .collect();
+            for address in added {
+                let id = board.entry(&address)?.id;
+                if let Some(driver) = crate::early_claim::override_at_add(&rules, &address, &id) {
+                    state.udev_writes_override(address, driver, now_ms());
+                }
+            }
+            Ok(())
+        });
         self.count_write();
         result
     }

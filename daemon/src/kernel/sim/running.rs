@@ -1,5 +1,8 @@
 use super::*;
 
+/// How long udevd takes to handle one add event (its rules, its writes).
+const UDEV_EVENT_MS: u64 = 50;
+
 /// The machine as it runs; this is what the state file holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +31,11 @@ pub(super) struct RunningState {
     /// Devices whose `late_driver` has not bound yet.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub(super) late: BTreeSet<PciAddress>,
+    /// `driver_override` writes of udev rules for functions just added (a
+    /// rescan), done when udev's queue empties: the kernel has probed the
+    /// function by then, udevd comes after.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(super) udev_overrides: BTreeMap<PciAddress, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +117,19 @@ impl RunningState {
         self.coldplug_until_ms.is_some_and(|end| now_ms < end)
     }
 
+    /// A udev rule writes `driver_override` of a function just added: udev's
+    /// queue is busy until udevd has handled the event.
+    pub(super) fn udev_writes_override(
+        &mut self,
+        address: PciAddress,
+        driver: String,
+        now_ms: u64,
+    ) {
+        self.udev_overrides.insert(address, driver);
+        let end = now_ms + UDEV_EVENT_MS;
+        self.coldplug_until_ms = Some(self.coldplug_until_ms.map_or(end, |e| e.max(end)));
+    }
+
     /// The coldplug reaches `address`: its late driver binds now, unless
     /// the device has a driver or an override naming another one.
     pub(super) fn coldplug_reaches(
@@ -136,6 +157,11 @@ impl RunningState {
     /// The coldplug is over: every late driver still to come binds.
     pub(super) fn end_coldplug(&mut self, board: &Board, events: &mut Vec<Uevent>) {
         self.coldplug_until_ms = None;
+        for (address, driver) in std::mem::take(&mut self.udev_overrides) {
+            if let Some(dev) = self.present_mut(&address) {
+                dev.driver_override = Some(driver);
+            }
+        }
         let late: Vec<PciAddress> = self.late.iter().copied().collect();
         for address in late {
             self.coldplug_reaches(board, &address, events);
