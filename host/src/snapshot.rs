@@ -205,6 +205,7 @@ pub fn snapshot(
             coldplug_ms: None,
         },
         host: host_facts,
+        display: None,
         devices,
     };
     Ok((machine, warnings))

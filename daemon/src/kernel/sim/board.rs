@@ -160,10 +160,12 @@ impl Board {
             holders: self
                 .entries()
                 .flat_map(|entry| entry.holders.iter().cloned())
+                .chain(self.manager_holders_at_boot())
                 .collect(),
             dead_probed: Vec::new(),
             coldplug_until_ms: (coldplug_ms > 0).then(|| now_ms() + coldplug_ms),
             late,
+            display: DisplayState::default(),
         }
     }
 }

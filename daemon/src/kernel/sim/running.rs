@@ -28,6 +28,10 @@ pub(super) struct RunningState {
     /// Devices whose `late_driver` has not bound yet.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub(super) late: BTreeSet<PciAddress>,
+    /// vtconsoles, framebuffers and the display manager, as changed
+    /// since boot.
+    #[serde(default, skip_serializing_if = "DisplayState::is_boot")]
+    pub(super) display: DisplayState,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,6 +293,8 @@ impl RunningState {
                 && board.iommu_enabled()
                 && !is_pci_bridge(entry.class)
                 && faults.probe != Some(ProbeFault::Fail)
+                // A firmware framebuffer keeps its BAR reserved.
+                && !self.framebuffer_on(board, &entry.address)
         } else {
             self.registered(board, candidate)
         };
