@@ -108,14 +108,35 @@ async fn manager<'a>(connection: &Connection) -> Result<Proxy<'a>, UnitError> {
     proxy(connection, path, MANAGER).await
 }
 
+/// The bus has no systemd on it (a private bus, a host without systemd):
+/// then no unit is a display manager.
+fn no_systemd(e: &zbus::Error) -> bool {
+    const NO_ONE: [&str; 2] = [
+        "org.freedesktop.DBus.Error.ServiceUnknown",
+        "org.freedesktop.DBus.Error.NameHasNoOwner",
+    ];
+    match e {
+        zbus::Error::MethodError(name, _, _) => NO_ONE.contains(&name.as_str()),
+        zbus::Error::FDO(e) => matches!(
+            **e,
+            zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_)
+        ),
+        _ => false,
+    }
+}
+
 async fn status(connection: &Connection) -> Result<Option<UnitStatus>, UnitError> {
     let manager = manager(connection).await?;
     // LoadUnit answers for an alias with the unit it names; a name that
     // names nothing loads as `not-found`.
-    let path: OwnedObjectPath = manager
-        .call("LoadUnit", &(DISPLAY_MANAGER,))
-        .await
-        .map_err(bus_error)?;
+    let path: OwnedObjectPath = match manager.call("LoadUnit", &(DISPLAY_MANAGER,)).await {
+        Ok(path) => path,
+        Err(e) if no_systemd(&e) => {
+            tracing::info!(error = %e, "systemd is not on the system bus: no display manager to stop");
+            return Ok(None);
+        }
+        Err(e) => return Err(bus_error(e)),
+    };
     let unit = proxy(connection, path, UNIT).await?;
     let load_state: String = unit.get_property("LoadState").await.map_err(bus_error)?;
     if load_state != "loaded" {

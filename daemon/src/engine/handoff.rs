@@ -417,6 +417,9 @@ impl Engine {
         let consoles = self.kernel.vtconsoles().unwrap_or_default();
         for name in handoff.vtconsoles.iter().rev() {
             if consoles.iter().any(|vt| &vt.name == name && vt.bound) {
+                // fbcon takes a framebuffer that registers (the GPU's
+                // driver back): the kernel rebound it already.
+                info!(device = %gpu, step = %format!("bind fbcon to {name}"), "fbcon is back on {name} already");
                 continue;
             }
             if let Err(failure) = self.vtconsole_step(gpu, name, true, run) {
