@@ -231,7 +231,7 @@ impl Engine {
             .map_err(fail)?;
         answer.map_err(|e| {
             fail(match e {
-                UnitError::Timeout { within, .. } => StepFailure::Timeout { after: within },
+                UnitError::Timeout { .. } => StepFailure::NotInTime(e.to_string()),
                 other => StepFailure::Unexpected(other.to_string()),
             })
         })
@@ -359,10 +359,10 @@ impl Engine {
                     .iter()
                     .map(|h| format!("{} (pid {}) holds {}", h.comm, h.pid, h.node.display()))
                     .collect();
-                return Err(fail(StepFailure::Kernel(KernelError::io(
-                    "wait for",
-                    format!("{} ms: {}", limit.as_millis(), named.join(", ")),
-                    std::io::Error::from_raw_os_error(nix::libc::EBUSY),
+                return Err(fail(StepFailure::Held(format!(
+                    "still held after {} ms: {}",
+                    limit.as_millis(),
+                    named.join(", ")
                 ))));
             }
             std::thread::sleep(HOLDERS_POLL);
