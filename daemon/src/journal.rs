@@ -273,4 +273,49 @@ mod tests {
         assert_ne!(b, c, "an open move's id is never given again");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A handoff's record outlives vfiod in the same boot, changes part by
+    /// part, ends; another boot has the display back and drops it.
+    #[test]
+    fn handoffs_are_kept_in_a_boot_and_dropped_after_a_reboot() {
+        let template = std::env::temp_dir().join("vfiod-journal-XXXXXX");
+        let dir = nix::unistd::mkdtemp(&template).unwrap();
+        let gpu: PciAddress = "0000:09:00.0".parse().unwrap();
+        let (journal, _) = Journal::open(&dir, "boot").unwrap();
+        journal
+            .record_handoff(Handoff {
+                devices: vec![gpu],
+                phase: HandoffPhase::Taking,
+                manager: None,
+                vtconsoles: Vec::new(),
+                framebuffers: Vec::new(),
+            })
+            .unwrap();
+        journal
+            .update_handoff(&[gpu], |h| h.manager = Some("sddm.service".into()))
+            .unwrap();
+        drop(journal);
+        let (journal, _) = Journal::open(&dir, "boot").unwrap();
+        let kept = journal.handoffs();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].manager.as_deref(), Some("sddm.service"));
+        assert_eq!(kept[0].phase, HandoffPhase::Taking);
+        drop(journal);
+        let (journal, _) = Journal::open(&dir, "another boot").unwrap();
+        assert!(journal.handoffs().is_empty());
+        journal
+            .record_handoff(Handoff {
+                devices: vec![gpu],
+                phase: HandoffPhase::Given,
+                manager: None,
+                vtconsoles: vec!["vtcon1".into()],
+                framebuffers: Vec::new(),
+            })
+            .unwrap();
+        journal.end_handoff(&[gpu]).unwrap();
+        drop(journal);
+        let (journal, _) = Journal::open(&dir, "another boot").unwrap();
+        assert!(journal.handoffs().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
