@@ -1,4 +1,6 @@
-//! Crash safety of the single-GPU handoff (DESIGN §10): vfiod is killed
+//! The single-GPU handoff (DESIGN §10) with the real vfiod on a private
+//! bus: what it says of a handoff that has nothing to take, and its crash
+//! safety. Crash safety: vfiod is killed
 //! (SIGKILL) right after each write of a handoff bind (the display
 //! manager's stop, fbcon's and the EFI framebuffer's unbinds, the move)
 //! and of its release (the move, the framebuffer's and fbcon's binds, the
@@ -100,4 +102,35 @@ fn every_step_of_a_handoff_and_its_giving_back_survives_a_kill() {
     // the two functions; the release the other way round.
     assert_eq!(bind_points, 9);
     assert_eq!(release_points, 9);
+}
+
+/// `handoff = true` on a profile whose GPU shows nothing (the z77's RX 580:
+/// the desktop is on the HD 4000) is a no-op, said once when the config is
+/// loaded, and again at each reload; the single GPU's is not.
+#[test]
+fn a_handoff_that_takes_nothing_is_said_once_at_load() {
+    let text = |name: &str| std::fs::read_to_string(vfiod_tests::machine(name)).unwrap();
+    let config = text("z77-rx580.vfiod.toml")
+        .replace("vms = [\"win10\"]\n", "vms = [\"win10\"]\nhandoff = true\n");
+    assert!(config.contains("handoff = true"));
+    let rig = Rig::with_text(&text("z77-rx580.toml"), &config);
+    let said = "handoff = true does nothing for this profile";
+    let count = |rig: &Rig| rig.log().matches(said).count();
+    wait_until(
+        "the load's word on the handoff",
+        Duration::from_secs(10),
+        || count(&rig) > 0,
+    );
+    assert_eq!(count(&rig), 2, "rx580 and usb3: {}", rig.log());
+    assert!(rig.log().contains("profile=rx580"), "{}", rig.log());
+    rig.hangup();
+    wait_until(
+        "the reload's word on the handoff",
+        Duration::from_secs(10),
+        || count(&rig) == 4,
+    );
+
+    let desktop = desktop();
+    assert_exit(&desktop.vfioctl(&["status"]), 0);
+    assert!(!desktop.log().contains(said), "{}", desktop.log());
 }
