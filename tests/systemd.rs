@@ -203,11 +203,12 @@ fn the_unit_the_activation_file_and_the_policy_agree() {
         assert!(after.split_whitespace().any(|u| u == unit), "{after}");
     }
     // It may write the PCI sysfs (devices are links into /sys/devices),
-    // and the early claim's files in /etc, nothing else.
+    // the platform bus (a handoff unbinds the firmware framebuffer) and
+    // the early claim's files in /etc, nothing else.
     assert_eq!(
         values(&unit, "ReadWritePaths"),
         [
-            "/sys/bus/pci /sys/devices",
+            "/sys/bus/pci /sys/bus/platform /sys/devices",
             "-/etc/udev/rules.d -/etc/mkinitcpio.conf.d -/etc/dracut.conf.d -/etc/initramfs-tools/hooks"
         ]
     );

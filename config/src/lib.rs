@@ -74,6 +74,10 @@ pub struct Profile {
     /// at start, on reload and before each bind: the kernel's method names,
     /// one space apart (e.g. `device_specific` for vendor-reset, `bus`).
     pub reset_method: Option<String>,
+    /// This profile may take the display (DESIGN §10): before a bind of a
+    /// set that carries it, vfiod stops the display manager, unbinds fbcon
+    /// and the boot framebuffer, and gives them back at release.
+    pub handoff: bool,
 }
 
 /// Where a profile's devices go when vfiod starts.
@@ -301,6 +305,7 @@ struct RawProfile {
     #[serde(default)]
     boot: BootState,
     reset_method: Option<Spanned<String>>,
+    handoff: Option<Spanned<bool>>,
 }
 
 type Problem = (Range<usize>, String);
@@ -455,12 +460,27 @@ impl RawProfile {
                     }
                 });
 
+        // At boot nothing has been handed over: taking the display then is
+        // the early claim's job, which keeps every host driver off it.
+        if let Some(handoff) = &self.handoff
+            && *handoff.get_ref()
+            && self.boot == BootState::Vfio
+        {
+            problems.push((
+                handoff.span(),
+                format!(
+                    "profile {name:?}: handoff = true and boot = \"vfio\" exclude each other: a GPU claimed at boot never carries the display; drop one"
+                ),
+            ));
+        }
+
         Profile {
             devices: devices.into_iter().map(Spanned::into_inner).collect(),
             ids: ids.into_iter().map(Spanned::into_inner).collect(),
             vms: self.vms.into_iter().map(Spanned::into_inner).collect(),
             boot: self.boot,
             reset_method,
+            handoff: self.handoff.is_some_and(|h| h.into_inner()),
         }
     }
 }

@@ -87,6 +87,7 @@ fn shipped_configs_match_their_machines() {
     for (config, machine) in [
         ("z77-rx580.vfiod.toml", "z77-rx580.toml"),
         ("x570-navi.vfiod.toml", "x570-navi.toml"),
+        ("b450-single-rx580.vfiod.toml", "b450-single-rx580.toml"),
     ] {
         let config = Config::load(&machines_dir().join(config)).unwrap();
         let machine = MachineFile::load(&machines_dir().join(machine)).unwrap();
@@ -119,6 +120,7 @@ fn shipped_machine_files_load() {
     assert_eq!(
         loaded,
         [
+            "b450-single-rx580.toml",
             "no-iommu-laptop.toml",
             "qemu-q35.toml",
             "x570-navi.toml",
@@ -575,4 +577,22 @@ fn a_reset_method_of_the_wrong_shape_is_refused_with_its_line() {
         &["lists \"bus\" twice"],
     );
     refused(&format!("{head}reset_method = 1\n"), 3, &["reset_method"]);
+}
+
+#[test]
+fn handoff_is_a_profile_flag_refused_with_boot_vfio() {
+    let text = "[profiles.desktop]\ndevices = [\"0000:01:00.0\"]\nhandoff = true\n\n[profiles.usb]\nids = [\"1033:0194\"]\n";
+    let config = Config::parse(text, Path::new("c.toml")).unwrap();
+    assert!(config.profile("desktop").unwrap().handoff);
+    assert!(!config.profile("usb").unwrap().handoff, "off by default");
+    refused(
+        "[profiles.desktop]\ndevices = [\"0000:01:00.0\"]\nboot = \"vfio\"\nhandoff = true\n",
+        4,
+        &["handoff = true and boot = \"vfio\"", "desktop"],
+    );
+    refused(
+        "[profiles.desktop]\ndevices = [\"0000:01:00.0\"]\nhandoff = \"yes\"\n",
+        3,
+        &["handoff"],
+    );
 }

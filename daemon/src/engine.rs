@@ -10,15 +10,18 @@ use tracing::{error, info, warn};
 use vfiod_dbus::{DeviceState, Direction, Error};
 use vfiod_pci::{PciAddress, PciDevice};
 
+use crate::journal::HandoffPhase;
 use crate::journal::{Journal, MoveEntry, MoveId};
 use crate::kernel::{Kernel, KernelError, KernelResult, VFIO_DRIVER, VFIO_MODULE};
 use crate::ledger::Ledger;
 use crate::plan::{self, MoveOptions, Plan};
+use crate::units::Units;
 use crate::workers::Workers;
 use vfiod_config::Config;
 
 mod bounded_calls;
 mod group_locks;
+mod handoff;
 mod health;
 mod recovery;
 mod reset_methods;
@@ -90,6 +93,8 @@ pub struct Engine {
     /// This engine, for the worker of a late call to settle its device
     /// (set by [`Engine::shared`]).
     me: Weak<Engine>,
+    /// The service manager of the display manager (single-GPU handoff).
+    units: RwLock<Arc<dyn Units>>,
 }
 
 impl Engine {
@@ -114,6 +119,7 @@ impl Engine {
             health: Mutex::default(),
             handed_back: Mutex::default(),
             me: me.clone(),
+            units: RwLock::new(Arc::new(handoff::NoUnits)),
         })
     }
 
@@ -264,6 +270,31 @@ impl Engine {
             progress,
             journal: Some(journal),
         };
+        // A single GPU's display is handed over before it moves, and
+        // comes back after its release (engine/handoff.rs).
+        let taking = match direction {
+            Direction::Bind => self.handoff_wanted(&plan),
+            Direction::Release => Ok(false),
+        };
+        let taking = match taking.and_then(|t| match t {
+            true => self.take_display(&plan, &run).map(|()| true),
+            false => Ok(false),
+        }) {
+            Ok(taking) => taking,
+            Err(e) => {
+                self.close_move(journal);
+                self.clear_moving(&plan.addresses());
+                warn!(target, %direction, error = %e, "move refused");
+                return Err(e);
+            }
+        };
+        let returning = match direction {
+            Direction::Release => self.handoff_of(&plan.addresses()),
+            Direction::Bind => None,
+        };
+        if let Some(handoff) = &returning {
+            self.handoff_phase(&handoff.devices, HandoffPhase::Returning);
+        }
         let mut held = Some(held);
         let outcome = match self.execute_plan(&plan, &run) {
             Ok(()) => Ok(()),
@@ -286,11 +317,13 @@ impl Engine {
                     // entry and the devices' `moving`; it ends them.
                     Undone::Later(e) => {
                         warn!(target, %direction, error = %e, "move failed; still undoing it");
-                        return Err(e);
+                        let outcome = self.after_handoff(&plan, taking, returning, Err(e), &run);
+                        return outcome.map(|()| plan.addresses());
                     }
                 }
             }
         };
+        let outcome = self.after_handoff(&plan, taking, returning, outcome, &run);
         self.close_move(journal);
         self.clear_moving(&plan.addresses());
         // Only now may a move waiting for these groups plan.

@@ -28,11 +28,43 @@ pub struct MoveEntry {
     pub step: Option<(PciAddress, String)>,
 }
 
+/// Where a single-GPU handoff (DESIGN §10) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandoffPhase {
+    /// Being taken, before and during the bind.
+    Taking,
+    /// Taken: the set is bound, the display is away until its release.
+    Given,
+    /// Being given back, from the release on.
+    Returning,
+}
+
+/// What a handoff took from the host's display, each part recorded
+/// before the write that takes it, so a restart gives back exactly that.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handoff {
+    /// The set whose bind took the display.
+    pub devices: Vec<PciAddress>,
+    pub phase: HandoffPhase,
+    /// The display manager's real unit, once vfiod asked it to stop.
+    #[serde(default)]
+    pub manager: Option<String>,
+    /// vtconsoles fbcon was unbound from.
+    #[serde(default)]
+    pub vtconsoles: Vec<String>,
+    /// Framebuffers unbound: (platform device, its driver).
+    #[serde(default)]
+    pub framebuffers: Vec<(String, String)>,
+}
+
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct JournalFile {
     boot_id: String,
     next_id: u64,
     moves: BTreeMap<u64, MoveEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    handoffs: Vec<Handoff>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +121,11 @@ impl Journal {
                     "journal entries from an earlier boot dropped, not replayed"
                 );
             }
+            if !file.handoffs.is_empty() {
+                info!("handoffs of an earlier boot dropped: the display came back with the boot");
+            }
             file.moves.clear();
+            file.handoffs.clear();
             file.boot_id = boot_id.to_string();
             Vec::new()
         };
@@ -149,6 +185,44 @@ impl Journal {
         self.save(&file)
     }
 
+    /// The handoffs recorded and not ended (any phase).
+    pub fn handoffs(&self) -> Vec<Handoff> {
+        self.lock().handoffs.clone()
+    }
+
+    /// Records (or replaces) the handoff of `handoff.devices`.
+    pub fn record_handoff(&self, handoff: Handoff) -> Result<(), JournalError> {
+        let mut file = self.lock();
+        file.handoffs.retain(|h| h.devices != handoff.devices);
+        file.handoffs.push(handoff);
+        self.save(&file)
+    }
+
+    /// Changes the recorded handoff of `devices`, if there is one.
+    pub fn update_handoff(
+        &self,
+        devices: &[PciAddress],
+        change: impl FnOnce(&mut Handoff),
+    ) -> Result<(), JournalError> {
+        let mut file = self.lock();
+        match file.handoffs.iter_mut().find(|h| h.devices == devices) {
+            Some(handoff) => change(handoff),
+            None => return Ok(()),
+        }
+        self.save(&file)
+    }
+
+    /// The display is back (or nothing was taken): the record goes.
+    pub fn end_handoff(&self, devices: &[PciAddress]) -> Result<(), JournalError> {
+        let mut file = self.lock();
+        let before = file.handoffs.len();
+        file.handoffs.retain(|h| h.devices != devices);
+        if file.handoffs.len() == before {
+            return Ok(());
+        }
+        self.save(&file)
+    }
+
     /// The move is over: done, refused or rolled back.
     pub fn end(&self, id: MoveId) -> Result<(), JournalError> {
         let mut file = self.lock();
@@ -197,6 +271,51 @@ mod tests {
             .begin("usb3", Direction::Release, vec![gpu])
             .unwrap();
         assert_ne!(b, c, "an open move's id is never given again");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A handoff's record outlives vfiod in the same boot, changes part by
+    /// part, ends; another boot has the display back and drops it.
+    #[test]
+    fn handoffs_are_kept_in_a_boot_and_dropped_after_a_reboot() {
+        let template = std::env::temp_dir().join("vfiod-journal-XXXXXX");
+        let dir = nix::unistd::mkdtemp(&template).unwrap();
+        let gpu: PciAddress = "0000:09:00.0".parse().unwrap();
+        let (journal, _) = Journal::open(&dir, "boot").unwrap();
+        journal
+            .record_handoff(Handoff {
+                devices: vec![gpu],
+                phase: HandoffPhase::Taking,
+                manager: None,
+                vtconsoles: Vec::new(),
+                framebuffers: Vec::new(),
+            })
+            .unwrap();
+        journal
+            .update_handoff(&[gpu], |h| h.manager = Some("sddm.service".into()))
+            .unwrap();
+        drop(journal);
+        let (journal, _) = Journal::open(&dir, "boot").unwrap();
+        let kept = journal.handoffs();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].manager.as_deref(), Some("sddm.service"));
+        assert_eq!(kept[0].phase, HandoffPhase::Taking);
+        drop(journal);
+        let (journal, _) = Journal::open(&dir, "another boot").unwrap();
+        assert!(journal.handoffs().is_empty());
+        journal
+            .record_handoff(Handoff {
+                devices: vec![gpu],
+                phase: HandoffPhase::Given,
+                manager: None,
+                vtconsoles: vec!["vtcon1".into()],
+                framebuffers: Vec::new(),
+            })
+            .unwrap();
+        journal.end_handoff(&[gpu]).unwrap();
+        drop(journal);
+        let (journal, _) = Journal::open(&dir, "another boot").unwrap();
+        assert!(journal.handoffs().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -78,4 +78,12 @@ pub trait Kernel: Inspect {
     /// once by the kernel (`pci_bus_add_device` attaches a driver whatever
     /// `drivers_autoprobe` says, as the real-kernel lane saw).
     fn rescan(&self, parent: Option<&PciAddress>) -> KernelResult<()>;
+    /// Writes `1` (bind) or `0` to `/sys/class/vtconsole/NAME/bind`: its
+    /// console driver (fbcon) takes the virtual terminals or leaves them.
+    /// Re-read [`Inspect::vtconsoles`]: a bind with nothing to draw on
+    /// changes nothing. May block.
+    fn bind_vtconsole(&self, name: &str, bind: bool) -> KernelResult<()>;
+    /// Writes the platform device `device` (`efi-framebuffer.0`) to
+    /// `/sys/bus/platform/drivers/DRIVER/bind` or `unbind`. May block.
+    fn bind_platform(&self, device: &str, driver: &str, bind: bool) -> KernelResult<()>;
 }

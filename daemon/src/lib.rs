@@ -15,4 +15,5 @@ pub mod reload;
 pub mod service;
 pub mod state_dir;
 pub mod state_file;
+pub mod units;
 pub mod workers;

@@ -21,6 +21,7 @@ use vfiod::ledger::Ledger;
 use vfiod::notify;
 use vfiod::service::Service;
 use vfiod::service::simulator::{SIMULATOR_PATH, SimulatorInterface};
+use vfiod::units::SystemdUnits;
 use vfiod_config::Config;
 
 /// glibc gives each thread that allocates an arena of its own (up to eight
@@ -108,13 +109,21 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot read the kernel's boot id: {e}"))?;
     let (journal, interrupted) = Journal::open(&state_dir, &boot_id).map_err(|e| e.to_string())?;
     let engine = Engine::new(kernel, config, ledger, journal);
+    // The display manager a handoff stops: the simulated machine's, or
+    // systemd's on the system bus.
+    match &simulated {
+        Some(sim) => engine.set_units(sim.clone()),
+        None => engine.set_units(Arc::new(SystemdUnits::new(
+            tokio::runtime::Handle::current(),
+        ))),
+    }
     // A device settled after a late kernel answer changed outside any move:
     // the main loop has the service read it again.
     let (settled_tx, mut settled) = tokio::sync::mpsc::unbounded_channel();
     engine.on_settled(move |address| {
         let _ = settled_tx.send(address);
     });
-    if !interrupted.is_empty() {
+    if !interrupted.is_empty() || engine.handoffs_recorded() {
         // Before serving: no request may see a half-moved set.
         let recovering = engine.clone();
         let report = tokio::task::spawn_blocking(move || recovering.recover(interrupted))
@@ -125,6 +134,7 @@ async fn run(args: Args) -> Result<(), String> {
     // While the cards are still clean, before any move (vendor-reset's
     // device_specific must be chosen before a card's first use).
     set_reset_methods(&engine).await;
+    say_idle_handoffs(&engine).await;
     let claim_root = early_claim::root_for(simulated.is_some(), &state_dir);
     early_claim::keep_in_step(&engine, claim_root).await;
     let service = Service::new(engine.clone(), bouncer.clone());
@@ -244,6 +254,13 @@ async fn reload(
     tell_systemd(&notify::ready(&status));
 }
 
+/// Which `handoff = true` profiles take no display, said once per load
+/// (off the event loop: it reads the kernel).
+async fn say_idle_handoffs(engine: &Arc<Engine>) {
+    let engine = engine.clone();
+    let _ = tokio::task::spawn_blocking(move || engine.say_idle_handoffs()).await;
+}
+
 /// Each profile's `reset_method`, on its functions (off the event loop:
 /// the writes are bounded kernel calls).
 async fn set_reset_methods(engine: &Arc<Engine>) {
@@ -282,6 +299,7 @@ async fn reload_config(
     info!(config = %args.config.display(), profiles = config.profiles.len(), "configuration reloaded");
     engine.set_config(config);
     set_reset_methods(engine).await;
+    say_idle_handoffs(engine).await;
     let claim_root = early_claim::root_for(args.machine.is_some(), state_dir);
     early_claim::keep_in_step(engine, claim_root).await;
     // The new config is in force either way; the bus catches up at the

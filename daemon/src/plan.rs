@@ -197,7 +197,7 @@ impl fmt::Display for Reason {
             ),
             Reason::Console { device } => write!(
                 f,
-                "{device} carries the kernel console / boot framebuffer (force takes it anyway)"
+                "{device} carries the kernel console / boot framebuffer: set handoff = true in its profile to hand the display over (the display manager stopped, fbcon and the framebuffer unbound) and get it back at release (force takes it anyway, leaving the screen dead)"
             ),
             Reason::UsbInput { device, inputs } => {
                 let list: Vec<String> = inputs
@@ -503,8 +503,13 @@ pub fn plan_on(
         Direction::Bind => Vec::new(),
         Direction::Release => not_owned_by_the_vm(&members, ledger, options),
     };
+    // A handoff profile hands the display over first (engine/handoff.rs):
+    // the console and the display's holders are not reasons then.
+    let handoff = direction == Direction::Bind
+        && config.profile(target).is_some_and(|p| p.handoff)
+        && carries_display(kernel, &set).map_err(kernel_error)?;
     let reasons = match direction {
-        Direction::Bind => bind_reasons(kernel, devices, &members, ledger, options)?,
+        Direction::Bind => bind_reasons(kernel, devices, &members, ledger, options, handoff)?,
         Direction::Release => release_reasons(kernel, &members, &kept, ledger, options)?,
     };
     if !reasons.is_empty() {
@@ -572,12 +577,14 @@ fn bind_reasons(
     members: &[PciDevice],
     ledger: &Ledger,
     options: &MoveOptions,
+    handoff: bool,
 ) -> Result<Vec<Reason>, Error> {
     // The holders scan reads every process's fds: it runs beside the
     // other checks, which read a few files each.
     std::thread::scope(|scope| {
-        let holders = (!options.force).then(|| scope.spawn(|| holder_reasons(kernel, members)));
-        let mut reasons = host_reasons(kernel, all, members, options)?;
+        let holders =
+            (!options.force && !handoff).then(|| scope.spawn(|| holder_reasons(kernel, members)));
+        let mut reasons = host_reasons(kernel, all, members, options, handoff)?;
         if let Some(holders) = holders {
             let holders = holders.join().unwrap_or_else(|_| {
                 Err(Error::Kernel(
@@ -598,6 +605,7 @@ fn host_reasons(
     all: &[PciDevice],
     members: &[PciDevice],
     options: &MoveOptions,
+    handoff: bool,
 ) -> Result<Vec<Reason>, Error> {
     let mut reasons = Vec::new();
     if !kernel.iommu_enabled().map_err(kernel_error)? {
@@ -627,7 +635,7 @@ fn host_reasons(
                 mounts,
             });
         }
-        if !options.force && kernel.console_on(&d.address).map_err(kernel_error)? {
+        if !options.force && !handoff && kernel.console_on(&d.address).map_err(kernel_error)? {
             reasons.push(Reason::Console { device: d.into() });
         }
         if !options.force {
@@ -670,6 +678,29 @@ fn host_reasons(
         }
     }
     Ok(reasons)
+}
+
+/// Whether the host's display is on one of `devices`: the console (fbcon
+/// or a firmware framebuffer on the boot VGA), a vtconsole fbcon is bound
+/// to drawing on one, or a bound firmware framebuffer scanning out of one.
+pub fn carries_display(kernel: &dyn Kernel, devices: &[PciAddress]) -> Result<bool, KernelError> {
+    for address in devices {
+        if kernel.console_on(address)? {
+            return Ok(true);
+        }
+    }
+    let on_set = |device: Option<PciAddress>| device.is_some_and(|d| devices.contains(&d));
+    if kernel
+        .vtconsoles()?
+        .iter()
+        .any(|vt| vt.fbcon && vt.bound && on_set(vt.device))
+    {
+        return Ok(true);
+    }
+    Ok(kernel
+        .boot_framebuffers()?
+        .iter()
+        .any(|fb| fb.driver.is_some() && on_set(fb.device)))
 }
 
 /// Processes holding the nodes of the devices that would leave their

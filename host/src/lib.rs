@@ -10,7 +10,7 @@ use std::io;
 use std::path::PathBuf;
 
 use vfiod_pci::machine::ModuleLoading;
-use vfiod_pci::{Holder, PciAddress, PciDevice, PciId, UsbDevice};
+use vfiod_pci::{BootFramebuffer, Holder, PciAddress, PciDevice, PciId, UsbDevice, VtConsole};
 
 use self::facts::HostView;
 
@@ -105,6 +105,13 @@ pub trait Inspect: Send + Sync + 'static {
     fn usb_behind(&self, address: &PciAddress) -> KernelResult<Vec<UsbDevice>>;
     /// True when the kernel console or the boot framebuffer is on the device.
     fn console_on(&self, address: &PciAddress) -> KernelResult<bool>;
+    /// The vtconsoles (`sys/class/vtconsole/vtconN`) in order: which is
+    /// fbcon, whether it is bound, and the function fbcon draws on.
+    fn vtconsoles(&self) -> KernelResult<Vec<VtConsole>>;
+    /// The firmware framebuffers' platform devices (efi-, simple- and
+    /// vesa-framebuffer.N), the driver on each and the function whose
+    /// memory each scans out of (the boot VGA).
+    fn boot_framebuffers(&self) -> KernelResult<Vec<BootFramebuffer>>;
     /// `/dev/vfio/N` when it exists.
     fn vfio_group_node(&self, group: u32) -> Option<PathBuf>;
     /// The vendor and device id the function's config space answers with

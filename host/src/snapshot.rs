@@ -14,8 +14,8 @@ use crate::sysfs::modules::MODULES_DISABLED;
 use crate::{Inspect, KernelError, VFIO_MODULE};
 use vfiod_pci::PciAddress;
 use vfiod_pci::machine::{
-    DeviceEntry, FirmwareFile, Framebuffer, HostFacts, Hugepages, IommuKind, MachineFile,
-    MachineInfo, ModuleLoading, QemuConf,
+    DeviceEntry, Display, FirmwareFile, Framebuffer, FramebufferEntry, HostFacts, Hugepages,
+    IommuKind, MachineFile, MachineInfo, ModuleLoading, QemuConf, VtConsoleEntry,
 };
 
 /// Modules vfio-pci needs, in load order.
@@ -206,9 +206,55 @@ pub fn snapshot(
             uevent_delay_ms: None,
         },
         host: host_facts,
+        display: display(kernel, &devices)?,
         devices,
     };
     Ok((machine, warnings))
+}
+
+/// The `[display]` section: the vtconsoles and the firmware
+/// framebuffers, naming only functions the file lists. The display
+/// manager is systemd's to say, not the kernel's: left out.
+fn display(kernel: &dyn Inspect, devices: &[DeviceEntry]) -> Result<Option<Display>, KernelError> {
+    let listed =
+        |device: Option<PciAddress>| device.filter(|d| devices.iter().any(|e| e.address == *d));
+    let vtconsoles: Vec<VtConsoleEntry> = kernel
+        .vtconsoles()?
+        .into_iter()
+        .map(|vt| VtConsoleEntry {
+            name: vt.name,
+            fbcon: vt.fbcon,
+            bound: vt.bound,
+            device: listed(vt.device),
+            fault: None,
+        })
+        .collect();
+    let framebuffers: Vec<FramebufferEntry> = kernel
+        .boot_framebuffers()?
+        .into_iter()
+        .map(|fb| FramebufferEntry {
+            // An unbound one is named by its platform driver all the same
+            // (efi-framebuffer.0 is efi-framebuffer's).
+            driver: fb.driver.clone().unwrap_or_else(|| {
+                fb.name
+                    .rsplit_once('.')
+                    .map_or(fb.name.as_str(), |(d, _)| d)
+                    .to_string()
+            }),
+            bound: fb.driver.is_some(),
+            name: fb.name,
+            device: listed(fb.device),
+            fault: None,
+        })
+        .collect();
+    if vtconsoles.is_empty() && framebuffers.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Display {
+        vtconsoles,
+        framebuffers,
+        manager: None,
+    }))
 }
 
 /// The `[host]` section: the facts of `view` a machine file can hold,

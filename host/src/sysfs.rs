@@ -27,7 +27,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use vfiod_pci::{Holder, PciAddress, PciDevice, PciId, UsbDevice};
+use vfiod_pci::{BootFramebuffer, Holder, PciAddress, PciDevice, PciId, UsbDevice, VtConsole};
 
 pub use self::device::{RESET_METHOD_UNKNOWN, reset_method_file};
 use self::pci_ids::{PCI_IDS_PATHS, PciIds};
@@ -131,6 +131,16 @@ impl Sysfs {
         }
         dirs.sort_by_key(|(address, _)| *address);
         Ok(dirs)
+    }
+
+    /// The function whose `boot_vga` reads 1, if any.
+    fn boot_vga_function(&self) -> KernelResult<Option<PciAddress>> {
+        for (address, dir) in self.function_dirs()? {
+            if device::boot_vga(&self.tree, &dir)? {
+                return Ok(Some(address));
+            }
+        }
+        Ok(None)
     }
 
     fn read_function(&self, address: PciAddress, dir: &Path) -> KernelResult<Option<PciDevice>> {
@@ -267,6 +277,14 @@ impl Inspect for Sysfs {
         let dir = self.existing_function_dir(address)?;
         let boot_vga = device::boot_vga(&self.tree, &dir)?;
         console::console_on(&self.tree, &dir, boot_vga)
+    }
+
+    fn vtconsoles(&self) -> KernelResult<Vec<VtConsole>> {
+        console::vtconsoles(&self.tree, self.boot_vga_function()?)
+    }
+
+    fn boot_framebuffers(&self) -> KernelResult<Vec<BootFramebuffer>> {
+        console::boot_framebuffers(&self.tree, self.boot_vga_function()?)
     }
 
     fn vfio_group_node(&self, group: u32) -> Option<PathBuf> {

@@ -59,3 +59,32 @@ impl UsbDevice {
         self.class.eq_ignore_ascii_case("03")
     }
 }
+
+/// A console driver slot of the virtual terminals
+/// (`/sys/class/vtconsole/vtconN`): the dummy console, vgacon or fbcon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VtConsole {
+    /// `vtconN`.
+    pub name: String,
+    /// fbcon's slot (its `name` file says "frame buffer device").
+    pub fbcon: bool,
+    /// Its `bind` reads 1.
+    pub bound: bool,
+    /// The PCI function it draws on, when it is fbcon and that is known.
+    pub device: Option<PciAddress>,
+}
+
+/// A framebuffer the firmware set up, as the kernel's platform device
+/// (`efi-framebuffer.0`, `simple-framebuffer.0`, `vesa-framebuffer.0`):
+/// efifb, simplefb, vesafb or simpledrm drive it, out of the boot GPU's
+/// memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootFramebuffer {
+    /// The platform device, e.g. `simple-framebuffer.0`.
+    pub name: String,
+    /// The platform driver bound to it now (`efi-framebuffer`,
+    /// `simple-framebuffer` for simplefb and simpledrm alike), if any.
+    pub driver: Option<String>,
+    /// The PCI function whose memory it scans out of, when known.
+    pub device: Option<PciAddress>,
+}

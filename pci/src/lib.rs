@@ -8,5 +8,5 @@ mod id;
 pub mod machine;
 
 pub use address::{AddressError, PciAddress, Slot};
-pub use device::{Holder, PciDevice, UsbDevice};
+pub use device::{BootFramebuffer, Holder, PciDevice, UsbDevice, VtConsole};
 pub use id::{IdError, PciClass, PciId};

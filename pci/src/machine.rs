@@ -8,12 +8,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Holder, PciAddress, PciClass, PciId, UsbDevice};
 
+mod display;
+
+pub use self::display::{
+    BindFaults, Display, DisplayManagerEntry, FramebufferEntry, JobFault, ManagerFaults,
+    VtConsoleEntry, WriteFault,
+};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineFile {
     pub machine: MachineInfo,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<HostFacts>,
+    /// What shows the host's screen (see [`Display`]); absent: nothing
+    /// said, and the handoff finds nothing to hand over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<Display>,
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceEntry>,
 }
@@ -276,6 +287,13 @@ pub enum MachineError {
         value: String,
         reason: String,
     },
+    #[error("invalid machine file {path}: [display] {field} = {value:?}: {reason}")]
+    Display {
+        path: PathBuf,
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 impl MachineFile {
@@ -439,6 +457,22 @@ impl MachineFile {
                     ));
                 }
             }
+        }
+        if let Some(display) = &self.display {
+            let addresses: BTreeSet<PciAddress> = self.devices.iter().map(|d| d.address).collect();
+            let nodes: BTreeSet<&Path> = self
+                .devices
+                .iter()
+                .flat_map(|d| d.nodes.iter().map(PathBuf::as_path))
+                .collect();
+            display
+                .check(&addresses, &nodes)
+                .map_err(|(field, value, reason)| MachineError::Display {
+                    path: path.to_path_buf(),
+                    field,
+                    value,
+                    reason,
+                })?;
         }
         // A group with no members is impossible; parents must form no cycle.
         let parents: BTreeMap<PciAddress, PciAddress> = self

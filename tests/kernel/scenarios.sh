@@ -30,6 +30,9 @@
 #   k_start_vfiod        (re)starts vfiod and waits until it answers
 #                        (await_vfiod); VFIOD_PID
 #   k_put_back ADDR DRIVER   puts a device back on DRIVER by hand (cleanup)
+#   k_fbcon              REPLY = bound | unbound: fbcon on the virtual terminals
+#   k_fb ADDR            REPLY = the framebuffers drawing on ADDR, as /proc/fb
+#                        names them ("" for none)
 #   k_reload             vfiod --reload: SIGHUP and wait for vfiod's verdict
 #
 # vfiod reads $VFIOD_CONFIG, a copy of the lane's config that a scenario may
@@ -198,6 +201,33 @@ scenario_boot_vga() {
   want_host "$HOSTVGA" "$GPU" "$AUD" "$XHCI"
   outcome bootvga.bind
   verdict "the boot VGA 00:02.0 with the console on it is refused (Protected) and nothing moves"
+  all_home
+}
+
+# DESIGN §10 on a real kernel: the host's own boot VGA, fbcon on it (vtcon0,
+# fb0), handed over to vfio-pci by a profile with handoff = true and given
+# back. No display manager here (no systemd on the lane's bus): that step
+# is skipped; no firmware framebuffer either (SeaBIOS).
+scenario_handoff() {
+  local fb off on
+  begin
+  k_fbcon; [ "$REPLY" = bound ] || problem "fbcon is $REPLY before the handoff"
+  k_fb "$HOSTVGA"; fb=$REPLY
+  [ -n "$fb" ] || problem "no framebuffer on ${HOSTVGA#0000:} before the handoff"
+  ctl bind hostvga
+  want_rc 0 - "vfioctl bind hostvga" && want_vfio "$HOSTVGA"
+  k_fbcon; off=$REPLY
+  [ "$off" = unbound ] || problem "fbcon is $off with 00:02.0 on vfio-pci"
+  k_fb "$HOSTVGA"; [ -z "$REPLY" ] || problem "/proc/fb still lists $REPLY on 00:02.0"
+  outcome handoff.bind "fbcon=$off"
+  ctl release hostvga
+  want_rc 0 - "vfioctl release hostvga" && want_host "$HOSTVGA"
+  want_cleared "$HOSTVGA"
+  k_fbcon; on=$REPLY
+  [ "$on" = bound ] || problem "fbcon is $on after the release"
+  k_fb "$HOSTVGA"; [ "$REPLY" = "$fb" ] || problem "/proc/fb lists '$REPLY' on 00:02.0 after the release, not '$fb'"
+  outcome handoff.release "fbcon=$on"
+  verdict "handoff: the boot VGA 00:02.0 (fbcon on it, /proc/fb: $fb) goes to vfio-pci with fbcon unbound and its framebuffer gone, and comes back on bochs-drm with fbcon bound and /proc/fb listing it again"
   all_home
 }
 
@@ -483,7 +513,7 @@ all_driverless_check() {
 
 # LANE_ONLY="busy hook ..." runs only those, in that order (for debugging;
 # a scenario_NAME function defined in the guest's env file runs too).
-LANE_SCENARIOS=(gpu_bind_release usb_both_ways boot_vga function0 busy behind_back hook sigkill health reset_refused)
+LANE_SCENARIOS=(gpu_bind_release usb_both_ways boot_vga handoff function0 busy behind_back hook sigkill health reset_refused)
 run_scenarios() {
   : > "$OUTCOMES"; : > "$OUTCOMES.doctor"
   scenario_check check.iommu

@@ -132,6 +132,18 @@ k_start_vfiod() {
 }
 k_reload() { "$bin/vfiod" --reload "$VFIOD_PID" --state-dir "$STATE_DIR"; }
 k_put_back() { sim_call SetDriver ss "$1" "$2" > /dev/null; }
+# The machine boots with fbcon bound on vtcon0 ([display]); the state file
+# holds what changed since.
+k_fbcon() {
+  local line
+  REPLY=bound
+  while IFS= read -r line; do [[ $line == *'"vtcon0": false'* ]] && REPLY=unbound; done < "$STATE_DIR/sim-state.json"
+}
+# A DRM driver's framebuffer: there while the function is on bochs-drm.
+k_fb() {
+  k_driver "$1"
+  if [ "$REPLY" = bochs-drm ]; then REPLY=bochs-drmdrmfb; else REPLY=; fi
+}
 stop_vfiod() { kill "$VFIOD_PID" 2>/dev/null; wait "$VFIOD_PID" 2>/dev/null; VFIOD_PID=; }
 
 # --- the bus ---

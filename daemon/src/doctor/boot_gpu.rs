@@ -8,7 +8,7 @@ use super::{Context, Findings, Scope, and_list};
 use crate::kernel::KernelResult;
 
 /// How to keep the host off a GPU, for every message of this area.
-const WAYS_OUT: &str = "In the firmware setup, make another GPU the primary display (\"Primary Display\" / \"Init Display First\": IGFX for the CPU's graphics, or another PCIe slot); or keep the host's boot framebuffer off it with video=efifb:off (efifb) or initcall_blacklist=sysfb_init (simpledrm, kernel 5.15 and newer) on the kernel command line";
+const WAYS_OUT: &str = "In the firmware setup, make another GPU the primary display (\"Primary Display\" / \"Init Display First\": IGFX for the CPU's graphics, or another PCIe slot); or keep the host's boot framebuffer off it with video=efifb:off (efifb) or initcall_blacklist=sysfb_init (simpledrm, kernel 5.15 and newer) on the kernel command line; or, with a single GPU, set handoff = true in its profile: each bind then stops the display manager and unbinds fbcon and the boot framebuffer, and the release gives them back";
 
 pub(super) fn check(cx: &Context<'_>, scope: &Scope, out: &mut Findings) -> KernelResult<()> {
     for device in scope.endpoints() {

@@ -432,7 +432,8 @@ fn the_boot_gpu_with_a_firmware_framebuffer_fails_and_explains_both_ways_out() {
     assert!(
         boot.contains("Primary Display")
             && boot.contains("video=efifb:off")
-            && boot.contains("initcall_blacklist=sysfb_init"),
+            && boot.contains("initcall_blacklist=sysfb_init")
+            && boot.contains("with a single GPU, set handoff = true in its profile"),
         "{boot}"
     );
     let fb = expect(&findings, "boot-gpu.framebuffer", Severity::Fail);

@@ -15,6 +15,11 @@ pub(super) enum StepFailure {
     /// The function did not survive its VM and nothing brought it back:
     /// what was tried, in words. It is on vfio-pci (or off the bus).
     Dead(String),
+    /// Something outside the kernel did not finish in time (a systemd
+    /// job), in words.
+    NotInTime(String),
+    /// Processes kept what the step waited for, named.
+    Held(String),
 }
 
 /// A failed step with where it happened.
@@ -39,7 +44,10 @@ impl Failure {
                 )
             }
             StepFailure::Kernel(e) => format!("{at}: {e}"),
-            StepFailure::Unexpected(what) | StepFailure::Dead(what) => format!("{at}: {what}"),
+            StepFailure::Unexpected(what)
+            | StepFailure::Dead(what)
+            | StepFailure::NotInTime(what)
+            | StepFailure::Held(what) => format!("{at}: {what}"),
         }
     }
 
@@ -50,8 +58,9 @@ impl Failure {
             message.push_str(&aftermath.join("; "));
         }
         match self.cause {
-            StepFailure::Timeout { .. } => Error::Timeout(message),
+            StepFailure::Timeout { .. } | StepFailure::NotInTime(_) => Error::Timeout(message),
             StepFailure::Kernel(e) if e.is_busy() => Error::DeviceBusy(message),
+            StepFailure::Held(_) => Error::DeviceBusy(message),
             _ => Error::Kernel(message),
         }
     }

@@ -31,6 +31,8 @@ impl Engine {
             }
             self.close_move(id);
         }
+        // The devices are settled: a display a handoff took comes back.
+        report.extend(self.recover_handoffs());
         report
     }
 

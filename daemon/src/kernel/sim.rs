@@ -59,6 +59,7 @@ use super::{
 use vfiod_host::facts::HostView;
 
 mod board;
+mod display;
 mod facts;
 mod health;
 mod kernel;
@@ -67,6 +68,7 @@ mod resets;
 mod running;
 
 use self::board::Board;
+use self::display::DisplayState;
 use self::health::found_by_rescan;
 use self::persist::{fingerprint, load_state, new_boot_id, write_state};
 use self::running::{DeviceState, RunningState};

@@ -119,6 +119,43 @@ impl Kernel for Sysfs {
         }
         Ok(())
     }
+
+    fn bind_vtconsole(&self, name: &str, bind: bool) -> KernelResult<()> {
+        const OP: &str = "write vtconsole bind";
+        if !is_vtconsole_name(name) {
+            return Err(invalid_driver(OP, name));
+        }
+        let file = Path::new(VTCONSOLES).join(name).join("bind");
+        write_once(self.tree(), OP, &file, if bind { "1" } else { "0" })
+    }
+
+    fn bind_platform(&self, device: &str, driver: &str, bind: bool) -> KernelResult<()> {
+        let op = if bind { "bind" } else { "unbind" };
+        // Both are single path components: no `/`, no `..`.
+        for name in [device, driver] {
+            if name.is_empty() || name.starts_with('.') || !is_platform_name(name) {
+                return Err(invalid_driver(op, name));
+            }
+        }
+        let file = Path::new(PLATFORM_DRIVERS).join(driver).join(op);
+        write_once(self.tree(), op, &file, device)
+    }
+}
+
+const VTCONSOLES: &str = "sys/class/vtconsole";
+const PLATFORM_DRIVERS: &str = "sys/bus/platform/drivers";
+
+fn is_vtconsole_name(name: &str) -> bool {
+    name.strip_prefix("vtcon")
+        .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Platform device and driver names: `efi-framebuffer.0`, `simple-framebuffer`.
+fn is_platform_name(name: &str) -> bool {
+    name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
 }
 
 /// Writes one of the device's own files; NoDevice rather than an I/O

@@ -83,6 +83,12 @@ impl Inspect for UnbindAfterOverride {
     fn live_id(&self, address: &PciAddress) -> KernelResult<Option<PciId>> {
         self.sim.live_id(address)
     }
+    fn vtconsoles(&self) -> KernelResult<Vec<vfiod_pci::VtConsole>> {
+        self.sim.vtconsoles()
+    }
+    fn boot_framebuffers(&self) -> KernelResult<Vec<vfiod_pci::BootFramebuffer>> {
+        self.sim.boot_framebuffers()
+    }
 }
 
 impl Kernel for UnbindAfterOverride {
@@ -124,5 +130,11 @@ impl Kernel for UnbindAfterOverride {
     }
     fn rescan(&self, parent: Option<&PciAddress>) -> KernelResult<()> {
         self.sim.rescan(parent)
+    }
+    fn bind_vtconsole(&self, name: &str, bind: bool) -> KernelResult<()> {
+        self.sim.bind_vtconsole(name, bind)
+    }
+    fn bind_platform(&self, device: &str, driver: &str, bind: bool) -> KernelResult<()> {
+        self.sim.bind_platform(device, driver, bind)
     }
 }

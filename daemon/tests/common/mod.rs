@@ -108,6 +108,7 @@ impl Rig {
             Ledger::open(&state).unwrap(),
             journal,
         );
+        engine.set_units(sim.clone());
         Rig {
             sim,
             engine,

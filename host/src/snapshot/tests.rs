@@ -280,6 +280,7 @@ fn host_facts_are_written_only_when_known() {
             uevent_delay_ms: None,
         },
         host: Some(facts),
+        display: None,
         devices: Vec::new(),
     };
     let again = MachineFile::parse(&render(&machine).unwrap(), Path::new("again")).unwrap();

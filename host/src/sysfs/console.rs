@@ -24,6 +24,8 @@
 
 use std::path::{Path, PathBuf};
 
+use vfiod_pci::{BootFramebuffer, PciAddress, VtConsole};
+
 use super::rooted::Rooted;
 use crate::KernelResult;
 
@@ -110,4 +112,88 @@ fn live_firmware_framebuffer(tree: &Rooted) -> KernelResult<bool> {
         }
     }
     Ok(false)
+}
+
+/// The vtconsoles in number order. fbcon draws on the primary
+/// framebuffer: its device is a PCI function (a DRM driver's fbdev) or a
+/// firmware framebuffer's platform device, which scans out of the boot VGA.
+pub(super) fn vtconsoles(
+    tree: &Rooted,
+    boot_vga: Option<PciAddress>,
+) -> KernelResult<Vec<VtConsole>> {
+    let mut numbered = Vec::new();
+    for entry in tree.list_optional(Path::new(VTCONSOLES))? {
+        let name = entry.to_string_lossy().into_owned();
+        if let Some(number) = name
+            .strip_prefix("vtcon")
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            numbered.push((number, name));
+        }
+    }
+    numbered.sort();
+    let fb_device = primary_framebuffer_device(tree)?.and_then(|path| function_of(&path, boot_vga));
+    let mut consoles = Vec::new();
+    for (_, name) in numbered {
+        let dir = Path::new(VTCONSOLES).join(&name);
+        let bound = tree
+            .read_resolved_optional(&dir.join("bind"))?
+            .is_some_and(|bind| bind.trim() == "1");
+        let fbcon = tree
+            .read_resolved_optional(&dir.join("name"))?
+            .is_some_and(|n| n.contains("frame buffer device"));
+        consoles.push(VtConsole {
+            name,
+            fbcon,
+            bound,
+            device: if fbcon { fb_device } else { None },
+        });
+    }
+    Ok(consoles)
+}
+
+/// The firmware framebuffers' platform devices, bound or not.
+pub(super) fn boot_framebuffers(
+    tree: &Rooted,
+    boot_vga: Option<PciAddress>,
+) -> KernelResult<Vec<BootFramebuffer>> {
+    let mut found = Vec::new();
+    for entry in tree.list_optional(Path::new(PLATFORM_DEVICES))? {
+        let name = entry.to_string_lossy().into_owned();
+        if !FIRMWARE_FRAMEBUFFERS
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+        {
+            continue;
+        }
+        let driver = tree.link_name(&Path::new(PLATFORM_DEVICES).join(&entry).join("driver"))?;
+        found.push(BootFramebuffer {
+            name,
+            driver,
+            device: boot_vga,
+        });
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(found)
+}
+
+/// The PCI function a device directory is, or is below; a firmware
+/// framebuffer's platform device stands for the boot VGA.
+fn function_of(path: &Path, boot_vga: Option<PciAddress>) -> Option<PciAddress> {
+    let mut components: Vec<String> = path
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    components.reverse();
+    for name in &components {
+        if PciAddress::looks_like_address(name)
+            && let Ok(address) = name.parse()
+        {
+            return Some(address);
+        }
+        if FIRMWARE_FRAMEBUFFERS.iter().any(|p| name.starts_with(p)) {
+            return boot_vga;
+        }
+    }
+    None
 }

@@ -6,6 +6,8 @@ use super::fixture::Fixture;
 use super::fixture::desktop::*;
 use super::*;
 
+mod display;
+
 #[test]
 fn reads_every_attribute_of_a_function() {
     let fx = desktop();

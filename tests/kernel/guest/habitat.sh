@@ -354,6 +354,52 @@ security_score() {
   fi
 }
 
+# DESIGN §10 with systemd as PID 1: a stand-in display manager (a unit
+# aliased as display-manager.service whose process holds the boot VGA's
+# /dev/dri/cardN) is stopped through systemd's D-Bus API for a handoff bind
+# of 00:02.0 (fbcon unbound, the GPU on vfio-pci) and started again at the
+# release (fbcon bound, bochs-drm back).
+display_manager_handoff() {
+  local unit=/etc/systemd/system/lane-dm.service card pid state i line named=
+  begin
+  k_node "$HOSTVGA" drm; card=$REPLY
+  printf '%s\n' "[Unit]" "Description=A stand-in display manager holding $card (habitat.sh)" \
+    "[Service]" "ExecStart=/bin/sh -c 'exec sleep infinity 3<$card'" \
+    "[Install]" "Alias=display-manager.service" > "$unit"
+  systemctl daemon-reload
+  systemctl enable --now lane-dm.service > "$WORK/dm.out" 2>&1 || problem "systemctl enable --now lane-dm: $(< "$WORK/dm.out")"
+  for i in $(seq 100); do
+    field MainPID "$(systemctl show -p MainPID lane-dm.service)"; pid=$REPLY
+    [ "$pid" != 0 ] && [ "$(readlink "/proc/$pid/fd/3" 2>/dev/null)" = "$card" ] && break
+    nap 0.05
+  done
+  [ "$(readlink "/proc/$pid/fd/3" 2>/dev/null)" = "$card" ] || problem "the stand-in display manager does not hold $card"
+  write_config host "$(printf '%s\n' '[profiles.hostvga]' 'devices = ["0000:00:02.0"]' 'handoff = true')"
+  systemctl reload vfiod || problem "systemctl reload vfiod with profile hostvga failed"
+  ctl bind hostvga
+  want_rc 0 - "bind hostvga" && want_vfio "$HOSTVGA"
+  state=$(systemctl is-active lane-dm.service)
+  [ "$state" = inactive ] || problem "lane-dm.service is $state with 00:02.0 on vfio-pci"
+  k_fbcon; [ "$REPLY" = unbound ] || problem "fbcon is $REPLY with 00:02.0 on vfio-pci"
+  ctl release hostvga
+  want_rc 0 - "release hostvga" && home_ok "$HOSTVGA"
+  state=$(systemctl is-active lane-dm.service)
+  [ "$state" = active ] || problem "lane-dm.service is $state after the release"
+  k_fbcon; [ "$REPLY" = bound ] || problem "fbcon is $REPLY after the release"
+  journal_json -u vfiod -b
+  while IFS= read -r line; do
+    [[ $line == *'"VFIOD_STEP":"stop display manager lane-dm.service"'* ]] && named=1
+  done < "$WORK/journal.json"
+  [ -n "$named" ] || problem "vfiod's journal has no step \"stop display manager lane-dm.service\""
+  verdict "handoff under systemd: lane-dm.service (display-manager.service, holding $card) stopped by vfiod and named in its journal, fbcon unbound, 00:02.0 on vfio-pci; at release bochs-drm, fbcon and lane-dm.service back"
+  systemctl disable --now lane-dm.service > /dev/null 2>&1
+  rm -f "$unit"
+  systemctl daemon-reload
+  write_config host ""
+  systemctl reload vfiod || fail "systemctl reload vfiod without profile hostvga failed"
+  all_home
+}
+
 # The early claim (DESIGN §10) as an admin gets it: boot = "vfio" for gpu
 # through `systemctl reload vfiod`; the udev rule and this Debian's
 # initramfs-tools hook appear, with the pair's addresses.
@@ -586,6 +632,7 @@ if [ ! -e "$STATE/boot1" ]; then
     error_in_journal
     stop_with_devices_bound
     security_score
+    display_manager_handoff
     early_claim_written
     uptime_s
     summary "boot 1 checks done at uptime ${REPLY}s"

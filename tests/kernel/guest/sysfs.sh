@@ -32,6 +32,26 @@ k_node() { # ADDR drm|snd; a driver just bound may register them a moment later
   done
   note "no $2 node under ${1#0000:} after 5 s"
 }
+k_fbcon() {
+  local v name bind
+  REPLY=unbound
+  for v in /sys/class/vtconsole/vtcon*; do
+    read -r name < "$v/name"; read -r bind < "$v/bind"
+    [[ $name == *"frame buffer device"* && $bind = 1 ]] && REPLY=bound
+  done
+}
+k_fb() { # ADDR: each /sys/class/graphics/fbN whose device is ADDR, named as /proc/fb does
+  local f line back=$PWD
+  REPLY=
+  for f in /sys/class/graphics/fb[0-9]*; do
+    cd -P "$f/device" 2>/dev/null || continue
+    if [ "${PWD##*/}" = "$1" ]; then
+      while read -r line; do [[ $line == "${f##*/fb} "* ]] && REPLY+="${line#* } "; done < /proc/fb
+    fi
+    cd "$back" || return
+  done
+  REPLY=${REPLY% }
+}
 k_put_back() { # ADDR DRIVER: what an admin would type
   local d=/sys/bus/pci/devices/$1
   echo > "$d/driver_override"

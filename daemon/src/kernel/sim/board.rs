@@ -160,11 +160,13 @@ impl Board {
             holders: self
                 .entries()
                 .flat_map(|entry| entry.holders.iter().cloned())
+                .chain(self.manager_holders_at_boot())
                 .collect(),
             dead_probed: Vec::new(),
             coldplug_until_ms: (coldplug_ms > 0).then(|| now_ms() + coldplug_ms),
             late,
             udev_overrides: BTreeMap::new(),
+            display: DisplayState::default(),
         }
     }
 }

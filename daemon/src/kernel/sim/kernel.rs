@@ -135,7 +135,18 @@ impl Inspect for SimKernel {
 
     fn console_on(&self, address: &PciAddress) -> KernelResult<bool> {
         self.count_read();
-        Ok(self.present_entry(address)?.console)
+        let entry = self.present_entry(address)?;
+        Ok(self.lock().state.console_now(&self.board, entry))
+    }
+
+    fn vtconsoles(&self) -> KernelResult<Vec<vfiod_pci::VtConsole>> {
+        self.count_read();
+        Ok(self.read_vtconsoles())
+    }
+
+    fn boot_framebuffers(&self) -> KernelResult<Vec<vfiod_pci::BootFramebuffer>> {
+        self.count_read();
+        Ok(self.read_boot_framebuffers())
     }
 
     fn vfio_group_node(&self, group: u32) -> Option<PathBuf> {
@@ -234,7 +245,12 @@ impl Kernel for SimKernel {
             };
             return Err(os_error("write", unbind_path(driver), errno));
         }
-        let hangs = match faults(self.board.entry(address)?).unbind {
+        let entry = self.board.entry(address)?;
+        if let Some(why) = state.display_keeps(&self.board, entry, driver) {
+            tracing::debug!(device = %address, driver, why, "simulated unbind refused: the display is up on it");
+            return Err(os_error("write", unbind_path(driver), libc::EBUSY));
+        }
+        let hangs = match faults(entry).unbind {
             Some(UnbindFault::Hang) => true,
             Some(UnbindFault::Busy) => {
                 return Err(os_error("write", unbind_path(driver), libc::EBUSY));
@@ -316,5 +332,13 @@ impl Kernel for SimKernel {
         });
         self.count_write();
         result
+    }
+
+    fn bind_vtconsole(&self, name: &str, bind: bool) -> KernelResult<()> {
+        self.write_vtconsole_bind(name, bind)
+    }
+
+    fn bind_platform(&self, device: &str, driver: &str, bind: bool) -> KernelResult<()> {
+        self.write_platform_bind(device, driver, bind)
     }
 }

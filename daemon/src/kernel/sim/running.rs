@@ -36,6 +36,10 @@ pub(super) struct RunningState {
     /// function by then, udevd comes after.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub(super) udev_overrides: BTreeMap<PciAddress, String>,
+    /// vtconsoles, framebuffers and the display manager, as changed
+    /// since boot.
+    #[serde(default, skip_serializing_if = "DisplayState::is_boot")]
+    pub(super) display: DisplayState,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,6 +320,8 @@ impl RunningState {
                 && board.iommu_enabled()
                 && !is_pci_bridge(entry.class)
                 && faults.probe != Some(ProbeFault::Fail)
+                // A firmware framebuffer keeps its BAR reserved.
+                && !self.framebuffer_on(board, &entry.address)
         } else {
             self.registered(board, candidate)
         };
