@@ -315,9 +315,12 @@ impl Engine {
                     }
                     // The undoing goes on with the groups, the journal
                     // entry and the devices' `moving`; it ends them.
+                    // A display it took comes back when the undoing ends
+                    // (a display manager started on a GPU still on
+                    // vfio-pci shows nothing).
                     Undone::Later(e) => {
                         warn!(target, %direction, error = %e, "move failed; still undoing it");
-                        let outcome = self.after_handoff(&plan, taking, returning, Err(e), &run);
+                        let outcome = self.after_late_undo(&plan, taking, returning, e, &run);
                         return outcome.map(|()| plan.addresses());
                     }
                 }

@@ -7,6 +7,7 @@
 mod common;
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use common::*;
 use vfiod::kernel::Inspect;
@@ -275,6 +276,49 @@ fn a_move_that_fails_after_the_handoff_gives_the_display_back() {
         "{err}"
     );
     assert_shown_on_host(&rig, "vfio-pci would not bind");
+}
+
+/// A failed bind whose undoing outlasts the move's deadline (a QEMU that
+/// opened the group holds the GPU's unbind from vfio-pci) is answered at
+/// the deadline; the display comes back only once the GPU is home: a
+/// display manager started on a GPU still on vfio-pci shows nothing.
+#[test]
+fn a_bind_undone_after_its_deadline_gives_the_display_back_once_the_gpu_is_home() {
+    let rig = desktop_with(|t| with_fault(t, AUDIO, "probe = \"fail\"")).with_timeout_ms(5000);
+    let qemu_opens_the_group = |device: &vfiod_pci::PciAddress, step: &str| {
+        if *device == addr(AUDIO) && step == "probe vfio-pci" {
+            rig.sim
+                .add_holder(Holder {
+                    pid: 4242,
+                    comm: "qemu-system-x86".into(),
+                    node: "/dev/vfio/14".into(),
+                })
+                .unwrap();
+        }
+    };
+    let options = vfiod::plan::MoveOptions {
+        timeout: Some(Duration::from_millis(600)),
+        ..Default::default()
+    };
+    let err = rig
+        .engine
+        .bind("rx580", &options, &qemu_opens_the_group)
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout(_)), "{err:?}");
+    assert!(err.message().contains("once the undoing ends"), "{err}");
+    // vfio-pci's unbind waits for QEMU (the link already gone, as on a
+    // real kernel): the GPU is not home.
+    assert_ne!(rig.driver(GPU).as_deref(), Some("amdgpu"));
+    assert_eq!(
+        screen(&rig),
+        HANDED_OVER,
+        "the display came back with the GPU still on vfio-pci"
+    );
+    rig.sim.remove_holder(4242).unwrap();
+    wait_until("the undoing ends", Duration::from_secs(10), || {
+        rig.open_moves() == 0
+    });
+    assert_shown_on_host(&rig, "the undoing ended");
 }
 
 #[test]

@@ -519,6 +519,48 @@ impl Engine {
         )))
     }
 
+    /// [`Self::after_handoff`] for a failed move still being undone: a
+    /// display its bind took stays away until the undoing ends
+    /// ([`Self::give_back_after_undo`]).
+    pub(super) fn after_late_undo(
+        &self,
+        plan: &Plan,
+        taking: bool,
+        returning: Option<Handoff>,
+        e: Error,
+        run: &Run,
+    ) -> Result<(), Error> {
+        if taking {
+            return Err(with_note(
+                &e,
+                "the display comes back once the undoing ends",
+            ));
+        }
+        self.after_handoff(plan, false, returning, Err(e), run)
+    }
+
+    /// The end of a failed bind's undoing that ran past the move's
+    /// deadline: the display that bind took comes back now, the devices
+    /// home (or as home as they will get).
+    pub(super) fn give_back_after_undo(&self, devices: &[PciAddress]) {
+        let taken = self
+            .journal
+            .handoffs()
+            .into_iter()
+            .any(|h| h.devices == devices && h.phase == HandoffPhase::Taking);
+        if !taken {
+            return;
+        }
+        let options = MoveOptions::default();
+        let problems = self.give_back_recorded(devices, &Run::unnarrated(&options, None));
+        match problems.is_empty() {
+            true => info!(device = %devices[0], "the display is back after the undoing"),
+            false => {
+                error!(device = %devices[0], problems = %problems.join("; "), "the display did not all come back after the undoing")
+            }
+        }
+    }
+
     /// Whether a start must give a display back (see [`Engine::recover_handoffs`]).
     pub fn handoffs_recorded(&self) -> bool {
         !self.journal.handoffs().is_empty()

@@ -188,6 +188,9 @@ impl Engine {
         };
         if abandoned {
             warn!(devices = %lines.join("; "), "a failed move, answered at its deadline, is undone");
+            if direction == Direction::Bind {
+                self.give_back_after_undo(devices);
+            }
             if let Some(id) = journal {
                 self.close_move(id);
             }
