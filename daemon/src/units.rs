@@ -12,15 +12,10 @@ use std::time::Duration;
 
 use zbus::export::futures_core::Stream;
 use zbus::proxy::CacheProperties;
-use zbus::{Connection, OwnedObjectPath, Proxy};
+use zbus::{Connection, OwnedObjectPath};
 
 /// The alias a distribution's display manager installs itself as.
 pub const DISPLAY_MANAGER: &str = "display-manager.service";
-
-const SYSTEMD: &str = "org.freedesktop.systemd1";
-const SYSTEMD_PATH: &str = "/org/freedesktop/systemd1";
-const MANAGER: &str = "org.freedesktop.systemd1.Manager";
-const UNIT: &str = "org.freedesktop.systemd1.Unit";
 
 /// The display manager as systemd shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +59,41 @@ pub trait Units: Send + Sync + 'static {
     fn start(&self, unit: &str, within: Duration) -> Result<(), UnitError>;
 }
 
+/// systemd's manager, as far as the handoff uses it.
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait SystemdManager {
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn subscribe(&self) -> zbus::Result<()>;
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    #[zbus(signal)]
+    fn job_removed(
+        &self,
+        id: u32,
+        job: OwnedObjectPath,
+        unit: String,
+        result: String,
+    ) -> zbus::Result<()>;
+}
+
+/// A unit's state, read from the path `LoadUnit` answers.
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait SystemdUnit {
+    #[zbus(property)]
+    fn id(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn load_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+}
+
 /// The real systemd, on the system bus. zbus is asynchronous only: each
 /// call runs on the daemon's runtime, from the worker thread that waits
 /// for it (never from the event loop).
@@ -88,24 +118,13 @@ fn bus_error(e: zbus::Error) -> UnitError {
     UnitError::Bus(e.to_string())
 }
 
-async fn proxy<'a>(
-    connection: &Connection,
-    path: OwnedObjectPath,
-    interface: &'static str,
-) -> Result<Proxy<'a>, UnitError> {
-    zbus::proxy::Builder::new(connection)
-        .destination(SYSTEMD)
-        .path(path)
-        .interface(interface)
+/// Property caching is off: a one-shot reader needs no subscription.
+async fn manager(connection: &Connection) -> Result<SystemdManagerProxy<'static>, UnitError> {
+    SystemdManagerProxy::builder(connection)
         .cache_properties(CacheProperties::No)
         .build()
         .await
         .map_err(bus_error)
-}
-
-async fn manager<'a>(connection: &Connection) -> Result<Proxy<'a>, UnitError> {
-    let path = OwnedObjectPath::try_from(SYSTEMD_PATH).map_err(bus_error)?;
-    proxy(connection, path, MANAGER).await
 }
 
 /// The bus has no systemd on it (a private bus, a host without systemd):
@@ -129,7 +148,7 @@ async fn status(connection: &Connection) -> Result<Option<UnitStatus>, UnitError
     let manager = manager(connection).await?;
     // LoadUnit answers for an alias with the unit it names; a name that
     // names nothing loads as `not-found`.
-    let path: OwnedObjectPath = match manager.call("LoadUnit", &(DISPLAY_MANAGER,)).await {
+    let path = match manager.load_unit(DISPLAY_MANAGER).await {
         Ok(path) => path,
         Err(e) if no_systemd(&e) => {
             tracing::info!(error = %e, "systemd is not on the system bus: no display manager to stop");
@@ -137,51 +156,61 @@ async fn status(connection: &Connection) -> Result<Option<UnitStatus>, UnitError
         }
         Err(e) => return Err(bus_error(e)),
     };
-    let unit = proxy(connection, path, UNIT).await?;
-    let load_state: String = unit.get_property("LoadState").await.map_err(bus_error)?;
-    if load_state != "loaded" {
+    let unit = SystemdUnitProxy::builder(connection)
+        .path(path)
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+        .map_err(bus_error)?;
+    if unit.load_state().await.map_err(bus_error)? != "loaded" {
         return Ok(None);
     }
-    let id: String = unit.get_property("Id").await.map_err(bus_error)?;
-    let active: String = unit.get_property("ActiveState").await.map_err(bus_error)?;
+    let id = unit.id().await.map_err(bus_error)?;
+    let active = unit.active_state().await.map_err(bus_error)?;
     Ok(Some(UnitStatus {
         unit: id,
         active: matches!(active.as_str(), "active" | "activating" | "reloading"),
     }))
 }
 
+/// Which job [`run_job`] asks for.
+#[derive(Clone, Copy)]
+enum Job {
+    Start,
+    Stop,
+}
+
+impl Job {
+    fn name(self) -> &'static str {
+        match self {
+            Job::Start => "start",
+            Job::Stop => "stop",
+        }
+    }
+}
+
 /// Starts or stops `unit` and waits for its job's `JobRemoved`.
 async fn run_job(
     connection: &Connection,
-    method: &'static str,
-    job: &'static str,
+    job: Job,
     unit: &str,
     within: Duration,
 ) -> Result<(), UnitError> {
     let manager = manager(connection).await?;
     // systemd sends JobRemoved only while a client has subscribed; the
     // stream exists before the job, so its end cannot be missed.
-    manager
-        .call::<_, _, ()>("Subscribe", &())
-        .await
-        .map_err(bus_error)?;
-    let mut removed = manager
-        .receive_signal("JobRemoved")
-        .await
-        .map_err(bus_error)?;
-    let path: OwnedObjectPath = manager
-        .call(method, &(unit, "replace"))
-        .await
-        .map_err(bus_error)?;
+    manager.subscribe().await.map_err(bus_error)?;
+    let mut removed = manager.receive_job_removed().await.map_err(bus_error)?;
+    let path = match job {
+        Job::Start => manager.start_unit(unit, "replace").await,
+        Job::Stop => manager.stop_unit(unit, "replace").await,
+    }
+    .map_err(bus_error)?;
     let wait = async {
-        while let Some(message) = next(&mut removed).await {
-            let (_, job_path, _, result): (u32, OwnedObjectPath, String, String) =
-                match message.body().deserialize() {
-                    Ok(body) => body,
-                    Err(_) => continue,
-                };
-            if job_path == path {
-                return Ok(result);
+        while let Some(signal) = next(&mut removed).await {
+            let Ok(args) = signal.args() else { continue };
+            if args.job == path {
+                return Ok(args.result);
             }
         }
         Err(UnitError::Bus("the JobRemoved stream ended".into()))
@@ -191,7 +220,7 @@ async fn run_job(
         Err(_) => {
             return Err(UnitError::Timeout {
                 unit: unit.to_string(),
-                job,
+                job: job.name(),
                 within,
             });
         }
@@ -201,7 +230,7 @@ async fn run_job(
     } else {
         Err(UnitError::Job {
             unit: unit.to_string(),
-            job,
+            job: job.name(),
             result,
         })
     }
@@ -222,14 +251,10 @@ impl Units for SystemdUnits {
     }
 
     fn stop(&self, unit: &str, within: Duration) -> Result<(), UnitError> {
-        self.block_on(async {
-            run_job(&system_bus().await?, "StopUnit", "stop", unit, within).await
-        })
+        self.block_on(async { run_job(&system_bus().await?, Job::Stop, unit, within).await })
     }
 
     fn start(&self, unit: &str, within: Duration) -> Result<(), UnitError> {
-        self.block_on(async {
-            run_job(&system_bus().await?, "StartUnit", "start", unit, within).await
-        })
+        self.block_on(async { run_job(&system_bus().await?, Job::Start, unit, within).await })
     }
 }

@@ -16,12 +16,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 ROUNDS=${BENCH_ROUNDS:-3}
 WORK=/run/lane-bench
 mkdir -p "$WORK"
-export LC_ALL=C
-unset DBUS_SYSTEM_BUS_ADDRESS
-VIRSH=(virsh -q -c qemu:///system)
-LANE_KIND=bench VFIOCTL=vfioctl OUTCOMES=/dev/null
-. "$here/../scenarios.sh"
-. "$here/../guest/sysfs.sh"
+LANE_KIND=bench
+. "$here/guest-env.sh"
 
 now_us() { REPLY=$((10#${EPOCHREALTIME/./})); }
 home() { # the pair back on its host drivers, overrides cleared
@@ -53,7 +49,7 @@ domain() { # NAME MANAGED|none
 mkdir -p /etc/vfiod
 printf '[daemon]\nunbind_timeout_ms = 8000\n' > /etc/vfiod/vfiod.toml
 systemctl restart vfiod libvirtd || { echo "FAIL: [bench] vfiod or libvirtd did not start"; exit 1; }
-for _ in $(seq 600); do "${VIRSH[@]}" version > /dev/null 2>&1 && break; nap 0.1; done
+await_libvirt || { echo "FAIL: [bench] libvirtd does not answer"; exit 1; }
 { domain vm-none none; domain vm-hook no; domain vm-managed yes; } | "${VIRSH[@]}" > "$WORK/define.out" 2>&1
 
 declare -A START DESTROY
@@ -88,7 +84,7 @@ for round in $(seq "$ROUNDS"); do
     # A libvirtd restart, untimed, starts each vm-managed afresh.
     if [ "$d" = vm-hook ]; then
       systemctl restart libvirtd
-      for _ in $(seq 600); do "${VIRSH[@]}" version > /dev/null 2>&1 && break; nap 0.1; done
+      await_libvirt || { echo "FAIL: [bench] libvirtd does not answer after its restart"; failed=1; }
     fi
     echo "BENCH: round $round $d start ${start_ms} ms, destroy until home ${destroy_ms} ms"
   done

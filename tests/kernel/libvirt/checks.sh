@@ -22,17 +22,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=${LANE_OUT:-/lane-out}
 WORK=/run/lane-libvirt
 mkdir -p "$WORK"
-export LC_ALL=C
-# Nothing here may reach vfiod other than the way the hook does.
-unset DBUS_SYSTEM_BUS_ADDRESS
-VIRSH=(virsh -q -c qemu:///system)
-
-# The real-kernel lane's helpers (scenarios.sh): the lane's devices and
-# their host drivers, pass/fail/note, nap, problem, want*, drivers_now;
-# and the sysfs reads they need (guest/sysfs.sh: k_driver, k_group, ...).
-LANE_KIND=libvirt VFIOCTL=vfioctl OUTCOMES=/dev/null
-. "$here/../scenarios.sh"
-. "$here/../guest/sysfs.sh"
+LANE_KIND=libvirt
+. "$here/guest-env.sh"
 LPC=0000:00:1f.0 SATA=0000:00:1f.2 SMBUS=0000:00:1f.3
 HOST_DRIVER+=(["$LPC"]=lpc_ich ["$SATA"]=ahci ["$SMBUS"]=i801_smbus)
 LANE_DEVICES+=("$LPC" "$SATA" "$SMBUS")
@@ -122,7 +113,6 @@ kill9_vfiod() {
     start_vfiod || { problem "vfiod did not answer after its restart"; return 1; }
   fi
 }
-libvirt_answers() { "${VIRSH[@]}" version > /dev/null 2>&1; }
 # libvirt reads its hooks when it starts: (re)started after `make install`.
 start_libvirtd() {
   if [ $SERVICES = systemd ]; then

@@ -6,16 +6,12 @@
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 WORK=/run/lane-parts; mkdir -p $WORK
-export LC_ALL=C
-unset DBUS_SYSTEM_BUS_ADDRESS
-VIRSH=(virsh -q -c qemu:///system)
-LANE_KIND=parts VFIOCTL=vfioctl OUTCOMES=/dev/null
-. "$here/../scenarios.sh"
-. "$here/../guest/sysfs.sh"
+LANE_KIND=parts
+. "$here/guest-env.sh"
 mkdir -p /etc/vfiod
 printf '[daemon]\nunbind_timeout_ms = 8000\n[profiles.gpu]\ndevices = ["0000:01:00.0", "0000:01:00.1"]\n' > /etc/vfiod/vfiod.toml
 systemctl restart vfiod libvirtd
-for _ in $(seq 600); do "${VIRSH[@]}" version > /dev/null 2>&1 && break; nap 0.1; done
+await_libvirt || { echo "FAIL: [parts] libvirtd does not answer"; exit 1; }
 cat > $WORK/h.xml <<X
 <domain type='qemu'><name>vm-hook</name><memory unit='MiB'>64</memory>
 <os><type arch='x86_64' machine='q35'>hvm</type></os><devices>
